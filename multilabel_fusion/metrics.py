@@ -1,0 +1,46 @@
+"""The competition metric (mean F1 over samples) and per-class figures, vectorised over multi-hot arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import labels as L
+
+
+def _as_bool(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise ValueError(f"expected a 2-d multi-hot array, got shape {a.shape}")
+    return a.astype(bool)
+
+
+def sample_f1(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """F1 of each sample; a sample with no true and no predicted label scores 0 (as scikit-learn)."""
+    t, p = _as_bool(y_true), _as_bool(y_pred)
+    tp = (t & p).sum(1)
+    denom = t.sum(1) + p.sum(1)
+    return np.divide(2.0 * tp, denom, out=np.zeros(len(t)), where=denom > 0)
+
+
+def mean_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Kaggle's "Mean F1-Score": equal to ``sklearn.metrics.f1_score(y_true, y_pred, average='samples')``."""
+    return float(sample_f1(y_true, y_pred).mean())
+
+
+def per_class(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, list[float]]:
+    """Per-class F1, precision, recall and support, in the fixed label order (0 where undefined)."""
+    t, p = _as_bool(y_true), _as_bool(y_pred)
+    tp = (t & p).sum(0).astype(float)
+    fp = (~t & p).sum(0).astype(float)
+    fn = (t & ~p).sum(0).astype(float)
+    precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
+    recall = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0)
+    return {
+        "label": list(L.LABEL_IDS),
+        "name": L.names(),
+        "f1": f1.round(4).tolist(),
+        "precision": precision.round(4).tolist(),
+        "recall": recall.round(4).tolist(),
+        "support": t.sum(0).astype(int).tolist(),
+    }

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs everything the pipeline needs; safe to re-run. Used by both README commands and by CI.
+# - keeps a working torch (Colab's GPU build) instead of reinstalling it
+# - makes the package importable (pip install -e .)
+# - installs the offline NLTK data the caption stage needs (WordNet, from Debian where nltk.download is impossible)
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+if "$PY" -c "import torch, torchvision" 2>/dev/null; then
+  echo "setup: keeping the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+  grep -v -E '^(torch|torchvision)([<>=; ]|$)' requirements.txt > /tmp/requirements-no-torch.txt
+  "$PY" -m pip install -q -r /tmp/requirements-no-torch.txt
+else
+  "$PY" -m pip install -q -r requirements.txt
+fi
+"$PY" -m pip install -q --no-deps -e .
+if "$PY" -c "import multilabel_fusion.nltk_setup" 2>/dev/null; then
+  "$PY" -m multilabel_fusion.nltk_setup
+fi
+echo "setup: done"

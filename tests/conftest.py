@@ -1,0 +1,25 @@
+"""Shared fixtures: the real competition copy (../shared/comp5329) and generated demo data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from multilabel_fusion import demo
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "comp5329"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED / "train.csv").is_file():
+        pytest.skip(f"real competition copy not found at {SHARED} (only present on the project's machines)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """A small generated dataset in the exact raw competition format."""
+    return demo.generate(tmp_path_factory.mktemp("demo") / "data", n_train=120, n_test=40, seed=1)
