@@ -1,0 +1,102 @@
+"""On-disk feature blocks keyed to what produced them.
+
+A block (``image``, ``caption``, ``detector`` …) lives in ``output/features/<block>/<key>/`` where the
+key hashes the settings that produced it and the data files' fingerprint: a re-run with the same
+settings loads it, any change recomputes. The folder is written under a temporary name and renamed
+into place with its manifest last, and every array is checked against the manifest on load, so a
+half-written or damaged cache is never reused. ``latest.json`` names the newest key, so a later
+stage (the fusion network) can read a block by name alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import atomic_dir, write_json
+
+MANIFEST = "manifest.json"
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class MissingBlockError(FileNotFoundError):
+    pass
+
+
+class FeatureCache:
+    """One feature block for one combination of settings and data."""
+
+    def __init__(self, output_dir: str | Path, block: str, settings: dict[str, Any], data_fingerprint: str):
+        self.block = block
+        self.settings = dict(settings)
+        self.data_fingerprint = data_fingerprint
+        self.key = settings_key({"block": block, "settings": self.settings, "data": data_fingerprint})
+        self.block_dir = Path(output_dir) / "features" / block
+        self.dir = self.block_dir / self.key
+
+    def load(self) -> dict[str, Any] | None:
+        """The cached arrays and manifest, or None when absent, incomplete or damaged."""
+        return _read(self.dir, self.data_fingerprint)
+
+    def save(self, arrays: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the arrays (e.g. ``train``, ``test``, ``train_ids``) atomically, then point ``latest.json`` here."""
+        with atomic_dir(self.dir) as tmp:
+            for name, array in arrays.items():
+                np.save(tmp / f"{name}.npy", np.asarray(array), allow_pickle=False)
+            write_json(tmp / MANIFEST, self._manifest(arrays, info))
+        write_json(self.block_dir / "latest.json", {"key": self.key})
+        return self.load()
+
+    def _manifest(self, arrays: dict[str, np.ndarray], info: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "block": self.block,
+            "key": self.key,
+            "settings": self.settings,
+            "data_fingerprint": self.data_fingerprint,
+            "arrays": {n: {"shape": list(np.shape(a)), "dtype": str(np.asarray(a).dtype)} for n, a in arrays.items()},
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "info": info or {},
+        }
+
+
+def _read(folder: Path, data_fingerprint: str | None) -> dict[str, Any] | None:
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if data_fingerprint is not None and manifest["data_fingerprint"] != data_fingerprint:
+            return None
+        out: dict[str, Any] = {"manifest": manifest}
+        for name, spec in manifest["arrays"].items():
+            array = np.load(folder / f"{name}.npy", allow_pickle=False)
+            if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
+                return None
+            out[name] = array
+        return out
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def load_block(output_dir: str | Path, block: str, data_fingerprint: str) -> dict[str, Any]:
+    """The newest cache of ``block`` for this data, as written by the stage that owns it."""
+    block_dir = Path(output_dir) / "features" / block
+    pointer = block_dir / "latest.json"
+    hint = {"image": "stages/01_image_network.py", "caption": "stages/02_caption_network.py",
+            "detector": "stages/04_detector.py"}.get(block, "the stage that writes it")
+    if not pointer.is_file():
+        raise MissingBlockError(f"{block_dir}: no cached '{block}' features; run {hint} first")
+    found = _read(block_dir / json.loads(pointer.read_text())["key"], data_fingerprint)
+    if found is None:
+        raise MissingBlockError(
+            f"{block_dir}: the cached '{block}' features are for other data or damaged; run {hint} again"
+        )
+    return found

@@ -1,0 +1,72 @@
+"""Figures a person wants to look at: training curves, per-class F1 bars, error co-occurrence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import matplotlib.pyplot as plt  # headless machines fall back to Agg; notebooks show figures inline
+import numpy as np
+import pandas as pd
+
+from . import labels as L
+from .atomic import atomic_path
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path
+
+
+def training_curves(history: pd.DataFrame, path: str | Path, title: str) -> Path:
+    """Loss (train and validation) and validation mean-F1 per epoch."""
+    fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot(history["epoch"], history["train_loss"], label="train")
+    ax_loss.plot(history["epoch"], history["val_loss"], label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="BCE loss", title=f"{title}: loss")
+    ax_loss.legend()
+    ax_f1.plot(history["epoch"], history["val_mean_f1"], color="tab:green")
+    best = history["val_mean_f1"].idxmax()
+    ax_f1.scatter([history.loc[best, "epoch"]], [history.loc[best, "val_mean_f1"]], color="tab:red", zorder=3,
+                  label=f"best {history.loc[best, 'val_mean_f1']:.4f}")
+    ax_f1.set(xlabel="epoch", ylabel="mean F1 (threshold 0.5)", title=f"{title}: validation mean-F1")
+    ax_f1.legend()
+    return _save(fig, path)
+
+
+def per_class_f1(results: Mapping[str, list[float]], path: str | Path, title: str = "Per-class F1") -> Path:
+    """Grouped bars: one group per class, one bar per stage (``{stage: [18 F1 values]}``)."""
+    names = [f"{i} {n}" for i, n in zip(L.LABEL_IDS, L.names())]
+    x = np.arange(len(names))
+    width = 0.8 / max(len(results), 1)
+    fig, ax = plt.subplots(figsize=(12, 4))
+    for k, (stage, f1) in enumerate(results.items()):
+        ax.bar(x + k * width - 0.4 + width / 2, f1, width, label=stage)
+    ax.set_xticks(x, names, rotation=60, ha="right")
+    ax.set(ylabel="F1 (tuned thresholds)", ylim=(0, 1), title=title)
+    ax.legend(ncol=min(4, len(results)))
+    return _save(fig, path)
+
+
+def error_cooccurrence(y_true: np.ndarray, y_pred: np.ndarray, path: str | Path, title: str) -> Path:
+    """Heat map: rows the true label that was missed or present, columns the label wrongly predicted."""
+    t, p = y_true.astype(bool), y_pred.astype(bool)
+    missed = (t & ~p).astype(int)
+    false_pos = (~t & p).astype(int)
+    # how often a wrong prediction of column j comes with true label i
+    matrix = t.astype(int).T @ false_pos
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [4, 1]})
+    im = axes[0].imshow(matrix, cmap="Reds")
+    names = [n for n in L.names()]
+    axes[0].set_xticks(range(18), names, rotation=70, ha="right", fontsize=8)
+    axes[0].set_yticks(range(18), names, fontsize=8)
+    axes[0].set(xlabel="wrongly predicted label", ylabel="true label of the image", title=title)
+    fig.colorbar(im, ax=axes[0], fraction=0.04)
+    axes[1].barh(range(18), missed.sum(0), color="tab:blue")
+    axes[1].set_yticks(range(18), names, fontsize=8)
+    axes[1].invert_yaxis()
+    axes[1].set(title="missed labels", xlabel="count")
+    return _save(fig, path)
