@@ -81,11 +81,15 @@ def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, device: torch.device, *, amp: bool = True,
             desc: str | None = None) -> np.ndarray:
-    """Sigmoid probabilities for every batch of ``loader`` (batches are ``inputs`` or ``(inputs, targets)``)."""
+    """Sigmoid probabilities for every batch of ``loader``.
+
+    A batch is a tensor, or a list/tuple whose first element is the inputs (``(inputs, targets)`` as in
+    :func:`fit`, or ``(inputs,)`` from a TensorDataset); tuple inputs go to ``model(*inputs)``.
+    """
     model.eval()
     out = []
     for batch in tqdm(loader, desc=desc, leave=False, disable=desc is None):
-        inputs = batch[0] if isinstance(batch, (list, tuple)) and len(batch) == 2 else batch
+        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
         with autocast(device, amp):
             logits = _forward(model, _to_device(inputs, device))
         out.append(torch.sigmoid(logits.float()).cpu().numpy())
@@ -167,7 +171,8 @@ def fit(
             break
         model.train()
         t_epoch, total, count = time.time(), 0.0, 0
-        for inputs, targets in tqdm(train_loader, desc=f"epoch {epoch}", leave=False, unit="batch"):
+        for inputs, targets in tqdm(train_loader, desc=f"epoch {epoch}", leave=False, unit="batch",
+                                    disable=len(train_loader) < 20):
             inputs, targets = _to_device(inputs, device), targets.to(device, non_blocking=True).float()
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, mixed_precision):
