@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -150,10 +151,14 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def _read(self, path: Path) -> torch.Tensor:
-        from torchvision.io import ImageReadMode, decode_image, read_file
+        with warnings.catch_warnings():  # torchvision 0.29 marks its (libjpeg-turbo) decoder as deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_image, read_file
 
         try:
-            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
         except (RuntimeError, OSError) as err:
             raise DataError(f"{path}: cannot read this image ({str(err).splitlines()[0]})") from None
 
@@ -370,6 +375,7 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False, 
         history = result.history
         extra.update({"head_best_epoch": result.best_epoch, "head_seconds": round(result.seconds, 1),
                       "model_size_mb": round(model_size_mb(backbone) + model_size_mb(head), 1)})
+    extra["backbone_size_mb"] = model_size_mb(backbone if classifier is None else classifier.backbone)
     bench = pipeline.load_metrics(ctx.output_dir, "image_benchmark")
     if bench:
         extra["benchmark"] = bench

@@ -76,13 +76,26 @@ def resolve_data_dir(cfg: Config, demo_mode: bool | str = False) -> tuple[Path, 
     return data_dir, False
 
 
+_LOADED: dict[tuple, tuple] = {}
+
+
+def _load_and_split(data_dir: Path, val_fraction: float, seed: int):
+    """Read, check and split once per process (stages run in one process share it); re-read if a file changed."""
+    stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (data_dir / "train.csv", data_dir / "test.csv"))
+    key = (str(data_dir.resolve()), stamp, val_fraction, seed)
+    if key not in _LOADED:
+        data = D.load(data_dir)
+        targets = data.train_targets
+        _LOADED.clear()
+        _LOADED[key] = (data, targets, *D.split_indices(targets, val_fraction, seed))
+    return _LOADED[key]
+
+
 def prepare(cfg: Config, demo_mode: bool | str = False) -> StageContext:
     """Load and check the data, make the shared split, pick the device, seed everything."""
     data_dir, is_demo = resolve_data_dir(cfg, demo_mode)
     cfg.paths["data"] = str(data_dir)
-    data = D.load(data_dir)
-    targets = data.train_targets
-    train_idx, val_idx = D.split_indices(targets, cfg.split.val_fraction, cfg.split.seed)
+    data, targets, train_idx, val_idx = _load_and_split(data_dir, cfg.split.val_fraction, cfg.split.seed)
     seed_everything(cfg.split.seed)
     device = select_device(cfg.trainer.device)
     print(f"data: {data_dir} ({len(data.train)} train records: {len(train_idx)} fit / {len(val_idx)} validation; "
