@@ -70,7 +70,7 @@ def train_on_features(ctx, train_features: np.ndarray, test_features: np.ndarray
     Returns ``(model, fit_result, val_probs, test_probs)``; the learning rate follows
     ReduceLROnPlateau on validation mean-F1 (the published fusion schedule).
     """
-    seed = ctx.cfg.split.seed
+    seed = ctx.cfg.trainer.seed
     trainer.seed_everything(seed)
     y = ctx.targets
     x_fit, x_val = train_features[ctx.train_idx], train_features[ctx.val_idx]

@@ -285,7 +285,7 @@ def fine_tune(ctx: pipeline.StageContext, backbone: Backbone, resume: bool, work
     checkpoint_dir = ctx.models_dir / f"image_finetune_{backbone.name}"
     result = trainer.fit(
         model,
-        image_loader(train_set, ci.batch_size, workers, shuffle=True, seed=ctx.cfg.split.seed),
+        image_loader(train_set, ci.batch_size, workers, shuffle=True, seed=ctx.cfg.trainer.seed),
         image_loader(val_set, ci.batch_size, workers),
         ctx.targets[ctx.val_idx],
         loss_fn=trainer.weighted_bce(ci.label1_weight),

@@ -59,7 +59,7 @@ class StageContext:
     def run_settings(self, section: str) -> dict[str, Any]:
         """A section's settings plus the data and split they were applied to (keys checkpoints and caches)."""
         return {"section": section, **self.cfg[section].to_dict(), "split": self.cfg.split.to_dict(),
-                "data": self.fingerprint}
+                "seed": self.cfg.trainer.seed, "data": self.fingerprint}
 
 
 def resolve_data_dir(cfg: Config, demo_mode: bool | str = False) -> tuple[Path, bool]:
@@ -96,7 +96,7 @@ def prepare(cfg: Config, demo_mode: bool | str = False) -> StageContext:
     data_dir, is_demo = resolve_data_dir(cfg, demo_mode)
     cfg.paths["data"] = str(data_dir)
     data, targets, train_idx, val_idx = _load_and_split(data_dir, cfg.split.val_fraction, cfg.split.seed)
-    seed_everything(cfg.split.seed)
+    seed_everything(cfg.trainer.seed)
     device = select_device(cfg.trainer.device)
     print(f"data: {data_dir} ({len(data.train)} train records: {len(train_idx)} fit / {len(val_idx)} validation; "
           f"{len(data.test)} test) | device: {device}")
