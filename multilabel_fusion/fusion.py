@@ -73,7 +73,8 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False, 
     ctx = pipeline.prepare(cfg, demo_mode)
     cf = cfg.fusion
     train_x, test_x, used = load_features(ctx, list(cf.blocks))
-    print(f"[fusion] blocks {', '.join(f'{k} ({v['dim']})' for k, v in used.items())} -> {train_x.shape[1]} features")
+    described = ", ".join(f"{name} ({block['dim']})" for name, block in used.items())
+    print(f"[fusion] blocks {described} -> {train_x.shape[1]} features")
     hs = HeadSettings(cf.hidden, cf.dropout, cf.lr, cf.batch_size, cf.epochs, cf.patience, cf.label1_weight,
                       cf.grad_clip, plateau_patience=cf.plateau_patience, plateau_factor=cf.plateau_factor)
     model, result, val_probs, test_probs = train_on_features(
