@@ -1,0 +1,498 @@
+"""Writes the Colab notebooks of this folder from the cells defined once below, so they never drift apart.
+
+    python notebooks/make_notebooks.py           # (re)write notebooks/*.ipynb
+    python notebooks/make_notebooks.py --check   # exit 1 if a committed notebook differs from what this writes
+
+Edit the cells here, never the .ipynb files: the test suite fails when they differ, and when a notebook is
+committed with outputs. A fork changes REPO_URL (and the badges in README.md) to its own address.
+Every notebook: set-up -> optional Google Drive -> data -> parameters -> calls into the package -> inline
+results -> the stage's validated submission. No training logic lives in a notebook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat import v4
+
+#: The repository the notebooks clone in Colab. A fork replaces OWNER here and in README.md's badges.
+REPO_URL = "https://github.com/OWNER/multilabel-fusion"
+BRANCH = "main"
+HERE = Path(__file__).resolve().parent
+
+
+def colab_url(name: str) -> str:
+    return REPO_URL.replace("https://github.com/", "https://colab.research.google.com/github/") + \
+        f"/blob/{BRANCH}/notebooks/{name}.ipynb"
+
+
+def badge(name: str) -> str:
+    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_url(name)})"
+
+
+# ----------------------------------------------------------------------------------------------- shared cells
+SETUP_MD = """## Set-up
+In Colab this clones the repository (or updates it) into `/content/multilabel-fusion` and runs `setup.sh`, which
+installs the requirements **without replacing Colab's own torch**. Outside Colab it uses the checkout this notebook
+belongs to (set it up once with `./setup.sh`) and installs nothing. The pipeline uses a GPU when there is one
+(Colab: *Runtime → Change runtime type → GPU*)."""
+
+SETUP = '''\
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_URL = "{repo_url}"  # a fork: change it in notebooks/make_notebooks.py
+IN_COLAB = "google.colab" in sys.modules
+
+
+def sh(*command, check=True):
+    """Run a command, showing its output here as it comes."""
+    print("$", " ".join(command), flush=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+    if proc.wait() and check:
+        raise RuntimeError(f"{{command[0]}} failed with exit status {{proc.returncode}}")
+    return proc.returncode
+
+
+if IN_COLAB:
+    REPO = Path("/content/multilabel-fusion")
+    if (REPO / ".git").is_dir():
+        if sh("git", "-C", str(REPO), "pull", "--ff-only", check=False):
+            print("(could not update the repository: using the copy already here)")
+    else:
+        sh("git", "clone", "--depth", "1", "--branch", "{branch}", REPO_URL, str(REPO))
+    sh("env", f"PYTHON={{sys.executable}}", "bash", str(REPO / "setup.sh"))
+    importlib.invalidate_caches()
+else:
+    REPO = Path.cwd().resolve()  # the checkout holding this notebook: the folder with config.yaml
+    while not (REPO / "config.yaml").is_file():
+        if REPO == REPO.parent:
+            raise RuntimeError("start this notebook inside the multilabel-fusion repository (no config.yaml found)")
+        REPO = REPO.parent
+os.chdir(REPO)
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch
+
+from multilabel_fusion.trainer import select_device
+
+device = select_device("auto")
+gpu = f" ({{torch.cuda.get_device_name(0)}})" if device.type == "cuda" else ""
+print(f"repository: {{REPO}} | Colab: {{IN_COLAB}} | torch {{torch.__version__}} | device: {{device}}{{gpu}}")
+if IN_COLAB and device.type != "cuda":
+    print("No GPU in this runtime: Runtime > Change runtime type > GPU makes image features and detection much faster.")
+'''.format(repo_url=REPO_URL, branch=BRANCH)
+
+DRIVE_MD = """## Keep the work on Google Drive (optional, Colab only)
+With `USE_DRIVE = True`, `input/`, `output/` and `models/` live in a Drive folder: a new runtime after a disconnect
+finds the data, the cached features and the checkpoints, and every stage resumes where it stopped (set
+`RESUME = True` below to continue an interrupted training run). Outside Colab this cell does nothing."""
+
+DRIVE = '''\
+USE_DRIVE = False
+DRIVE_FOLDER = "/content/drive/MyDrive/multilabel-fusion"
+
+if USE_DRIVE and IN_COLAB:
+    import shutil
+
+    from google.colab import drive
+
+    drive.mount("/content/drive")
+    for name in ("input", "output", "models"):
+        here, there = REPO / name, Path(DRIVE_FOLDER) / name
+        there.mkdir(parents=True, exist_ok=True)
+        if here.is_symlink():
+            here.unlink()
+        elif here.is_dir():  # the fresh clone's folder: keep what it holds, then replace it by the link
+            for item in here.iterdir():
+                if not (there / item.name).exists():
+                    shutil.move(str(item), str(there / item.name))
+            shutil.rmtree(here)
+        here.symlink_to(there, target_is_directory=True)
+        print(f"{name}/ -> {there}")
+elif USE_DRIVE:
+    print("USE_DRIVE only applies in Colab: here input/, output/ and models/ are already on this disk.")
+'''
+
+DATA_MD = """## Data
+The competition files go into `input/` (`train.csv`, `test.csv`, `data/*.jpg`), once. In Colab, when `input/` is
+empty: with `KAGGLE_COMPETITION` set, the Kaggle API downloads them (you are asked to upload your `kaggle.json`:
+kaggle.com → Settings → API → *Create New Token*); otherwise give `DATA_ZIP` (e.g. a zip on Drive) or upload the
+competition zip when asked. Outside Colab nothing is downloaded: put the files in `input/` or point `DATA` (next
+cell) at them; without data the pipeline runs on generated demo data and says so."""
+
+DATA = '''\
+KAGGLE_COMPETITION = ""  # the competition's name in its address: kaggle.com/competitions/<name>
+DATA_ZIP = ""  # or a zip already at hand, e.g. "/content/drive/MyDrive/comp5329.zip"
+INPUT = REPO / "input"
+
+
+def unpack(zip_path, into):
+    """Unzip, then move the folder holding train.csv (the zip may nest it) to train.csv, test.csv, data/ in `into`."""
+    import shutil
+    import zipfile
+
+    staging = into / "_unpacking"
+    shutil.rmtree(staging, ignore_errors=True)
+    with zipfile.ZipFile(zip_path) as archive:
+        archive.extractall(staging)
+    found = next(staging.rglob("train.csv"), None)
+    if found is None:
+        raise FileNotFoundError(f"{zip_path}: no train.csv inside; is this the competition zip?")
+    for item in found.parent.iterdir():
+        shutil.move(str(item), str(into / item.name))
+    shutil.rmtree(staging)
+
+
+if (INPUT / "train.csv").is_file():
+    print(f"competition data found in {INPUT}")
+elif IN_COLAB:
+    from google.colab import files
+
+    INPUT.mkdir(exist_ok=True)
+    if DATA_ZIP:
+        zip_path = Path(DATA_ZIP)
+    elif KAGGLE_COMPETITION:
+        token = Path.home() / ".kaggle" / "kaggle.json"
+        if not token.is_file() and "KAGGLE_KEY" not in os.environ:
+            print("Upload your kaggle.json (kaggle.com > Settings > API > Create New Token):")
+            name, content = next(iter(files.upload().items()))
+            (Path.cwd() / name).unlink(missing_ok=True)  # the upload's copy: keep the key only in ~/.kaggle
+            token.parent.mkdir(exist_ok=True)
+            token.write_bytes(content)
+            token.chmod(0o600)
+        sh("kaggle", "competitions", "download", "-c", KAGGLE_COMPETITION, "-p", "/content")
+        zip_path = Path("/content") / f"{KAGGLE_COMPETITION}.zip"
+    else:
+        print("Upload the competition zip (train.csv, test.csv and the data/ folder of images):")
+        zip_path = Path.cwd() / next(iter(files.upload()))
+    unpack(zip_path, INPUT)
+    if not DATA_ZIP:
+        zip_path.unlink()  # the download or upload: its content is in input/ now
+    print(f"competition data unpacked into {INPUT}")
+else:
+    print(f"no competition data in {INPUT}: put it there or set DATA below; without data the demo data is used")
+'''
+
+PARAMETERS_MD = """## Parameters
+Everything else is in [`config.yaml`](../config.yaml): change any key with `OVERRIDES`
+(e.g. `"image.fine_tune=true"`, `"caption.epochs=20"`). Relative paths are taken from the repository root."""
+
+PARAMETERS = '''\
+DATA = os.environ.get("MLF_DATA", "input")  # competition folder: train.csv, test.csv, data/*.jpg
+OUTPUT = os.environ.get("MLF_OUTPUT", "output")  # feature caches, submissions, metrics, figures
+MODELS = os.environ.get("MLF_MODELS", "models")  # checkpoints
+DEMO = "auto"  # "auto": generated demo data when DATA holds no competition files; True: always; False: never
+RESUME = False  # True: continue an interrupted training run from models/<network>/last.pt
+OVERRIDES = []  # any config.yaml key as "section.key=value", e.g. ["image.fine_tune=true"]
+OVERRIDES += [s.strip() for s in os.environ.get("MLF_OVERRIDES", "").split(";") if s.strip()]
+'''
+
+CONFIG = '''\
+from multilabel_fusion import config, pipeline
+
+cfg = config.load(overrides=OVERRIDES, data=DATA, output=OUTPUT, models=MODELS)
+data_dir, IS_DEMO = pipeline.resolve_data_dir(cfg, DEMO)  # "auto": the demo data when DATA holds none
+cfg.paths["data"] = str(data_dir)
+OUT = cfg.path("output")
+print(f"data: {data_dir}{' (generated demo data)' if IS_DEMO else ''}\\noutput: {OUT}\\nmodels: {cfg.path('models')}")
+if OVERRIDES:
+    print("overrides:", "; ".join(OVERRIDES))
+'''
+
+HELPERS = '''\
+# Display helpers: they only read what the stages wrote (metrics files, figures, probabilities, submissions).
+from functools import lru_cache
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import Image, Markdown, display
+from PIL import Image as PILImage
+
+from multilabel_fusion import data as D
+from multilabel_fusion import labels as L
+from multilabel_fusion import submission
+from multilabel_fusion.metrics import sample_f1
+from multilabel_fusion.thresholds import decide
+
+
+def show_figures(metrics, extra=()):
+    """The stage's headline figures, then its figures (training curves, per-class F1, ...) inline."""
+    print(f"{metrics['title']}: validation mean-F1 {metrics['val_mean_f1_at_0.5']:.4f} at threshold 0.5, "
+          f"{metrics['val_mean_f1_tuned']:.4f} with tuned per-class thresholds ({metrics['n_val']} validation "
+          f"images{', demo data' if metrics['demo_data'] else ''})")
+    for name, path in [*metrics.get("figures", {}).items(), *((Path(p).stem, p) for p in extra)]:
+        if Path(path).is_file():
+            display(Markdown(f"**{name.replace('_', ' ')}**"), Image(filename=str(path)))
+
+
+def per_class_table(metrics):
+    """Per-class validation F1, precision, recall and support (tuned thresholds)."""
+    pc = metrics["per_class"]
+    columns = ("label", "name", "f1", "precision", "recall", "support")
+    return pd.DataFrame({k: pc[k] for k in columns}).set_index("label")
+
+
+@lru_cache(maxsize=1)
+def competition_data():
+    return D.load(data_dir, check_images=False)
+
+
+def names(label_ids):
+    return ", ".join(L.LABEL_NAMES[i] for i in label_ids)
+
+
+def sample_predictions(stage, metrics, n=8, seed=0):
+    """A few validation images with their caption, true and predicted labels (the stage's tuned thresholds)."""
+    saved = np.load(OUT / "probabilities" / f"{stage}.npz")
+    data = competition_data()
+    n_val = len(saved["val_idx"])
+    pick = np.sort(np.random.default_rng(seed).choice(n_val, min(n, n_val), replace=False))
+    rows = data.train.iloc[saved["val_idx"][pick]]
+    pred = decide(saved["val"][pick], np.asarray(metrics["thresholds"]), at_least_one=cfg.thresholds.at_least_one)
+    true = L.encode(rows["Labels"].tolist())
+    f1 = sample_f1(true, pred)
+    fig, axes = plt.subplots(2, (len(rows) + 1) // 2, figsize=(16, 7.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image_id, t, p, score in zip(axes.flat, rows["ImageID"], L.decode(true), L.decode(pred), f1):
+        ax.imshow(PILImage.open(data.image_dir / image_id).convert("RGB"))
+        ax.set_title(f"{image_id}\\ntrue: {names(t)}\\npredicted: {names(p)}", fontsize=8,
+                     color="tab:green" if score == 1 else "tab:red")
+    fig.suptitle(f"{metrics['title']}: validation samples (green: every label right)")
+    plt.show()
+    return pd.DataFrame({"ImageID": rows["ImageID"].to_numpy(), "caption": rows["Caption"].to_numpy(),
+                         "true": [names(t) for t in L.decode(true)],
+                         "predicted": [names(p) for p in L.decode(pred)], "sample F1": f1.round(2)})
+'''
+
+SUBMISSION_MD = """## The submission
+`submission.validate_file` checks it the way Kaggle reads it: the header, one row per test image, labels as
+space-separated ids from the 18 classes."""
+
+SUBMISSION = '''\
+SUBMISSION = Path({path})
+n_rows = submission.validate_file(SUBMISSION, data_dir / "test.csv")
+print(f"OK: {{SUBMISSION}} has one valid row for each of the {{n_rows}} test images")
+pd.read_csv(SUBMISSION, dtype=str).head(10)
+'''
+
+UPLOAD = '''\
+shown = SUBMISSION.relative_to(REPO) if SUBMISSION.is_relative_to(REPO) else SUBMISSION
+if IS_DEMO:
+    print(f"{{shown}} was made from the generated demo data: it checks the pipeline, it is not a Kaggle submission.\\n"
+          "Put the competition files in input/ (or set DATA) and run the notebook again.")
+else:
+    print(f"Upload {{shown}} to Kaggle: on the competition page, Submit Predictions, or\\n"
+          f"  kaggle competitions submit -c {{KAGGLE_COMPETITION or '<competition>'}} -f {{shown}} -m \\"{message}\\"")
+    if IN_COLAB:
+        from google.colab import files
+
+        files.download(str(SUBMISSION))  # also saves a copy to your computer
+'''
+
+# ----------------------------------------------------------------------------------------------- per notebook
+STAGE_NOTEBOOKS = {
+    "01_image_network": {
+        "stage": "image", "module": "image_network", "title": "Stage 01: the image network",
+        "about": "A ResNet50 (ImageNet weights) turns every photo into a 2048-d feature vector, cached in "
+                 "`output/features/image/`; a small head trained on those features gives the CNN-only submission "
+                 "`output/submission_image.csv`. `image.fine_tune=true` runs the published end-to-end fine-tuning "
+                 "instead (use a GPU). The cached features are the image block of stage 03.",
+    },
+    "02_caption_network": {
+        "stage": "caption", "module": "caption_network", "title": "Stage 02: the caption network",
+        "about": "A Bi-LSTM over pretrained word vectors (GloVe-twitter-100) reads each cleaned caption; its 100-d "
+                 "caption features are cached in `output/features/caption/` for stage 03, and its predictions give "
+                 "the caption-only submission `output/submission_caption.csv`.",
+    },
+    "03_fusion": {
+        "stage": "fusion", "module": "fusion", "title": "Stage 03: the fused network",
+        "about": "An MLP on the concatenated cached feature blocks (`fusion.blocks`: image and caption, optionally "
+                 "the detector's) writes **`output/predictions.csv`**, the file to upload. A block missing for this "
+                 "data is computed first by its own stage (cached, so this is quick once notebooks 01 and 02 ran).",
+    },
+    "04_detector": {
+        "stage": "detector", "module": "detector", "title": "Stage 04: the YOLOv5 detector",
+        "about": "A COCO-pretrained YOLOv5 detects objects in every image; per-label detection scores give the "
+                 "detector baseline `output/submission_detector.csv` and a feature block for stage 03 (run notebook "
+                 "03 with `OVERRIDES += [\"fusion.blocks=[image, caption, detector]\"]`). Much faster on a GPU.",
+    },
+}
+
+FULL_TITLE = "The whole pipeline: stages 01 → 02 → 03, ending in `output/predictions.csv`"
+FULL_ABOUT = ("Runs every stage of `pipeline.stages` in `config.yaml` (image network, caption network, fused "
+              "network; add the detector with `STAGES` below) with `run_all`, as `python -m multilabel_fusion` "
+              "does, shows their figures and comparison, and validates **`output/predictions.csv`**, the file to "
+              "upload to Kaggle. "
+              "Every stage caches its work, so running it again, or after a disconnect with Drive, is quick. "
+              "Each stage also has its own notebook (01–04).")
+
+RUN_STAGE = '''\
+from multilabel_fusion import {module}
+
+metrics = {module}.run_stage(cfg, demo_mode=IS_DEMO, resume=RESUME)
+'''
+
+FUSION_BLOCKS = '''\
+from multilabel_fusion import cache
+from multilabel_fusion.__main__ import STAGE_MODULES
+
+fingerprint = competition_data().fingerprint()
+for block in cfg.fusion.blocks:
+    try:
+        cache.load_block(OUT, block, fingerprint)
+        print(f"{block} features: cached")
+    except cache.MissingBlockError as missing:
+        print(f"{block} features: {missing}\\n  -> running {pipeline.STAGE_TITLES[block]} first")
+        importlib.import_module(f"multilabel_fusion.{STAGE_MODULES[block]}").run_stage(
+            cfg, demo_mode=IS_DEMO, resume=RESUME)
+'''
+
+FUSION_EXTRA = '(OUT / "figures" / "per_class_f1_all_stages.png", OUT / "figures" / "fusion_error_cooccurrence.png")'
+
+COMPARISON = '''\
+from multilabel_fusion import fusion
+
+compared = fusion.comparison(OUT)  # every stage with a metrics file in this output folder
+display(pd.DataFrame([{"stage": r["stage"], "mean-F1 at 0.5": r["at_0.5"], "one tuned threshold": r["global"],
+                       "tuned per-class thresholds": r["tuned"]} for r in compared]).set_index("stage"))
+pd.DataFrame({r["key"]: r["per_class_f1"] for r in compared}, index=L.names()).rename_axis("per-class F1")
+'''
+
+
+def md(text: str):
+    return v4.new_markdown_cell(text)
+
+
+def code(text: str, tags: tuple[str, ...] = ()):
+    cell = v4.new_code_cell(text.rstrip("\n"))
+    if tags:
+        cell.metadata["tags"] = list(tags)
+    return cell
+
+
+def head(name: str, title: str, about: str) -> list:
+    return [md(f"# {title}\n\n{badge(name)}\n\n{about}\n\n"
+               "Run every cell from the top (*Runtime → Run all* in Colab). The work itself is done by the package "
+               "`multilabel_fusion`; this notebook only sets up, calls it and shows what it wrote.")]
+
+
+def common(parameters_extra: str = "") -> list:
+    return [md(SETUP_MD), code(SETUP), md(DRIVE_MD), code(DRIVE), md(DATA_MD), code(DATA),
+            md(PARAMETERS_MD), code(PARAMETERS + parameters_extra, tags=("parameters",)), code(CONFIG), code(HELPERS)]
+
+
+def tail(path: str, message: str) -> list:
+    return [md(SUBMISSION_MD), code(SUBMISSION.format(path=path)), code(UPLOAD.format(message=message))]
+
+
+def stage_cells(name: str, spec: dict) -> list:
+    stage, module = spec["stage"], spec["module"]
+    cells = head(name, spec["title"], spec["about"]) + common()
+    if stage == "fusion":
+        cells += [md("## The feature blocks\nStage 03 reads the feature blocks the other stages cached "
+                     "(`fusion.blocks`); a block missing for this data is computed now by its own stage."),
+                  code(FUSION_BLOCKS)]
+    cells += [md("## Run the stage\n"
+                 "Cached work (features, finished training runs) is reused; any change of setting recomputes what "
+                 "depends on it."), code(RUN_STAGE.format(module=module))]
+    extra = FUSION_EXTRA if stage == "fusion" else "()"
+    cells += [md("## Results\nValidation figures (the held-out part of `train.csv`), per-class F1 and a few "
+                 "validation samples."),
+              code(f"show_figures(metrics, extra={extra})"), code("per_class_table(metrics)"),
+              code(f'sample_predictions("{stage}", metrics)')]
+    if stage == "fusion":
+        cells += [code(COMPARISON)]
+    return cells + tail('metrics["submission"]', spec["title"])
+
+
+def full_cells() -> list:
+    name = "00_full_pipeline"
+    stages_param = ('STAGES = None  # None: pipeline.stages of config.yaml; with the detector: '
+                    '["image", "caption", "detector", "fusion"]\n'
+                    '#   and OVERRIDES += ["fusion.blocks=[image, caption, detector]"]\n')
+    run = '''\
+import time
+
+from multilabel_fusion.__main__ import run_all
+
+started = time.time()
+results = run_all(cfg, demo_mode=IS_DEMO, stages=STAGES, resume=RESUME)
+print(f"notebook: the pipeline took {time.time() - started:.0f} s")
+'''
+    figures = '''\
+for stage, metrics in results.items():
+    display(Markdown(f"### {metrics['title']}"))
+    show_figures(metrics, extra=%s if stage == "fusion" else ())
+''' % FUSION_EXTRA
+    return (head(name, FULL_TITLE, FULL_ABOUT) + common(stages_param)
+            + [md("## Run the pipeline\nCached work (features, finished training runs) is reused; any change of "
+                  "setting recomputes only what depends on it."), code(run),
+               md("## Results\nEvery stage's validation mean-F1 and per-class F1, their figures, and a few "
+                  "validation samples of the fused network."), code(COMPARISON), code(figures),
+               code('sample_predictions("fusion", results["fusion"])')]
+            + tail('OUT / "predictions.csv"', "fused image + caption network"))
+
+
+def notebook(cells: list) -> nbformat.NotebookNode:
+    nb = v4.new_notebook()
+    section = 0
+    for i, cell in enumerate(cells):
+        cell["id"] = f"cell-{i:02d}"  # fixed ids: regenerating gives the same bytes
+        if cell.cell_type == "markdown" and cell.source.startswith("## "):
+            section += 1
+            cell.source = f"## {section}. {cell.source[3:]}"
+    nb.cells = cells
+    nb.metadata = {
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python"},
+        "accelerator": "GPU",  # Colab offers a GPU runtime; the notebooks run on CPU too
+        "colab": {"provenance": [], "gpuType": "T4"},
+    }
+    return nb
+
+
+def build() -> dict[str, str]:
+    """File name -> notebook text, exactly as written to disk."""
+    books = {"00_full_pipeline": full_cells()}
+    books.update({name: stage_cells(name, spec) for name, spec in STAGE_NOTEBOOKS.items()})
+    out = {}
+    for name, cells in books.items():
+        nb = notebook(cells)
+        nbformat.validate(nb)
+        out[f"{name}.ipynb"] = nbformat.writes(nb) + "\n"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare with the files on disk")
+    args = parser.parse_args(argv)
+    stale = []
+    for file_name, text in build().items():
+        path = HERE / file_name
+        if args.check:
+            if not path.is_file() or path.read_text(encoding="utf-8") != text:
+                stale.append(file_name)
+        else:
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path}")
+    if stale:
+        print(f"out of date (run python notebooks/make_notebooks.py): {', '.join(stale)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
