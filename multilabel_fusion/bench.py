@@ -83,7 +83,7 @@ def run(data: Path, workdir: Path, seeds: int, with_detector: bool, sets: list[s
         results["stages"][name] = {"cold": cold, "warm": warm, "metrics": _metrics(output, "fusion")}
     print("[bench] image feature extraction vs bare forward", flush=True)
     _run([sys.executable, "stages/01_image_network.py", "--data", str(data), "--output", str(output),
-          "--models", str(models), "--bench", "512"], log)
+          "--models", str(models), "--bench", "512"] + [a for s in sets for a in ("--set", s)], log)
     results["image_benchmark"] = json.loads((output / "metrics" / "image_benchmark.json").read_text())
     # run-to-run spread of the fused network: same seed twice (retrained from scratch) and other seeds
     spread = []
@@ -124,15 +124,17 @@ def _throughput(name: str, m: dict[str, Any]) -> str:
         d = m.get("detection") or m.get("speed") or {}
         if "images_per_s" in d:
             return f"detection {d['images_per_s']} img/s ({d.get('images', '?')} images in {d.get('seconds', '?')} s)"
-    if name == "caption" and m.get("seconds_per_epoch") is not None:
-        return f"{m['seconds_per_epoch']} s/epoch"
+    if name == "caption" and m.get("timings", {}).get("seconds_per_epoch") is not None:
+        t = m["timings"]
+        return f"training {t['seconds_per_epoch']} s/epoch, {t['epochs_run']} epochs"
     return ""
 
 
 def _weights(name: str, m: dict[str, Any]) -> str:
-    for key in ("weights_used", "vectors_used", "weights"):
-        if m.get(key):
-            return str(m[key])
+    if isinstance(m.get("vectors"), dict):
+        return f"{m['vectors']['name']} ({m['vectors']['source']})"
+    if m.get("weights_used"):
+        return str(m["weights_used"])
     if name.startswith("fusion"):
         return "blocks: " + ", ".join(f"{k} ({v['dim']})" for k, v in m.get("blocks", {}).items())
     return ""

@@ -7,6 +7,7 @@ the other stages wrote, and checked to describe the same records in the same ord
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,12 +57,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def predictor_size_mb(output_dir, fusion_mb: float) -> dict[str, Any]:
+def predictor_size_mb(output_dir, models_dir, fusion_mb: float) -> dict[str, Any]:
     """Size of everything needed to predict a new image and caption: backbone, caption network, fusion."""
     image = pipeline.load_metrics(output_dir, "image") or {}
-    caption = pipeline.load_metrics(output_dir, "caption") or {}
+    caption_checkpoint = Path(models_dir) / "caption" / "best.pt"  # the network with its embedding rows
     parts = {"image backbone": image.get("backbone_size_mb"),
-             "caption network (with its embedding rows)": caption.get("model_size_mb"),
+             "caption network (with its embedding rows)":
+                 round(caption_checkpoint.stat().st_size / 2**20, 1) if caption_checkpoint.is_file() else None,
              "fusion network": fusion_mb}
     known = {k: v for k, v in parts.items() if v is not None}
     total = round(sum(known.values()), 1)
@@ -82,7 +84,7 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False, 
         settings={**ctx.run_settings("fusion"), "blocks": {k: v["key"] for k, v in used.items()}})
     from .image_network import model_size_mb
 
-    size = predictor_size_mb(ctx.output_dir, model_size_mb(model))
+    size = predictor_size_mb(ctx.output_dir, ctx.models_dir, model_size_mb(model))
     extra = {"blocks": used, "best_epoch": result.best_epoch, "train_seconds": round(result.seconds, 1),
              "model_size": size}
     metrics = pipeline.finish(ctx, "fusion", val_probs, test_probs, history=result.history, extra=extra,

@@ -1,0 +1,27 @@
+"""The benchmark command regenerates RESULTS.md from real (cold and warm) runs, here on demo data."""
+
+import json
+
+from multilabel_fusion import bench, demo
+
+SMALL = ["image.backbone=efficientnet_lite0", "image.image_size=64", "image.head_epochs=3", "caption.epochs=2", "fusion.epochs=3", "fusion.hidden=64",
+         "trainer.num_workers=0"]
+
+
+def test_bench_on_demo_data_writes_results(tmp_path):
+    data = demo.generate(tmp_path / "data", n_train=120, n_test=40, seed=5)
+    args = ["--data", str(data), "--workdir", str(tmp_path / "work"), "--docs", str(tmp_path / "docs"),
+            "--seeds", "1", "--no-detector"] + [a for s in SMALL for a in ("--set", s)]
+    assert bench.main(args) == 0
+    text = (tmp_path / "docs" / "RESULTS.md").read_text()
+    results = json.loads((tmp_path / "docs" / "results.json").read_text())
+    assert set(results["stages"]) == {"image", "caption", "fusion"}
+    for name, r in results["stages"].items():
+        assert r["cold"]["wall_s"] > 0 and r["warm"]["peak_mb"] > 0
+        assert f"| {name} | {r['metrics']['val_mean_f1_at_0.5']:.4f} |" in text
+    # the warm run reuses the caches: the image stage does no extraction the second time
+    assert results["stages"]["image"]["warm"]["wall_s"] < results["stages"]["image"]["cold"]["wall_s"]
+    assert [s["seed"] for s in results["seeds"]] == [0, 0]
+    assert "Published reference figures" in text and "0.927" in text
+    assert "efficientnet_lite0" in text or "resnet50" in text
+    assert (tmp_path / "docs" / "figures" / "per_class_f1.png").stat().st_size > 10_000
