@@ -533,7 +533,7 @@ def detect_images(detector: Detector, paths: Sequence[Path], *, image_size: int,
 
 def _resolve_path(value: str | Path) -> Path:
     p = Path(value).expanduser()
-    return p if p.is_absolute() else ROOT / p
+    return (p if p.is_absolute() else ROOT / p).resolve()
 
 
 def _online(host: tuple[str, int] | None = None, timeout: float = 3.0) -> bool:
@@ -739,13 +739,17 @@ def examples_figure(ctx: pipeline.StageContext, found: dict[str, Any], threshold
     for ax, row, p in zip(axes.flat, rows, pred):
         ax.imshow(read_rgb(paths[row]))
         mine = boxes[:, 0] == row
+        shown: dict[tuple, list] = {}  # one box may carry several labels (multi-label NMS): one frame, one caption
         for (x1, y1, x2, y2, conf), k in zip(boxes[mine, 1:], box_class[mine]):
             col = int(columns[k])
-            if col < 0 or conf < thresholds[col]:
-                continue
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.6, color=colors(col % 20)))
-            ax.text(x1, y1, f"{names[k]} {conf:.2f}", fontsize=7, color="white", va="bottom",
-                    bbox=dict(facecolor=colors(col % 20), alpha=0.8, pad=1, lw=0))
+            if col >= 0 and conf >= thresholds[col]:
+                shown.setdefault(tuple(np.round([x1, y1, x2, y2]).astype(int)), []).append((conf, col, names[k]))
+        for (x1, y1, x2, y2), found_here in shown.items():
+            found_here.sort(reverse=True)
+            color = colors(found_here[0][1] % 20)
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.6, color=color))
+            ax.text(x1, y1, " / ".join(f"{name} {conf:.2f}" for conf, _, name in found_here), fontsize=7,
+                    color="white", va="bottom", bbox=dict(facecolor=color, alpha=0.8, pad=1, lw=0))
         true_ids = sorted(ctx.data.train["Labels"].iloc[row])
         pred_ids = L.decode(p[None])[0]
         ok = set(true_ids) == set(pred_ids)

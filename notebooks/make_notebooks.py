@@ -318,21 +318,21 @@ STAGE_NOTEBOOKS = {
     },
     "03_fusion": {
         "stage": "fusion", "module": "fusion", "title": "Stage 03: the fused network",
-        "about": "An MLP on the concatenated cached feature blocks (`fusion.blocks`: image and caption, optionally "
-                 "the detector's) writes **`output/predictions.csv`**, the file to upload. A block missing for this "
-                 "data is computed first by its own stage (cached, so this is quick once notebooks 01 and 02 ran).",
+        "about": "An MLP on the concatenated cached feature blocks (`fusion.blocks`: image, caption and detector) "
+                 "writes **`output/predictions.csv`**, the file to upload. A block missing for this data is computed "
+                 "first by its own stage (cached, so this is quick once notebooks 01, 02 and 04 ran).",
     },
     "04_detector": {
         "stage": "detector", "module": "detector", "title": "Stage 04: the YOLOv5 detector",
         "about": "A COCO-pretrained YOLOv5 detects objects in every image; per-label detection scores give the "
-                 "detector baseline `output/submission_detector.csv` and a feature block for stage 03 (run notebook "
-                 "03 with `OVERRIDES += [\"fusion.blocks=[image, caption, detector]\"]`). Much faster on a GPU.",
+                 "detector baseline `output/submission_detector.csv` and a feature block that stage 03 fuses with the "
+                 "image and caption blocks. Much faster on a GPU.",
     },
 }
 
-FULL_TITLE = "The whole pipeline: stages 01 → 02 → 03, ending in `output/predictions.csv`"
-FULL_ABOUT = ("Runs every stage of `pipeline.stages` in `config.yaml` (image network, caption network, fused "
-              "network; add the detector with `STAGES` below) with `run_all`, as `python -m multilabel_fusion` "
+FULL_TITLE = "The whole pipeline: every stage, ending in `output/predictions.csv`"
+FULL_ABOUT = ("Runs every stage of `pipeline.stages` in `config.yaml` (image network, caption network, detector, "
+              "fused network; choose others with `STAGES` below) with `run_all`, as `python -m multilabel_fusion` "
               "does, shows their figures and comparison, and validates **`output/predictions.csv`**, the file to "
               "upload to Kaggle. "
               "Every stage caches its work, so running it again, or after a disconnect with Drive, is quick. "
@@ -419,9 +419,9 @@ def stage_cells(name: str, spec: dict) -> list:
 
 def full_cells() -> list:
     name = "00_full_pipeline"
-    stages_param = ('STAGES = None  # None: pipeline.stages of config.yaml; with the detector: '
-                    '["image", "caption", "detector", "fusion"]\n'
-                    '#   and OVERRIDES += ["fusion.blocks=[image, caption, detector]"]\n')
+    stages_param = ('STAGES = None  # None: pipeline.stages of config.yaml; without the detector: '
+                    '["image", "caption", "fusion"]\n'
+                    '#   and OVERRIDES += ["fusion.blocks=[image, caption]"]\n')
     run = '''\
 import time
 
@@ -442,7 +442,7 @@ for stage, metrics in results.items():
                md("## Results\nEvery stage's validation mean-F1 and per-class F1, their figures, and a few "
                   "validation samples of the fused network."), code(COMPARISON), code(figures),
                code('sample_predictions("fusion", results["fusion"])')]
-            + tail('OUT / "predictions.csv"', "fused image + caption network"))
+            + tail('OUT / "predictions.csv"', "fused network"))
 
 
 def notebook(cells: list) -> nbformat.NotebookNode:
