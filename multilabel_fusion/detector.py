@@ -739,13 +739,20 @@ def examples_figure(ctx: pipeline.StageContext, found: dict[str, Any], threshold
     for ax, row, p in zip(axes.flat, rows, pred):
         ax.imshow(read_rgb(paths[row]))
         mine = boxes[:, 0] == row
-        shown: dict[tuple, list] = {}  # one box may carry several labels (multi-label NMS): one frame, one caption
-        for (x1, y1, x2, y2, conf), k in zip(boxes[mine, 1:], box_class[mine]):
+        # one object often carries several labels (a cat / dog box): nearly identical boxes share a frame and caption
+        groups: list[tuple[np.ndarray, list]] = []
+        order = np.argsort(-boxes[mine, 5], kind="stable")
+        for (x1, y1, x2, y2, conf), k in zip(boxes[mine][order, 1:].tolist(), box_class[mine][order]):
             col = int(columns[k])
-            if col >= 0 and conf >= thresholds[col]:
-                shown.setdefault(tuple(np.round([x1, y1, x2, y2]).astype(int)), []).append((conf, col, names[k]))
-        for (x1, y1, x2, y2), found_here in shown.items():
-            found_here.sort(reverse=True)
+            if col < 0 or conf < thresholds[col]:
+                continue
+            box = np.array([x1, y1, x2, y2])
+            same = next((g for g in groups if _iou(g[0], box) > 0.9), None)
+            if same is None:
+                groups.append((box, [(conf, col, names[k])]))
+            else:
+                same[1].append((conf, col, names[k]))
+        for (x1, y1, x2, y2), found_here in groups:
             color = colors(found_here[0][1] % 20)
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.6, color=color))
             ax.text(x1, y1, " / ".join(f"{name} {conf:.2f}" for conf, _, name in found_here), fontsize=7,
@@ -760,6 +767,14 @@ def examples_figure(ctx: pipeline.StageContext, found: dict[str, Any], threshold
         ax.axis("off")
     fig.suptitle("YOLO detector on validation images (boxes at or above the tuned per-label thresholds)")
     return _save(fig, path)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
 
 
 def _label_text(ids: Sequence[int]) -> str:
