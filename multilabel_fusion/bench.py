@@ -178,11 +178,14 @@ def render(results: dict[str, Any], data: Path, docs: Path) -> str:
     bench = results.get("image_benchmark", {})
     if bench:
         lines += ["", "## Image feature extraction throughput", "",
-                  "| backbone | device | full extraction (img/s) | bare forward (img/s) | ratio | est. time for 20,000 images (s) |",
-                  "|---|---|---|---|---|---|"]
+                  "| backbone | weights | device | precision | batch | images | extraction (s) | full extraction (img/s) "
+                  "| bare forward (img/s) | ratio (target 0.90) | est. time for 20,000 images (s) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for b in bench.values():
-            lines.append(f"| {b['backbone']} | {b['device']} | {b['full_extraction_images_per_s']} | "
-                         f"{b['bare_forward_images_per_s']} | {b['ratio']} | {b['estimated_seconds_for_20000_images']} |")
+            lines.append(f"| {b['backbone']} | {b['weights_used']} | {b['device']} | {b.get('precision', '')} | "
+                         f"{b.get('batch_size', '')} | {b['images']} | {b.get('extraction_seconds', '')} | "
+                         f"{b['full_extraction_images_per_s']} | {b['bare_forward_images_per_s']} | {b['ratio']} | "
+                         f"{b['estimated_seconds_for_20000_images']} |")
     seeds = results.get("seeds", [])
     if seeds:
         tuned = [s["tuned"] for s in seeds]

@@ -5,16 +5,19 @@ key hashes the settings that produced it and the data files' fingerprint: a re-r
 settings loads it, any change recomputes. The folder is written under a temporary name and renamed
 into place with its manifest last, and every array is checked against the manifest on load, so a
 half-written or damaged cache is never reused. ``latest.json`` names the newest key, so a later
-stage (the fusion network) can read a block by name alone.
+stage (the fusion network) can read a block by name alone. Large blocks are written with
+:meth:`FeatureCache.writer`, which hands out memory-mapped arrays inside the temporary folder, so
+memory stays bounded by one batch whatever the number of images.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -48,23 +51,66 @@ class FeatureCache:
 
     def save(self, arrays: dict[str, np.ndarray], info: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write the arrays (e.g. ``train``, ``test``, ``train_ids``) atomically, then point ``latest.json`` here."""
-        with atomic_dir(self.dir) as tmp:
+        with self.writer() as w:
             for name, array in arrays.items():
-                np.save(tmp / f"{name}.npy", np.asarray(array), allow_pickle=False)
-            write_json(tmp / MANIFEST, self._manifest(arrays, info))
-        write_json(self.block_dir / "latest.json", {"key": self.key})
+                w.put(name, array)
+            w.info.update(info or {})
         return self.load()
 
-    def _manifest(self, arrays: dict[str, np.ndarray], info: dict[str, Any] | None) -> dict[str, Any]:
+    @contextlib.contextmanager
+    def writer(self) -> Iterator["CacheWriter"]:
+        """Fill arrays in a temporary folder; on success it is renamed into place with its manifest last.
+
+        An exception inside the block (an interrupted extraction) leaves no trace: the previous cache, if
+        any, stays as it was and nothing half-written can be loaded.
+        """
+        with atomic_dir(self.dir) as tmp:
+            w = CacheWriter(tmp)
+            yield w
+            arrays = w.close()
+            write_json(tmp / MANIFEST, self._manifest(arrays, w.info))
+        write_json(self.block_dir / "latest.json", {"key": self.key})
+
+    def _manifest(self, arrays: dict[str, dict], info: dict[str, Any] | None) -> dict[str, Any]:
         return {
             "block": self.block,
             "key": self.key,
             "settings": self.settings,
             "data_fingerprint": self.data_fingerprint,
-            "arrays": {n: {"shape": list(np.shape(a)), "dtype": str(np.asarray(a).dtype)} for n, a in arrays.items()},
+            "arrays": arrays,
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
             "info": info or {},
         }
+
+
+class CacheWriter:
+    """Arrays of one cache being written: :meth:`array` (memory-mapped, filled in place) or :meth:`put`."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.info: dict[str, Any] = {}
+        self._open: dict[str, np.ndarray] = {}
+        self._specs: dict[str, dict] = {}
+
+    def array(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """A writable ``.npy`` file mapped into memory; rows written to it go straight to disk."""
+        out = np.lib.format.open_memmap(self.folder / f"{name}.npy", mode="w+", dtype=np.dtype(dtype),
+                                        shape=tuple(shape))
+        self._open[name] = out
+        return out
+
+    def put(self, name: str, array: np.ndarray) -> None:
+        array = np.asarray(array)
+        np.save(self.folder / f"{name}.npy", array, allow_pickle=False)
+        self._specs[name] = {"shape": list(array.shape), "dtype": str(array.dtype)}
+
+    def close(self) -> dict[str, dict]:
+        for name, mapped in self._open.items():
+            mapped.flush()
+            self._specs[name] = {"shape": list(mapped.shape), "dtype": str(mapped.dtype)}
+            del mapped
+        self._open.clear()
+        return dict(self._specs)
 
 
 def _read(folder: Path, data_fingerprint: str | None) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from .cache import load_block
 from .config import Config
 from .heads import HeadSettings, train_on_features
 from .thresholds import decide
+from .trainer import model_size_mb
 
 COMPARED_STAGES = ("image", "caption", "detector", "fusion")
 MODEL_SIZE_LIMIT_MB = 100
@@ -82,8 +83,6 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False, 
     model, result, val_probs, test_probs = train_on_features(
         ctx, train_x, test_x, hs, name="fusion", resume=resume,
         settings={**ctx.run_settings("fusion"), "blocks": {k: v["key"] for k, v in used.items()}})
-    from .image_network import model_size_mb
-
     size = predictor_size_mb(ctx.output_dir, ctx.models_dir, model_size_mb(model))
     extra = {"blocks": used, "best_epoch": result.best_epoch, "train_seconds": round(result.seconds, 1),
              "model_size": size}

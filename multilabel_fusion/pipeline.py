@@ -120,11 +120,22 @@ def evaluate(ctx: StageContext, val_probs: np.ndarray) -> dict[str, Any]:
     }
 
 
+def cpu_name() -> str:
+    """The CPU's model name (timings are only comparable on the same one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, Any]:
     import os
 
     return {
-        "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }

@@ -70,3 +70,27 @@ def error_cooccurrence(y_true: np.ndarray, y_pred: np.ndarray, path: str | Path,
     axes[1].invert_yaxis()
     axes[1].set(title="missed labels", xlabel="count")
     return _save(fig, path)
+
+
+def throughput(results: Mapping[str, dict], path: str | Path) -> Path:
+    """Image-extraction benchmark: full extraction vs bare forward (img/s) per backbone, ratio on top."""
+    names = list(results)
+    full = [results[n]["full_extraction_images_per_s"] for n in names]
+    bare = [results[n]["bare_forward_images_per_s"] for n in names]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(names), 3.8))
+    ax.bar(x - 0.2, bare, 0.4, label="bare forward (batch in memory)", color="tab:gray")
+    ax.bar(x + 0.2, full, 0.4, label="full extraction (decode, resize, forward)", color="tab:blue")
+    for i, n in enumerate(names):
+        r = results[n]
+        ax.annotate(f"ratio {r['ratio']:.2f}\n{r['images']} img in {r['extraction_seconds']:.0f} s",
+                    (x[i] + 0.2, full[i]), ha="center", va="bottom", fontsize=8, xytext=(0, 3),
+                    textcoords="offset points")
+    labels = [f"{n}\n{results[n].get('precision', '').split(' ')[0]}, batch {results[n].get('batch_size', '?')}"
+              for n in names]
+    ax.set_xticks(x, labels)
+    ax.set(ylabel="images / s", ylim=(0, max(bare + full) * 1.3),
+           title=f"Image feature extraction on {results[names[0]].get('device', '?')} "
+                 f"({results[names[0]].get('cpu_count', '?')} cores)")
+    ax.legend(loc="upper right", fontsize=8)
+    return _save(fig, path)

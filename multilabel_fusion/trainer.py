@@ -53,6 +53,22 @@ def num_workers(setting: Any) -> int:
     return int(setting)
 
 
+def model_size_mb(module: nn.Module) -> float:
+    """Size of a network's weights and buffers in MB (what a checkpoint of it takes)."""
+    return round(sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 2**20, 1)
+
+
+def file_digest(path: str | Path) -> str:
+    """Short sha256 of a file (checkpoints and weight files key the caches they produce)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def seed_everything(seed: int) -> None:
     import random
 

@@ -3,6 +3,7 @@
     python stages/01_image_network.py --data ../shared/comp5329            # frozen backbone (fast on CPU)
     python stages/01_image_network.py --set image.fine_tune=true --resume  # the published fine-tuning
     python stages/01_image_network.py --bench 512                          # loader vs bare-forward throughput
+    python stages/01_image_network.py --bench all --backbones efficientnet_lite0 resnet50 vgg16
 """
 
 from multilabel_fusion import image_network, pipeline
@@ -10,13 +11,25 @@ from multilabel_fusion import image_network, pipeline
 
 def run(cfg, demo_mode=False, resume=False, args=None):
     if args is not None and args.bench:
-        return image_network.benchmark(cfg, args.bench, demo_mode)
+        return image_network.benchmark(cfg, args.bench, demo_mode, args.backbones)
     return image_network.run_stage(cfg, demo_mode, resume)
 
 
+def _images(text):
+    if text == "all":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(text)
+    return int(text)
+
+
 def _extra(parser):
-    parser.add_argument("--bench", type=int, default=0, metavar="N",
-                        help="only benchmark: full extraction vs bare forward on N images")
+    parser.add_argument("--bench", type=_images, default=None, metavar="N|all",
+                        help="only benchmark: full extraction vs bare forward on the first N images (all: every "
+                             "train and test image, the time to extract the whole data set)")
+    parser.add_argument("--backbones", nargs="+", default=None, choices=sorted(image_network.FEATURE_DIMS),
+                        help="backbones to benchmark (default: image.backbone); random weights where the "
+                             "ImageNet ones cannot be had (same speed)")
 
 
 if __name__ == "__main__":
