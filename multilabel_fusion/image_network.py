@@ -435,7 +435,7 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False, 
     """Stage 01 end to end: backbone → (fine-tune) → cached features → head → CNN submission + metrics."""
     ctx = pipeline.prepare(cfg, demo_mode)
     ci = cfg.image
-    workers = trainer.num_workers(cfg.trainer.num_workers)
+    workers = trainer.num_workers(cfg.trainer.num_workers, ctx.device)
     backbone = load_backbone(ci)
     extra: dict[str, Any] = {"backbone": backbone.name, "weights_used": backbone.weights_used,
                              "requested_backbone": ci.backbone, "mode": "fine-tune" if ci.fine_tune else "frozen",
@@ -517,7 +517,7 @@ def benchmark(cfg: Config, images: int | str = 512, demo_mode: bool | str = Fals
     everything = data.image_paths("train") + data.image_paths("test")
     paths = everything if images == "all" else everything[: int(images)]
     device = trainer.select_device(cfg.trainer.device)
-    workers = trainer.num_workers(cfg.trainer.num_workers)
+    workers = trainer.num_workers(cfg.trainer.num_workers, device)
     out_dir = cfg.path("output")
     results = pipeline.load_metrics(out_dir, "image_benchmark") or {}
     for name in backbones or [cfg.image.backbone]:

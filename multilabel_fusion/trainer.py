@@ -47,9 +47,19 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, enabled=False)
 
 
-def num_workers(setting: Any) -> int:
+def num_workers(setting: Any, device: torch.device | None = None) -> int:
+    """DataLoader worker processes for image streams.
+
+    ``auto``: with the network on a GPU the CPU is free, so one worker per core (at most 8). With the
+    network on a CPU of up to 4 cores, none: decoding in the main process between batches costs only the
+    decode time (~0.7 ms an image), while parallel workers preempt the forward pass's threads and slowed
+    extraction by 10-15 % on 2 cores. Larger CPUs keep 2 workers.
+    """
     if setting == "auto":
-        return min(8, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+        if device is not None and device.type == "cpu":
+            return 0 if cores <= 4 else 2
+        return min(8, cores)
     return int(setting)
 
 
