@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import pipeline, reports
+from .atomic import write_json
 from .cache import load_block
 from .config import Config
 from .heads import HeadSettings, train_on_features
@@ -89,12 +90,14 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False, 
     metrics = pipeline.finish(ctx, "fusion", val_probs, test_probs, history=result.history, extra=extra,
                               submission_path=ctx.output_dir / "predictions.csv")
     rows = comparison(ctx.output_dir)
-    reports.per_class_f1({r["key"]: r["per_class_f1"] for r in rows},
-                         ctx.output_dir / "figures" / "per_class_f1_all_stages.png",
-                         "Per-class validation F1 of every stage (tuned thresholds)")
-    reports.error_cooccurrence(ctx.y_val, decide(val_probs, np.asarray(metrics["thresholds"])),
-                               ctx.output_dir / "figures" / "fusion_error_cooccurrence.png",
-                               "Fused network: wrong predictions vs the image's true labels (validation)")
+    metrics["figures"]["per_class_f1_all_stages"] = str(reports.per_class_f1(
+        {r["key"]: r["per_class_f1"] for r in rows}, ctx.output_dir / "figures" / "per_class_f1_all_stages.png",
+        "Per-class validation F1 of every stage (tuned thresholds)"))
+    metrics["figures"]["error_cooccurrence"] = str(reports.error_cooccurrence(
+        ctx.y_val, decide(val_probs, np.asarray(metrics["thresholds"])),
+        ctx.output_dir / "figures" / "fusion_error_cooccurrence.png",
+        "Fused network: wrong predictions vs the image's true labels (validation)"))
+    write_json(ctx.output_dir / "metrics" / "fusion.json", metrics)  # now naming every figure
     print("\nValidation mean-F1 of every stage (thresholds: 0.5 / one tuned global / tuned per class):")
     print(format_table(rows))
     print(f"\nModel size to predict a new image+caption: {size['total_mb']} MB "

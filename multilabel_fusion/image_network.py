@@ -477,9 +477,13 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False, 
                       "model_size_mb": round(model_size_mb(backbone) + model_size_mb(head), 1)})
     extra["backbone_size_mb"] = model_size_mb(backbone if classifier is None else classifier.backbone)
     bench = pipeline.load_metrics(ctx.output_dir, "image_benchmark")
-    if bench:
+    figures = {}
+    if bench:  # the throughput figures of `--bench`, measured on this machine, travel with the stage's metrics
         extra["benchmark"] = bench
-    return pipeline.finish(ctx, "image", val_probs, test_probs, history=history, extra=extra)
+        if (ctx.output_dir / "figures" / "image_benchmark.png").is_file():
+            figures["extraction_throughput"] = ctx.output_dir / "figures" / "image_benchmark.png"
+    return pipeline.finish(ctx, "image", val_probs, test_probs, history=history, extra=extra,
+                           extra_figures=figures)
 
 
 # ---------------------------------------------------------------------------------------------- benchmark

@@ -142,8 +142,13 @@ def machine_info() -> dict[str, Any]:
 
 
 def finish(ctx: StageContext, stage: str, val_probs: np.ndarray, test_probs: np.ndarray, *,
-           history=None, extra: dict[str, Any] | None = None, submission_path: Path | None = None) -> dict[str, Any]:
-    """Tune thresholds, write the stage's submission, probabilities, metrics file and figures."""
+           history=None, extra: dict[str, Any] | None = None, submission_path: Path | None = None,
+           extra_figures: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Tune thresholds, write the stage's submission, probabilities, metrics file and figures.
+
+    ``extra_figures`` (name → path, made before or by a callable after the metrics exist) are recorded in
+    ``metrics["figures"]`` with the stage's own, so readers (notebooks, the benchmark) find every figure there.
+    """
     out = ctx.output_dir
     metrics = {"stage": stage, "title": STAGE_TITLES.get(stage, stage), "data": str(ctx.data.root),
                "demo_data": ctx.demo, "n_fit": len(ctx.train_idx), "n_val": len(ctx.val_idx)}
@@ -161,6 +166,7 @@ def finish(ctx: StageContext, stage: str, val_probs: np.ndarray, test_probs: np.
     figures["per_class_f1"] = str(reports.per_class_f1(
         {stage: metrics["per_class"]["f1"]}, out / "figures" / f"{stage}_per_class_f1.png",
         f"{STAGE_TITLES.get(stage, stage)}: per-class validation F1"))
+    figures.update({name: str(path) for name, path in (extra_figures or {}).items()})
     metrics.update({"submission": str(sub_path), "figures": figures, "history": _records(history),
                     "machine": machine_info(), "wall_seconds": round(time.time() - ctx.started, 1)})
     metrics.update(extra or {})

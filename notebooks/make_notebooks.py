@@ -226,12 +226,12 @@ from multilabel_fusion.metrics import sample_f1
 from multilabel_fusion.thresholds import decide
 
 
-def show_figures(metrics, extra=()):
-    """The stage's headline figures, then its figures (training curves, per-class F1, ...) inline."""
+def show_figures(metrics):
+    """The stage's headline figures, then every figure its metrics file names (training curves, per-class F1, ...)."""
     print(f"{metrics['title']}: validation mean-F1 {metrics['val_mean_f1_at_0.5']:.4f} at threshold 0.5, "
           f"{metrics['val_mean_f1_tuned']:.4f} with tuned per-class thresholds ({metrics['n_val']} validation "
           f"images{', demo data' if metrics['demo_data'] else ''})")
-    for name, path in [*metrics.get("figures", {}).items(), *((Path(p).stem, p) for p in extra)]:
+    for name, path in metrics.get("figures", {}).items():
         if Path(path).is_file():
             display(Markdown(f"**{name.replace('_', ' ')}**"), Image(filename=str(path)))
 
@@ -359,8 +359,6 @@ for block in cfg.fusion.blocks:
             cfg, demo_mode=IS_DEMO, resume=RESUME)
 '''
 
-FUSION_EXTRA = '(OUT / "figures" / "per_class_f1_all_stages.png", OUT / "figures" / "fusion_error_cooccurrence.png")'
-
 COMPARISON = '''\
 from multilabel_fusion import fusion
 
@@ -407,10 +405,9 @@ def stage_cells(name: str, spec: dict) -> list:
     cells += [md("## Run the stage\n"
                  "Cached work (features, finished training runs) is reused; any change of setting recomputes what "
                  "depends on it."), code(RUN_STAGE.format(module=module))]
-    extra = FUSION_EXTRA if stage == "fusion" else "()"
     cells += [md("## Results\nValidation figures (the held-out part of `train.csv`), per-class F1 and a few "
                  "validation samples."),
-              code(f"show_figures(metrics, extra={extra})"), code("per_class_table(metrics)"),
+              code("show_figures(metrics)"), code("per_class_table(metrics)"),
               code(f'sample_predictions("{stage}", metrics)')]
     if stage == "fusion":
         cells += [code(COMPARISON)]
@@ -434,8 +431,8 @@ print(f"notebook: the pipeline took {time.time() - started:.0f} s")
     figures = '''\
 for stage, metrics in results.items():
     display(Markdown(f"### {metrics['title']}"))
-    show_figures(metrics, extra=%s if stage == "fusion" else ())
-''' % FUSION_EXTRA
+    show_figures(metrics)
+'''
     return (head(name, FULL_TITLE, FULL_ABOUT) + common(stages_param)
             + [md("## Run the pipeline\nCached work (features, finished training runs) is reused; any change of "
                   "setting recomputes only what depends on it."), code(run),

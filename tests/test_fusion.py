@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -48,8 +51,10 @@ def test_fusion_beats_each_block_alone_and_writes_valid_predictions(demo_data, t
     assert scores["image+caption"] > 0.9
     predictions = tmp_path / "out" / "predictions.csv"
     assert submission.validate_file(predictions, demo_data / "test.csv") == len(d.test)
-    assert (tmp_path / "out" / "figures" / "fusion_error_cooccurrence.png").is_file()
-    assert (tmp_path / "out" / "figures" / "per_class_f1_all_stages.png").is_file()
+    figures = json.loads((tmp_path / "out" / "metrics" / "fusion.json").read_text())["figures"]
+    assert set(figures) >= {"training_curves", "per_class_f1", "per_class_f1_all_stages", "error_cooccurrence"}
+    assert figures["error_cooccurrence"] == str(tmp_path / "out" / "figures" / "fusion_error_cooccurrence.png")
+    assert all(Path(path).stat().st_size > 10_000 for path in figures.values())
 
 
 def test_fusion_reuses_a_finished_run(demo_data, tmp_path, capsys):
