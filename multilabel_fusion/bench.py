@@ -57,7 +57,11 @@ def _metrics(output: Path, stage: str) -> dict[str, Any]:
     return json.loads((output / "metrics" / f"{stage}.json").read_text())
 
 
-def run(data: Path, workdir: Path, seeds: int, with_detector: bool, sets: list[str]) -> dict[str, Any]:
+IMAGE_BACKBONES = ("efficientnet_lite0", "resnet50", "vgg16")
+
+
+def run(data: Path, workdir: Path, seeds: int, with_detector: bool, sets: list[str],
+        image_bench: int | str = 512) -> dict[str, Any]:
     output, models = workdir / "output", workdir / "models"
     if workdir.exists():
         shutil.rmtree(workdir)  # cold: nothing cached
@@ -83,7 +87,8 @@ def run(data: Path, workdir: Path, seeds: int, with_detector: bool, sets: list[s
         results["stages"][name] = {"cold": cold, "warm": warm, "metrics": _metrics(output, "fusion")}
     print("[bench] image feature extraction vs bare forward", flush=True)
     _run([sys.executable, "stages/01_image_network.py", "--data", str(data), "--output", str(output),
-          "--models", str(models), "--bench", "512"] + [a for s in sets for a in ("--set", s)], log)
+          "--models", str(models), "--bench", str(image_bench), "--backbones", *IMAGE_BACKBONES]
+         + [a for s in sets for a in ("--set", s)], log)
     results["image_benchmark"] = json.loads((output / "metrics" / "image_benchmark.json").read_text())
     # run-to-run spread of the fused network: same seed twice (retrained from scratch) and other seeds
     spread = []
@@ -222,11 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", default=str(ROOT / "docs"), help="where RESULTS.md and its figures go")
     parser.add_argument("--seeds", type=int, default=3, help="trainer seeds for the spread of the fused network")
     parser.add_argument("--no-detector", action="store_true", help="skip stage 04 (slow on a CPU)")
+    parser.add_argument("--image-bench", default="512", metavar="N|all",
+                        help="images per backbone in the extraction benchmark (all: the whole data set)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="config override passed to every stage (e.g. smaller settings for a quick run)")
     args = parser.parse_args(argv)
     data, docs = Path(args.data).resolve(), Path(args.docs)
-    results = run(data, Path(args.workdir), args.seeds, not args.no_detector, args.sets)
+    results = run(data, Path(args.workdir), args.seeds, not args.no_detector, args.sets, args.image_bench)
     text = render(results, data, docs)
     write_text(docs / "RESULTS.md", text)
     write_text(docs / "results.json", json.dumps(results, indent=1, default=str))

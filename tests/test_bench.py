@@ -4,14 +4,14 @@ import json
 
 from multilabel_fusion import bench, demo
 
-SMALL = ["image.backbone=efficientnet_lite0", "image.image_size=64", "image.head_epochs=3", "caption.epochs=2", "fusion.epochs=3", "fusion.hidden=64",
-         "trainer.num_workers=0"]
+SMALL = ["image.backbone=efficientnet_lite0", "image.image_size=64", "image.bench_bare_seconds=0.5", "image.head_epochs=3",
+         "caption.epochs=2", "fusion.epochs=3", "fusion.hidden=64", "trainer.num_workers=0"]
 
 
 def test_bench_on_demo_data_writes_results(tmp_path):
     data = demo.generate(tmp_path / "data", n_train=120, n_test=40, seed=5)
     args = ["--data", str(data), "--workdir", str(tmp_path / "work"), "--docs", str(tmp_path / "docs"),
-            "--seeds", "1", "--no-detector"] + [a for s in SMALL for a in ("--set", s)]
+            "--seeds", "1", "--no-detector", "--image-bench", "40"] + [a for s in SMALL for a in ("--set", s)]
     assert bench.main(args) == 0
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
     results = json.loads((tmp_path / "docs" / "results.json").read_text())
@@ -24,4 +24,8 @@ def test_bench_on_demo_data_writes_results(tmp_path):
     assert [s["seed"] for s in results["seeds"]] == [0, 0]
     assert "Published reference figures" in text and "0.927" in text
     assert "efficientnet_lite0" in text or "resnet50" in text
+    # every backbone's extraction timed (random weights where ImageNet ones cannot be had), with its ratio
+    assert set(results["image_benchmark"]) == {"efficientnet_lite0", "resnet50", "vgg16"}
+    for b in results["image_benchmark"].values():
+        assert b["images"] == 40 and f"| {b['backbone']} | {b['weights_used']} |" in text
     assert (tmp_path / "docs" / "figures" / "per_class_f1.png").stat().st_size > 10_000
