@@ -119,7 +119,10 @@ def test_benchmark_times_each_backbone_and_records_it(demo_data, tmp_path, monke
     lite, resnet = saved["efficientnet_lite0"], saved["resnet50"]
     assert lite["weights_used"].startswith("ImageNet") and resnet["weights_used"].startswith("random")
     assert lite["images"] == 160 and lite["whole_dataset"] and lite["extraction_seconds"] > 0
-    assert resnet["ratio"] == round(resnet["full_extraction_images_per_s"] / resnet["bare_forward_images_per_s"], 3)
+    # the ratio comes from unrounded rates; the file keeps rates to 0.1 img/s
+    assert resnet["ratio"] == pytest.approx(resnet["full_extraction_images_per_s"] / resnet["bare_forward_images_per_s"],
+                                            rel=0.01)
+    assert resnet["meets_target"] == (resnet["ratio"] >= 0.90)
     assert (tmp_path / "out" / "figures" / "image_benchmark.png").stat().st_size > 10_000
     assert not list((tmp_path / "out").glob(".bench.*"))  # the temporary feature file is gone
     # the stage's metrics file carries the benchmark figures
