@@ -514,7 +514,9 @@ def _benchmark_backbone(name: str, cfg: Config, device: torch.device) -> Backbon
     except WeightsUnavailable as err:
         print(f"[image benchmark] {err}\n[image benchmark] timing {name} with random weights instead: "
               f"throughput does not depend on the weight values")
-        return load_backbone({**settings, "weights": "random", "weights_path": None})
+        backbone = load_backbone({**settings, "weights": "random", "weights_path": None})
+        backbone.weights_used = "random (ImageNet weights unavailable here; timed for speed only)"
+        return backbone
 
 
 def benchmark(cfg: Config, images: int | str = 512, demo_mode: bool | str = False,
