@@ -19,7 +19,6 @@ copy ``detector.offline_weights``. Two loaders, chosen by what the file holds:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
@@ -44,6 +43,7 @@ from . import pipeline
 from .atomic import write_json
 from .cache import FeatureCache
 from .config import ROOT, Config
+from .trainer import file_digest
 from .trainer import num_workers as resolve_workers
 
 #: Published YOLOv5 results on this competition (validation mean-F1), for the metrics file.
@@ -601,11 +601,7 @@ def resolve_weights(cfg: Config, *, download: Callable[[str], Path] | None = Non
 
 
 def file_identity(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_digest(path, chars=None)}
 
 
 # --------------------------------------------------------------------------------------------------

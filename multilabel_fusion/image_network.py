@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -246,6 +245,10 @@ class InferencePlan:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
+    def example_batch(self) -> torch.Tensor:
+        """A batch of random uint8 images of the extraction's shape (timing without any loading)."""
+        return torch.randint(0, 256, (self.batch_size, 3, self.image_size, self.image_size), dtype=torch.uint8)
+
     @torch.inference_mode()
     def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, S, S] → float32 features [B, dim] (normalised on the device, once per batch)."""
@@ -264,16 +267,17 @@ def _fold_batch_norm(net: nn.Module) -> tuple[nn.Module, str]:
         return net, f"not folded ({type(err).__name__})"
 
 
-@torch.inference_mode()
-def _images_per_s(plan: InferencePlan, x: torch.Tensor, repeats: int) -> float:
+def _images_per_s(plan: InferencePlan, x: torch.Tensor, min_seconds: float = 0.0) -> float:
+    """Images/s of ``plan(x)``, called once and then again until ``min_seconds`` have passed (no warm-up)."""
     if plan.device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
+    calls, start = 0, time.perf_counter()
+    while calls == 0 or time.perf_counter() - start < min_seconds:
         plan(x)
+        calls += 1
     if plan.device.type == "cuda":
         torch.cuda.synchronize()
-    return repeats * len(x) / (time.perf_counter() - start)
+    return calls * len(x) / (time.perf_counter() - start)
 
 
 def _time_precisions(plan: InferencePlan, precisions: tuple[str, ...], rounds: int = 3) -> dict[str, float]:
@@ -282,7 +286,7 @@ def _time_precisions(plan: InferencePlan, precisions: tuple[str, ...], rounds: i
     Interleaving makes a passing disturbance (another process, a frequency change) hit every candidate
     alike; a single short timing of each picked the slower precision once in a real run.
     """
-    x = torch.randint(0, 256, (plan.batch_size, 3, plan.image_size, plan.image_size), dtype=torch.uint8)
+    x = plan.example_batch()
     times: dict[str, list[float]] = {p: [] for p in precisions}
     for precision in precisions:  # warm-up: oneDNN picks its kernels per precision on the first call
         plan.precision = precision
@@ -290,7 +294,7 @@ def _time_precisions(plan: InferencePlan, precisions: tuple[str, ...], rounds: i
     for _ in range(rounds):
         for precision in precisions:
             plan.precision = precision
-            times[precision].append(_images_per_s(plan, x, repeats=1))
+            times[precision].append(_images_per_s(plan, x))
     return {p: round(float(np.median(t)), 1) for p, t in times.items()}
 
 
@@ -358,15 +362,9 @@ def extract(plan: InferencePlan, paths: list[Path], workers: int, out: np.ndarra
 
 def bare_forward_throughput(plan: InferencePlan, seconds: float = 10.0) -> float:
     """Images/s of everything but loading: the same call as :func:`extract` on a batch already in memory."""
-    x = torch.randint(0, 256, (plan.batch_size, 3, plan.image_size, plan.image_size), dtype=torch.uint8)
+    x = plan.example_batch()
     plan(x)  # warm-up
-    done, start = 0, time.perf_counter()
-    while done == 0 or time.perf_counter() - start < seconds:
-        plan(x)
-        done += 1
-    if plan.device.type == "cuda":
-        torch.cuda.synchronize()
-    return done * len(x) / (time.perf_counter() - start)
+    return _images_per_s(plan, x, min_seconds=seconds)
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning

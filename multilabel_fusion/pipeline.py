@@ -146,8 +146,8 @@ def finish(ctx: StageContext, stage: str, val_probs: np.ndarray, test_probs: np.
            extra_figures: dict[str, Path] | None = None) -> dict[str, Any]:
     """Tune thresholds, write the stage's submission, probabilities, metrics file and figures.
 
-    ``extra_figures`` (name → path, made before or by a callable after the metrics exist) are recorded in
-    ``metrics["figures"]`` with the stage's own, so readers (notebooks, the benchmark) find every figure there.
+    ``extra_figures`` (name → path of a figure the stage made itself) are recorded in ``metrics["figures"]``
+    with the stage's own, so readers (notebooks, the benchmark) find every figure there.
     """
     out = ctx.output_dir
     metrics = {"stage": stage, "title": STAGE_TITLES.get(stage, stage), "data": str(ctx.data.root),

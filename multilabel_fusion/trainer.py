@@ -69,15 +69,18 @@ def model_size_mb(module: nn.Module) -> float:
     return round(sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 2**20, 1)
 
 
-def file_digest(path: str | Path) -> str:
-    """Short sha256 of a file (checkpoints and weight files key the caches they produce)."""
+def file_digest(path: str | Path, chars: int | None = 16) -> str:
+    """sha256 of a file, read in 1 MB chunks (checkpoints and weight files key the caches they produce).
+
+    ``chars``: how many hex digits to keep (``None``: all 64).
+    """
     import hashlib
 
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:chars]
 
 
 def seed_everything(seed: int) -> None:
