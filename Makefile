@@ -7,7 +7,7 @@ run:        ## the main job: every stage, ending in output/predictions.csv
 test:       ## the test suite
 	./setup.sh && python3 -m pytest -q
 bench:      ## regenerate docs/RESULTS.md from cold and warm runs on $(DATA)
-	python3 -m multilabel_fusion.bench --data $(DATA)
+	python3 -m multilabel_fusion.reports.bench --data $(DATA)
 bench-image: ## time the extraction of every image of $(DATA) with each backbone (output/metrics/image_benchmark.json)
 	python3 stages/01_image_network.py --data $(DATA) --bench all --backbones efficientnet_lite0 resnet50 vgg16
 notebooks:  ## regenerate the notebooks from notebooks/make_notebooks.py

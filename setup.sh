@@ -3,6 +3,7 @@
 # - keeps a working torch (Colab's GPU build) instead of reinstalling it
 # - makes the package importable (pip install -e .)
 # - installs the offline NLTK data the caption stage needs (WordNet, from Debian where nltk.download is impossible)
+# - copies offline pretrained files from ../shared/assets (where it exists) into assets/
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -14,7 +15,18 @@ else
   "$PY" -m pip install -q -r requirements.txt
 fi
 "$PY" -m pip install -q --no-deps -e .
-if "$PY" -c "import multilabel_fusion.nltk_setup" 2>/dev/null; then
-  "$PY" -m multilabel_fusion.nltk_setup
+if "$PY" -c "import multilabel_fusion.data.nltk_setup" 2>/dev/null; then
+  "$PY" -m multilabel_fusion.data.nltk_setup
+fi
+# offline pretrained files of the development machines (../shared/assets), copied into assets/ (paths.assets)
+SHARED_ASSETS="$(dirname "$(pwd)")/shared/assets"
+if [ -d "$SHARED_ASSETS" ]; then
+  mkdir -p assets
+  for f in "$SHARED_ASSETS"/*; do
+    if [ -f "$f" ] && [ ! -f "assets/$(basename "$f")" ]; then
+      cp "$f" assets/
+      echo "setup: copied $(basename "$f") into assets/"
+    fi
+  done
 fi
 echo "setup: done"

@@ -1,50 +1,67 @@
-"""The main job: every stage in order (``pipeline.stages`` in config.yaml), ending in output/predictions.csv.
+"""The main job: every stage of ``pipeline.stages`` (and every stage they read) in order, ending in predictions.csv.
 
     python -m multilabel_fusion                          # input/ if it holds the data, else generated demo data
     python -m multilabel_fusion --data ../shared/comp5329
-    python -m multilabel_fusion --stages image caption detector fusion --set "fusion.blocks=[image, caption, detector]"
+    python -m multilabel_fusion --stages fusion          # runs exactly the stages whose artifacts fusion reads, first
+
+A stage whose pretrained asset cannot be had (the detector without COCO weights) is skipped, loudly; the fused
+network then goes on without its block and says so.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 
+from . import assets
 from . import config as C
-from . import pipeline
-
-STAGE_MODULES = {"image": "image_network", "caption": "caption_network", "detector": "detector", "fusion": "fusion"}
+from . import registry
+from .stages import base
 
 
 def run_all(cfg: C.Config, demo_mode: bool | str = "auto", stages: list[str] | None = None,
             resume: bool = False) -> dict:
-    """Run the stages in order; each reuses its caches, so a repeated run is quick."""
-    stages = list(stages or cfg.pipeline.stages)
-    unknown = [s for s in stages if s not in STAGE_MODULES]
-    if unknown:
-        raise SystemExit(f"error: unknown stage {unknown[0]!r}; choose from {list(STAGE_MODULES)}")
-    data_dir, is_demo = pipeline.resolve_data_dir(cfg, demo_mode)
+    """Run the stages in dependency order; each finds its artifact by key, so a repeated run is quick."""
+    registry.check_names(cfg)
+    asked = list(stages or cfg.pipeline.stages)
+    for name in asked:
+        registry.get(name)
+    data_dir, is_demo = base.resolve_data_dir(cfg, demo_mode)
     cfg.paths["data"] = str(data_dir)
-    started, results = time.time(), {}
-    for stage in stages:
-        print(f"\n===== {pipeline.STAGE_TITLES[stage]} =====")
-        module = importlib.import_module(f"multilabel_fusion.{STAGE_MODULES[stage]}")
-        results[stage] = module.run_stage(cfg, demo_mode=is_demo, resume=resume)
-    print(f"\nAll stages done in {time.time() - started:.0f} s.")
+    started, results, skipped = time.time(), {}, {}
+    for name in registry.order(asked, cfg):
+        stage = registry.get(name)
+        print(f"\n===== {stage.label} =====")
+        if stage.optional_asset:
+            try:
+                stage.load().artifact_spec(cfg)
+            except assets.AssetUnavailable as err:
+                skipped[name] = str(err)
+                print(f"[{name}] SKIPPED: no {stage.optional_asset} can be had here ({err}).\n"
+                      f"[{name}] The other stages go on; the fused network leaves out the '{name}' block.")
+                continue
+        results[name] = stage.run(cfg, demo_mode=is_demo, resume=resume)
+    print(f"\nAll stages done in {time.time() - started:.0f} s."
+          + (f" Skipped: {', '.join(skipped)} (missing assets)." if skipped else ""))
+    results["skipped"] = skipped
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = C.add_arguments(argparse.ArgumentParser(prog="python -m multilabel_fusion", description=__doc__.splitlines()[0]))
-    parser.add_argument("--stages", nargs="+", default=None, help="stages to run (default: pipeline.stages)")
-    parser.add_argument("--resume", action="store_true", help="continue interrupted training runs")
+    parser.add_argument("--stages", nargs="+", default=None, choices=list(registry.STAGES),
+                        help="stages to run (default: pipeline.stages); the stages they read run first")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted or extended training runs")
     args = parser.parse_args(argv)
     cfg = C.from_args(args)
     try:
         run_all(cfg, demo_mode=True if args.demo else "auto", stages=args.stages, resume=args.resume)
-    except (pipeline.D.DataError, pipeline.submission.SubmissionError, FileNotFoundError) as err:
+    except base.USER_ERRORS as err:
         raise SystemExit(f"error: {err}") from None
+    except ValueError as err:
+        if str(err).startswith("config:"):
+            raise SystemExit(f"error: {err}") from None
+        raise
     return 0
 
 

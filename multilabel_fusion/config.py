@@ -1,17 +1,230 @@
-"""Load ``config.yaml`` (the one file of hyperparameters), apply command-line overrides, resolve paths."""
+"""Load ``config.yaml`` (the one file of hyperparameters), apply command-line overrides, validate, resolve paths.
+
+``config.yaml`` holds every default; the pydantic models below (:class:`Settings` and one model per section)
+say which keys exist, their types and their ranges. :func:`load` reads the file, applies ``--set
+section.key=value`` overrides (the value parsed as YAML) and validates the result before anything runs: an
+unknown key, a value of the wrong type or out of range is a :class:`ConfigError` with one line naming the key
+and the problem, e.g. ``config: unknown key fusion.lrr (did you mean fusion.lr?)``. Command-line entry points
+call :func:`from_args`, which turns that error into ``error: <message>`` on stderr and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import difflib
+import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 #: Repository root (the folder holding config.yaml, stages/, input/, output/, models/).
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, in one line that names the key: raised before any stage runs."""
+
+
+# ----------------------------------------------------------------------------------------------- schema
+
+_NUMBER_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _number_text(value: Any) -> Any:
+    """``1e-3`` is a string to PyYAML (YAML 1.1 wants ``1.0e-3``); take it as the number it means."""
+    if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+def _path_text(value: Any) -> Any:
+    """A folder or file name that YAML read as an integer (``--set paths.output=2024``) is still a name."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _auto_or_int(minimum: int):
+    def check(value: Any) -> Any:
+        if value == "auto":
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+            return value
+        raise PydanticCustomError("auto_or_int", "expected auto or an integer >= {minimum}", {"minimum": minimum})
+    return check
+
+
+#: A float field: takes an int or a float (and YAML-1.1 number text such as ``1e-3``), never a bool or "abc".
+Number = Annotated[float, BeforeValidator(_number_text)]
+#: A file or folder name.
+PathText = Annotated[str, BeforeValidator(_path_text), Field(min_length=1)]
+#: ``auto`` or an integer >= 0 / >= 1 (kept as given; the stage decides what ``auto`` means).
+AutoOrCount = Annotated[Union[Literal["auto"], int], BeforeValidator(_auto_or_int(0))]
+AutoOrPositive = Annotated[Union[Literal["auto"], int], BeforeValidator(_auto_or_int(1))]
+Backbone = Literal["resnet50", "vgg16", "efficientnet_lite0"]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+Dropout = Annotated[float, BeforeValidator(_number_text), Field(ge=0, lt=1)]
+Probability = Annotated[float, BeforeValidator(_number_text), Field(ge=0, le=1)]
+LearningRate = Annotated[float, BeforeValidator(_number_text), Field(gt=0)]
+Weight = Annotated[float, BeforeValidator(_number_text), Field(ge=0)]
+
+
+class Section(BaseModel):
+    """Common settings: unknown keys are errors, types are strict (an int field does not take "3" or 3.0)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class PathsSection(Section):
+    data: PathText
+    output: PathText
+    models: PathText
+    assets: PathText
+
+
+class DataSection(Section):
+    bad_images: Literal["error", "replace"]
+    min_class_examples: PositiveInt
+
+
+class PipelineSection(Section):
+    stages: list[str]  # names checked against the stage registry by the pipeline
+
+
+class SplitSection(Section):
+    val_fraction: Number = Field(gt=0, lt=1)
+    seed: NonNegativeInt
+
+
+class ThresholdsSection(Section):
+    at_least_one: bool
+    rounds: PositiveInt
+
+
+class TrainerSection(Section):
+    seed: NonNegativeInt
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    mixed_precision: bool
+    num_workers: AutoOrCount
+    keep_last: NonNegativeInt
+
+
+class AugmentSection(Section):
+    scale_min: Number = Field(gt=0, le=1)
+    hflip: Probability
+    vflip: Probability
+
+
+class ImageSection(Section):
+    backbone: Backbone
+    weights: Literal["imagenet", "random"]
+    weights_path: PathText | None
+    offline_fallback: Backbone | None
+    image_size: int = Field(ge=32)
+    fine_tune: bool
+    feature_batch_size: AutoOrPositive
+    channels_last: bool
+    fuse_conv_bn: bool
+    cpu_precision: Literal["auto", "fp32", "bf16"]
+    bench_bare_seconds: Number = Field(ge=0)
+    feature_dtype: Literal["float16", "float32"]
+    head_hidden: NonNegativeInt  # 0: a linear head
+    head_dropout: Dropout
+    head_lr: LearningRate
+    head_batch_size: PositiveInt
+    head_epochs: PositiveInt
+    head_patience: PositiveInt
+    label1_weight: Weight
+    lr: LearningRate
+    batch_size: PositiveInt
+    epochs: PositiveInt
+    patience: PositiveInt
+    max_train_images: PositiveInt | None
+    augment: AugmentSection
+
+
+class CaptionSection(Section):
+    vectors: str = Field(min_length=1)
+    offline_vectors: str | None
+    vectors_path: PathText | None
+    seq_len: PositiveInt
+    hidden: PositiveInt
+    dropout: Dropout
+    lr: LearningRate
+    weight_decay: Weight
+    step_gamma: Number = Field(gt=0, le=1)
+    grad_clip: Weight | None  # 0 or null: no clipping
+    batch_size: PositiveInt
+    epochs: PositiveInt
+    patience: PositiveInt
+    label1_weight: Weight
+    train_embeddings: bool
+
+
+class FusionSection(Section):
+    blocks: list[str] = Field(min_length=1)  # names checked against the stage registry by the fusion stage
+    hidden: PositiveInt
+    dropout: Dropout
+    lr: LearningRate
+    batch_size: PositiveInt
+    epochs: PositiveInt
+    patience: PositiveInt
+    plateau_patience: NonNegativeInt
+    plateau_factor: Number = Field(gt=0, lt=1)
+    grad_clip: Weight | None  # 0 or null: no clipping
+    label1_weight: Weight
+
+
+class DetectorSection(Section):
+    weights: PathText
+    offline_weights: PathText | None
+    image_size: int = Field(ge=32)
+    batch_size: PositiveInt
+    conf: Number = Field(gt=0, lt=1)
+    iou: Number = Field(gt=0, lt=1)
+    max_det: PositiveInt
+    multi_label: bool
+    threads: PositiveInt | None
+    channels_last: bool
+    examples: NonNegativeInt
+
+
+class Settings(Section):
+    """The whole of config.yaml; field order is the file's section order."""
+
+    paths: PathsSection
+    data: DataSection
+    pipeline: PipelineSection
+    split: SplitSection
+    thresholds: ThresholdsSection
+    trainer: TrainerSection
+    image: ImageSection
+    caption: CaptionSection
+    fusion: FusionSection
+    detector: DetectorSection
+
+
+SECTIONS: tuple[str, ...] = tuple(Settings.model_fields)
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+# ----------------------------------------------------------------------------------------------- Config
+
+
+class _Dumper(yaml.SafeDumper):
+    """Sections in block style, lists on one line (``blocks: [image, caption]``), as in config.yaml."""
+
+
+_Dumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
 
 
 class Config(dict):
@@ -32,42 +245,245 @@ class Config(dict):
     def to_dict(self) -> dict:
         return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v) for k, v in self.items()}
 
+    def section_dict(self, name: str) -> dict:
+        """One section as a plain dict (a copy), e.g. for a stage's cache fingerprint."""
+        if name not in self:
+            raise KeyError(f"config has no section {name!r}")
+        value = self[name]
+        return value.to_dict() if isinstance(value, Config) else copy.deepcopy(value)
+
+    def dump_yaml(self) -> str:
+        """The resolved configuration as YAML (save it beside a run's outputs; ``load`` reads it back)."""
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=120)
+
     def path(self, name: str) -> Path:
         """A path from ``paths``, relative ones taken from the repository root."""
         p = Path(self.paths[name]).expanduser()
         return p if p.is_absolute() else ROOT / p
 
 
+# ----------------------------------------------------------------------------------------------- messages
+
+
+def _suggest(name: str, choices: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.7)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _unknown_section(name: str, where: str = "") -> str:
+    close = difflib.get_close_matches(name, list(SECTIONS), n=1, cutoff=0.7)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown section {name}{where} ({hint}sections: {', '.join(SECTIONS)})"
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _problem(err: dict) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "int_type":
+        return "expected an integer"
+    if kind in ("float_type", "float_parsing"):
+        return "expected a number"
+    if kind == "bool_type":
+        return "expected true or false"
+    if kind == "string_type":
+        return "expected a string"
+    if kind == "list_type":
+        return "expected a list, e.g. [a, b]"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return "expected a section of keys"
+    if kind == "literal_error":
+        return f"expected {ctx.get('expected')}"
+    if kind == "finite_number":
+        return "expected a finite number"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op, key = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"),
+                   "less_than": ("<", "lt"), "less_than_equal": ("<=", "le")}[kind]
+        bound = ctx.get(key)
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
+        return f"must be {op} {bound}"
+    if kind in ("too_short", "string_too_short"):
+        return "must not be empty"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    msg = str(err.get("msg", kind))
+    return msg[:1].lower() + msg[1:]
+
+
+def _validation_messages(exc: ValidationError, overridden: set[str], source: str) -> list[str]:
+    messages = []
+    for err in exc.errors(include_url=False):
+        key = _dotted(tuple(err["loc"]))
+        where = "" if key in overridden or key.split("[")[0] in overridden else f" in {source}"
+        if err["type"] == "missing":
+            messages.append(f"missing key {key}{where}")
+        else:
+            messages.append(f"{key} = {_shown(err.get('input'))}: {_problem(err)}{where}")
+    return messages
+
+
+def _raise(messages: list[str]) -> None:
+    unique = list(dict.fromkeys(" ".join(m.split("\n")) for m in messages))
+    if unique:
+        raise ConfigError("config: " + "; ".join(unique))
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{at}"
+
+
+def _read_file(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config: no config file {path}") from None
+    except OSError as err:
+        raise ConfigError(f"config: cannot read {path}: {err.strerror or err}") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {path} is not valid YAML: {_yaml_problem(err)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {path} must be a mapping of sections (paths:, pipeline:, ...)")
+    return raw
+
+
+def _unknown_keys(raw: dict, model: type[BaseModel], prefix: str, where: str) -> list[str]:
+    """Keys of ``raw`` the schema does not know, each with the nearest valid name."""
+    messages = []
+    fields = model.model_fields
+    for key, value in raw.items():
+        name = str(key)
+        if name not in fields:
+            if not prefix:
+                messages.append(_unknown_section(name, where))
+            else:
+                messages.append(f"unknown key {prefix}{name}{where}{_suggest(name, list(fields), prefix)}")
+            continue
+        sub = _section_model(fields[name].annotation)
+        if sub is not None and isinstance(value, dict):
+            messages += _unknown_keys(value, sub, f"{prefix}{name}.", where)
+    return messages
+
+
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+    return yaml.safe_load(text) if text.strip() != "" else ""
 
 
-def apply_override(cfg: dict, assignment: str) -> None:
-    """Apply ``section.key=value`` (value parsed as YAML); unknown keys are an error, not a silent no-op."""
-    if "=" not in assignment:
-        raise ValueError(f"override {assignment!r} is not of the form section.key=value")
-    dotted, value = assignment.split("=", 1)
+def apply_override(cfg: dict, assignment: str) -> str:
+    """Apply ``section.key=value`` (value parsed as YAML) to the raw settings ``cfg``; returns the dotted key.
+
+    The key must exist in the schema (a :class:`ConfigError` names the nearest valid one otherwise); the value
+    is checked when the whole configuration is validated.
+    """
+    dotted, sep, value = assignment.partition("=")
     keys = dotted.strip().split(".")
+    if not sep or len(keys) < 2 or not all(k.strip() for k in keys):
+        raise ConfigError(f"config: override {assignment!r} is not of the form section.key=value")
+    keys = [k.strip() for k in keys]
+    model: type[BaseModel] = Settings
     node = cfg
-    for i, key in enumerate(keys[:-1]):
+    for depth, key in enumerate(keys):
+        fields = model.model_fields
+        prefix = ".".join(keys[:depth])
+        if key not in fields:
+            if depth == 0:
+                raise ConfigError(f"config: {_unknown_section(key)}")
+            raise ConfigError(f"config: unknown key {prefix}.{key}{_suggest(key, list(fields), prefix + '.')}")
+        sub = _section_model(fields[key].annotation)
+        if depth == len(keys) - 1:
+            if sub is not None:
+                raise ConfigError(f"config: override {assignment!r}: {dotted.strip()} is a section; "
+                                  f"set one of its keys ({', '.join(sub.model_fields)})")
+            break
+        if sub is None:
+            raise ConfigError(f"config: unknown key {dotted.strip()}: {prefix + '.' if prefix else ''}{key} "
+                              f"is a key, not a section")
         if not isinstance(node.get(key), dict):
-            raise KeyError(f"override {assignment!r}: no config section {'.'.join(keys[: i + 1])!r}")
-        node = node[key]
-    if keys[-1] not in node:
-        raise KeyError(f"override {assignment!r}: no config key {dotted!r} (see config.yaml)")
-    node[keys[-1]] = _parse_value(value)
+            node[key] = {}
+        node, model = node[key], sub
+    try:
+        parsed = _parse_value(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: override {assignment!r}: the value is not valid YAML "
+                          f"({_yaml_problem(err)})") from None
+    node[keys[-1]] = parsed
+    return ".".join(keys)
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None, **paths: str | None) -> Config:
-    """Read the config file, apply ``section.key=value`` overrides and any non-None ``paths`` keys."""
-    with open(path or DEFAULT_CONFIG, encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
+def validate(raw: dict, source: str = "config", overridden: set[str] | None = None) -> Settings:
+    """Check raw settings against the schema; :class:`ConfigError` with one line for every problem."""
+    where = f" in {source}"
+    _raise(_unknown_keys(raw, Settings, "", where))
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        _raise(_validation_messages(exc, overridden or set(), source))
+        raise  # not reached: a ValidationError always has at least one error
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None, **paths: str | Path | None) -> Config:
+    """Read the config file, apply ``section.key=value`` overrides and any non-None ``paths`` keys, validate.
+
+    Raises :class:`ConfigError` (one line naming the key) for an unknown key, a value of the wrong type or out
+    of range, or a malformed override.
+    """
+    file = Path(path) if path is not None else DEFAULT_CONFIG
+    raw = _read_file(file)
+    # keys the file itself gets wrong are reported with the file's name, before any override is applied
+    _raise(_unknown_keys(raw, Settings, "", f" in {file}"))
+    overridden: set[str] = set()
     for assignment in overrides or []:
-        apply_override(raw, assignment)
+        overridden.add(apply_override(raw, assignment))
     for key, value in paths.items():
         if value is not None:
+            if key not in PathsSection.model_fields:
+                raise ConfigError(f"config: unknown key paths.{key}"
+                                  f"{_suggest(key, list(PathsSection.model_fields), 'paths.')}")
+            if not isinstance(raw.get("paths"), dict):
+                raw["paths"] = {}
             raw["paths"][key] = str(value)
-    return Config.wrap(raw)
+            overridden.add(f"paths.{key}")
+    settings = validate(raw, str(file), overridden)
+    return Config.wrap(settings.model_dump())
+
+
+# ----------------------------------------------------------------------------------------------- command line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -84,5 +500,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def load_or_exit(path: str | Path | None = None, overrides: list[str] | None = None,
+                 **paths: str | Path | None) -> Config:
+    """:func:`load` for command-line entry points: a :class:`ConfigError` prints ``error: <message>`` (one line,
+    no traceback) on stderr and exits with status 2, as argparse does for a bad option."""
+    try:
+        return load(path, overrides, **paths)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def from_args(args: argparse.Namespace) -> Config:
-    return load(args.config, args.overrides, data=args.data, output=args.output, models=args.models)
+    """The validated configuration of parsed :func:`add_arguments` options; exits with status 2 on a bad one."""
+    return load_or_exit(args.config, args.overrides, data=args.data, output=args.output, models=args.models)

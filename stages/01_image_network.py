@@ -6,12 +6,14 @@
     python stages/01_image_network.py --bench all --backbones efficientnet_lite0 resnet50 vgg16
 """
 
-from multilabel_fusion import image_network, pipeline
+from multilabel_fusion.networks.backbones import FEATURE_DIMS
+from multilabel_fusion.reports import extraction_benchmark
+from multilabel_fusion.stages import base, image_network
 
 
 def run(cfg, demo_mode=False, resume=False, args=None):
     if args is not None and args.bench:
-        return image_network.benchmark(cfg, args.bench, demo_mode, args.backbones)
+        return extraction_benchmark.benchmark(cfg, args.bench, demo_mode, args.backbones)
     return image_network.run_stage(cfg, demo_mode, resume)
 
 
@@ -27,10 +29,10 @@ def _extra(parser):
     parser.add_argument("--bench", type=_images, default=None, metavar="N|all",
                         help="only benchmark: full extraction vs bare forward on the first N images (all: every "
                              "train and test image, the time to extract the whole data set)")
-    parser.add_argument("--backbones", nargs="+", default=None, choices=sorted(image_network.FEATURE_DIMS),
+    parser.add_argument("--backbones", nargs="+", default=None, choices=sorted(FEATURE_DIMS),
                         help="backbones to benchmark (default: image.backbone); random weights where the "
                              "ImageNet ones cannot be had (same speed)")
 
 
 if __name__ == "__main__":
-    pipeline.stage_cli(__doc__.splitlines()[0], run, extra_args=_extra)
+    base.stage_cli("image", run=run, extra_args=_extra)

@@ -1,10 +1,10 @@
-"""Stage 03: the fused network on the cached image + caption (+ detector) features -> output/predictions.csv.
+"""Stage 03: the fused network on the image + caption (+ detector) feature blocks -> output/predictions.csv.
 
     python stages/03_fusion.py --data ../shared/comp5329
-    python stages/03_fusion.py --set "fusion.blocks=[image, caption, detector]"
+    python stages/03_fusion.py --set "fusion.blocks=[image, caption]"
 """
 
-from multilabel_fusion import fusion, pipeline
+from multilabel_fusion.stages import base
 
 if __name__ == "__main__":
-    pipeline.stage_cli(__doc__.splitlines()[0], fusion.run_stage)
+    base.stage_cli("fusion")

@@ -4,7 +4,7 @@
     python stages/04_detector.py --set detector.weights=yolov5xu.pt --set detector.image_size=640
 """
 
-from multilabel_fusion import detector, pipeline
+from multilabel_fusion.stages import base
 
 if __name__ == "__main__":
-    pipeline.stage_cli(__doc__.splitlines()[0], detector.run_stage)
+    base.stage_cli("detector")

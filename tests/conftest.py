@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from multilabel_fusion import demo
+from multilabel_fusion.data import demo
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "comp5329"

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from multilabel_fusion import metrics, thresholds
+from multilabel_fusion.evaluation import metrics, thresholds
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -47,3 +47,21 @@ def test_per_class_tuning_beats_a_global_threshold_on_a_constructed_case():
     assert f_class > f_global + 0.05
     assert f_class > 0.99
     assert 0.35 < t_class[0] < 0.45 and 0.05 < t_class[1] < 0.25
+
+
+@pytest.mark.parametrize("at_least_one", [True, False])
+def test_tuned_f1_is_the_f1_of_the_predictions_written_under_either_rule(at_least_one):
+    # many samples whose every score is low: forcing their top label on changes the F1, so a tuner that always
+    # forces it (the old behaviour) reports another F1 than the predictions written with at_least_one=False
+    rng = np.random.default_rng(3)
+    n = 400
+    y = (rng.random((n, 4)) < 0.3).astype(int)
+    y[: n // 2] = 0
+    y[: n // 2, 0] = rng.random(n // 2) < 0.5
+    probs = np.clip(y * 0.5 + rng.random((n, 4)) * 0.45, 0, 1)
+    probs[: n // 2] *= 0.2
+    t, reported = thresholds.tune_per_class(probs, y, at_least_one=at_least_one)
+    written = thresholds.decide(probs, t, at_least_one=at_least_one)
+    assert reported == pytest.approx(metrics.mean_f1(y, written), abs=1e-12)
+    g, reported_global = thresholds.tune_global(probs, y, at_least_one=at_least_one)
+    assert reported_global == pytest.approx(metrics.mean_f1(y, thresholds.decide(probs, g, at_least_one=at_least_one)))

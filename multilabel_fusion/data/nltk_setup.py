@@ -7,20 +7,19 @@ with a short timeout; else build it from Debian's WordNet 3.0 (``wordnet-base`` 
 files are *copied* (NLTK 3.10 rejects symlinks leaving the folder) into
 ``<repo>/.nltk_data/corpora/wordnet/`` together with the ``lexnames`` file Debian lacks.
 ``<repo>/.nltk_data`` is put on ``nltk.data.path`` by :func:`register_data_dir`, which the
-text module calls on import. Run ``python -m multilabel_fusion.nltk_setup`` (setup.sh does).
+text module calls on import. Run ``python -m multilabel_fusion.data.nltk_setup`` (setup.sh does).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
-from .config import ROOT
+from ..assets import socket_timeout
+from ..config import ROOT
 
 #: Repository-local NLTK data folder (ignored by git).
 NLTK_DATA_DIR = ROOT / ".nltk_data"
@@ -75,17 +74,6 @@ def wordnet_works() -> bool:
         return False
 
 
-@contextmanager
-def socket_timeout(seconds: float):
-    """Bound every blocking socket operation, so an unreachable server fails fast instead of hanging."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
 def try_nltk_download(timeout: float = DOWNLOAD_TIMEOUT_S) -> bool:
     """``nltk.download('wordnet')`` into NLTK's default folder; False when it fails (e.g. offline)."""
     import nltk
@@ -117,7 +105,7 @@ def install_debian_wordnet(source: Path = DEBIAN_WORDNET, target: Path = WORDNET
             raise WordNetUnavailable(
                 f"{source} has no WordNet database, and apt-get cannot be run here (not root or no apt).\n"
                 f"  Install it with: sudo apt-get install -y --no-install-recommends {' '.join(DEBIAN_PACKAGES)}\n"
-                f"  then run: python -m multilabel_fusion.nltk_setup")
+                f"  then run: python -m multilabel_fusion.data.nltk_setup")
         print(f"nltk_setup: apt-get install {' '.join(DEBIAN_PACKAGES)}")
         _apt_install(DEBIAN_PACKAGES)
     target.mkdir(parents=True, exist_ok=True)
@@ -139,7 +127,7 @@ def ensure_wordnet(*, allow_download: bool = True, allow_apt: bool = True) -> st
         return "nltk.download"
     if not (DEBIAN_WORDNET / "data.noun").is_file() and not allow_apt:
         raise WordNetUnavailable(
-            "WordNet for NLTK not found; run `python -m multilabel_fusion.nltk_setup` (or ./setup.sh) once")
+            "WordNet for NLTK not found; run `python -m multilabel_fusion.data.nltk_setup` (or ./setup.sh) once")
     install_debian_wordnet()  # NLTK's lazy loader retries after a failed load, so no reset is needed
     if not wordnet_works():
         raise WordNetUnavailable(f"WordNet copied to {WORDNET_DIR} but NLTK still cannot lemmatise with it")

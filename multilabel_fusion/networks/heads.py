@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from . import trainer
+from ..engine import trainer
+from ..engine.precision import training_precision
 
 
 class MLPHead(nn.Module):
@@ -64,11 +65,12 @@ def _loader(x: np.ndarray, y: np.ndarray | None, batch_size: int, shuffle: bool,
 
 
 def train_on_features(ctx, train_features: np.ndarray, test_features: np.ndarray, hs: HeadSettings, *,
-                      name: str, settings: dict, resume: bool = False):
+                      run_dir: Path, name: str, settings: dict, resume: bool = False):
     """Fit an :class:`MLPHead` on the fit part of ``train_features`` with the shared trainer.
 
-    Returns ``(model, fit_result, val_probs, test_probs)``; the learning rate follows
-    ReduceLROnPlateau on validation mean-F1 (the published fusion schedule).
+    ``run_dir`` is the caller's checkpoint folder, keyed by the settings that shape the weights. Returns
+    ``(model, fit_result, val_probs, test_probs)``; the learning rate follows ReduceLROnPlateau on
+    validation mean-F1 (the published fusion schedule).
     """
     seed = ctx.cfg.trainer.seed
     trainer.seed_everything(seed)
@@ -88,12 +90,12 @@ def train_on_features(ctx, train_features: np.ndarray, test_features: np.ndarray
         optimizer=optimizer,
         scheduler=scheduler,
         scheduler_uses_metric=True,
-        checkpoint_dir=Path(ctx.models_dir) / name,
+        run_dir=run_dir,
         epochs=hs.epochs,
         patience=hs.patience,
         grad_clip=hs.grad_clip,
         device=ctx.device,
-        mixed_precision=ctx.cfg.trainer.mixed_precision,
+        precision=training_precision(ctx.device, ctx.cfg.trainer.mixed_precision),
         resume=resume,
         settings={**settings, "head": vars(hs)},
         name=name,

@@ -9,8 +9,8 @@ import matplotlib.pyplot as plt  # headless machines fall back to Agg; notebooks
 import numpy as np
 import pandas as pd
 
-from . import labels as L
-from .atomic import atomic_path
+from ..data import labels as L
+from ..engine.atomic import atomic_path
 
 
 def _save(fig, path: str | Path) -> Path:

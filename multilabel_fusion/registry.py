@@ -1,0 +1,146 @@
+"""The one list of stages: what each runs, reads, writes, and which settings shape its result.
+
+Everything that needs to know the stages asks here: the main job (order and dependencies), the stage
+scripts, the notebooks, the benchmark and the fused network (which blocks exist, who makes them). Adding a
+stage is one module in ``multilabel_fusion/stages/`` (with ``run_stage`` and ``artifact_spec``) plus one
+entry below.
+
+An artifact's key is the hash of its *spec*: the settings that shape it, the identities of the pretrained
+assets it used, the keys of the artifacts it read and the data's fingerprint. A stage computes the keys of
+its inputs from the current configuration and finds exactly those artifacts, never "the latest" one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .config import Config
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # short name used everywhere: pipeline.stages, fusion.blocks, artifacts, metrics
+    number: str  # "01" … the order of the published documents
+    title: str
+    module: str  # multilabel_fusion.stages.<module>: run_stage(cfg, ...) and artifact_spec(cfg, env)
+    sections: tuple[str, ...]  # configuration sections that shape its result
+    not_shaping: tuple[str, ...] = ()  # keys of those sections that only say how to run (speed, logging)
+    block: bool = False  # it writes a feature block the fused network can read (named like the stage)
+    optional_asset: str | None = None  # without this asset the stage is skipped, loudly, not fatally
+    reads: Callable[[Config], list[str]] = lambda cfg: []  # stages whose artifacts it reads
+    writes: str = ""
+
+    @property
+    def script(self) -> str:
+        return f"stages/{self.number}_{self.module}.py"
+
+    @property
+    def label(self) -> str:
+        return f"{self.number} {self.title}"
+
+    def load(self):
+        return importlib.import_module(f"multilabel_fusion.stages.{self.module}")
+
+    def run(self, cfg: Config, **kwargs) -> dict[str, Any]:
+        return self.load().run_stage(cfg, **kwargs)
+
+    def settings(self, cfg: Config) -> dict[str, Any]:
+        """The settings of this stage's sections that shape its result (how-to-run keys left out)."""
+        return {section: {k: v for k, v in cfg[section].to_dict().items() if k not in self.not_shaping}
+                for section in self.sections}
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("image", "01", "image network", "image_network", ("image",),
+          not_shaping=("feature_batch_size", "channels_last", "fuse_conv_bn", "bench_bare_seconds"), block=True,
+          writes="pooled CNN features of every image, CNN-only submission"),
+    Stage("caption", "02", "caption network", "caption_network", ("caption",), block=True,
+          writes="Bi-LSTM caption features, caption-only submission"),
+    Stage("fusion", "03", "fused network", "fusion", ("fusion",),
+          reads=lambda cfg: list(cfg.fusion.blocks), writes="output/predictions.csv"),
+    Stage("detector", "04", "YOLO detector", "detector", ("detector",),
+          not_shaping=("batch_size", "threads", "channels_last", "examples"), block=True,
+          optional_asset="COCO detector weights", writes="per-label detection scores, detector submission"),
+]}
+
+#: Settings every trained result depends on besides its own sections.
+COMMON_SECTIONS = ("split",)
+TRAINER_SHAPING = ("seed", "mixed_precision")
+
+
+def get(name: str) -> Stage:
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return STAGES[name]
+
+
+def blocks() -> list[str]:
+    """Names of the stages whose output is a feature block for the fused network."""
+    return [s.name for s in STAGES.values() if s.block]
+
+
+def check_names(cfg: Config) -> None:
+    """``pipeline.stages`` and ``fusion.blocks`` name known stages (one-line ValueError otherwise)."""
+    import difflib
+
+    for where, names, allowed in (("pipeline.stages", cfg.pipeline.stages, list(STAGES)),
+                                  ("fusion.blocks", cfg.fusion.blocks, blocks())):
+        for name in names:
+            if name not in allowed:
+                near = difflib.get_close_matches(str(name), allowed, n=1)
+                hint = f" (did you mean {near[0]}?)" if near else ""
+                raise ValueError(f"config: {where} names {name!r}{hint}; choose from {', '.join(allowed)}")
+
+
+def order(names: list[str], cfg: Config) -> list[str]:
+    """``names`` plus every stage they read, each after what it reads (a stage listed twice runs once)."""
+    out: list[str] = []
+
+    def visit(name: str, path: tuple[str, ...] = ()) -> None:
+        if name in out:
+            return
+        if name in path:
+            raise ValueError(f"stages read each other in a cycle: {' -> '.join(path + (name,))}")
+        for dep in get(name).reads(cfg):
+            visit(dep, path + (name,))
+        out.append(name)
+
+    for name in names:
+        visit(name)
+    return out
+
+
+def digest(spec: Any) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def common_settings(cfg: Config) -> dict[str, Any]:
+    """What every trained artifact shares: the split and the trainer's seed and precision."""
+    return {"split": cfg.split.to_dict(), "trainer": {k: cfg.trainer[k] for k in TRAINER_SHAPING}}
+
+
+_SPECS: dict[str, dict[str, Any]] = {}
+
+
+def artifact_spec(name: str, cfg: Config, data_fingerprint: str) -> dict[str, Any]:
+    """The full spec of stage ``name``'s artifact under ``cfg``; its hash is the artifact's key.
+
+    Computed recursively (a fused network's spec holds its blocks' keys); memoised per configuration,
+    since resolving assets (hashing weights files) is not free.
+    """
+    memo = digest({"name": name, "cfg": cfg.to_dict(), "data": data_fingerprint})
+    if memo not in _SPECS:
+        stage = get(name)
+        inputs = {dep: artifact_key(dep, cfg, data_fingerprint) for dep in stage.reads(cfg)}
+        spec = {"stage": name, "data": data_fingerprint, "inputs": inputs, "settings": stage.settings(cfg)}
+        spec.update(stage.load().artifact_spec(cfg))  # a stage may narrow "settings" and add assets, versions
+        _SPECS[memo] = spec
+    return _SPECS[memo]
+
+
+def artifact_key(name: str, cfg: Config, data_fingerprint: str) -> str:
+    return digest(artifact_spec(name, cfg, data_fingerprint))

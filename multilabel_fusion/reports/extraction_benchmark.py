@@ -1,0 +1,90 @@
+"""Image feature extraction benchmark: full extraction (decode, resize, forward) vs the bare forward pass."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..assets import AssetUnavailable
+from ..config import Config
+from ..data import reader as D
+from ..engine import trainer
+from ..engine.atomic import write_json
+from ..engine.inference import bare_forward_throughput, extract, prepare_inference
+from ..networks.backbones import Backbone, load_backbone
+from ..stages import base
+from . import figures as reports
+
+FORWARD_RATIO_TARGET = 0.90
+
+
+def _benchmark_backbone(name: str, cfg: Config, device: torch.device) -> Backbone:
+    """The backbone to time: its real weights where they can be had, else random ones (same speed), saying so."""
+    settings = {**cfg.image.to_dict(), "backbone": name, "offline_fallback": None}
+    try:
+        return load_backbone(settings)
+    except AssetUnavailable as err:
+        print(f"[image benchmark] {err}\n[image benchmark] timing {name} with random weights instead: "
+              f"throughput does not depend on the weight values")
+        backbone = load_backbone({**settings, "weights": "random", "weights_path": None})
+        backbone.weights_used = "random (ImageNet weights unavailable here; timed for speed only)"
+        return backbone
+
+
+def benchmark(cfg: Config, images: int | str = 512, demo_mode: bool | str = False,
+              backbones: list[str] | None = None) -> dict[str, Any]:
+    """Full extraction (decode, resize, forward) vs bare forward, per backbone, on the same machine in one run.
+
+    ``images="all"`` times every train and test image: the real time to extract the whole data set. The bare
+    forward is measured before and after the extraction and averaged, so a drift in machine load shows
+    up in both figures instead of skewing the ratio. Results are merged into
+    ``output/metrics/image_benchmark.json`` (one entry per backbone) with a figure beside them.
+    """
+    import tempfile
+
+    data_dir, _ = base.resolve_data_dir(cfg, demo_mode)
+    data = D.load(data_dir, check_images=False)
+    everything = data.image_paths("train") + data.image_paths("test")
+    paths = everything if images == "all" else everything[: int(images)]
+    device = trainer.select_device(cfg.trainer.device)
+    workers = trainer.num_workers(cfg.trainer.num_workers, device)
+    out_dir = cfg.path("output")
+    results = base.load_metrics(out_dir, "image_benchmark") or {}
+    for name in backbones or [cfg.image.backbone]:
+        backbone = _benchmark_backbone(name, cfg, device)
+        plan = prepare_inference(backbone, cfg.image, device, cfg.trainer.mixed_precision)
+        bare_before = bare_forward_throughput(plan, cfg.image.bench_bare_seconds)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".bench.") as tmp:  # bounded memory, like the stage
+            sink = np.lib.format.open_memmap(Path(tmp) / "features.npy", mode="w+", dtype=np.float16,
+                                             shape=(len(paths), backbone.dim))
+            _, timing = extract(plan, paths, workers, sink, f"benchmark {name}")
+            del sink
+        bare_after = bare_forward_throughput(plan, cfg.image.bench_bare_seconds)
+        bare = (bare_before + bare_after) / 2
+        full = len(paths) / timing["seconds"]
+        ratio = full / bare
+        results[name] = {
+            "backbone": name, "weights_used": backbone.weights_used, "device": str(device),
+            "cpu": base.cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "loader_workers": workers, "image_size": plan.image_size, **plan.choices,
+            "images": len(paths), "whole_dataset": len(paths) == len(everything), "data": str(data_dir),
+            "extraction_seconds": timing["seconds"], "full_extraction_images_per_s": round(full, 1),
+            "bare_forward_images_per_s": round(bare, 1),
+            "bare_forward_before_after": [round(bare_before, 1), round(bare_after, 1)],
+            "ratio": round(ratio, 3), "ratio_target": FORWARD_RATIO_TARGET,
+            "meets_target": bool(round(ratio, 3) >= FORWARD_RATIO_TARGET),
+            "estimated_seconds_for_20000_images": round(20000 / full),
+            "measured": time.strftime("%Y-%m-%d %H:%M"),
+        }
+        print(f"[image benchmark] {name} on {device} ({plan.choices['precision']}), {len(paths)} images: "
+              f"full extraction {full:.1f} img/s ({timing['seconds']:.0f} s), bare forward {bare:.1f} img/s, "
+              f"ratio {ratio:.2f} (target >= {FORWARD_RATIO_TARGET:.2f})", flush=True)
+        write_json(out_dir / "metrics" / "image_benchmark.json", results)  # after each backbone: nothing lost
+    reports.throughput(results, out_dir / "figures" / "image_benchmark.png")
+    return results

@@ -1,0 +1,151 @@
+"""Stage 02: the caption network (published: Bi-LSTM over pretrained word vectors).
+
+Caption -> cleaned lemmas (:mod:`multilabel_fusion.data.text`) -> first ``seq_len`` token ids -> word vectors -> one
+bidirectional LSTM layer (``hidden`` units per direction) -> the caption feature, which is the
+concatenation of the forward and backward final hidden states (2 x 50 = 100-d; padding is
+packed away, so the final states are those of each caption's last real word) -> dropout ->
+linear layer to the 18 classes. Trained with the shared trainer (weighted BCE, Adam, StepLR,
+gradient clipping, early stopping on validation mean-F1). The 100-d features of every train
+and test record are an artifact (keyed by every caption setting, the vectors' identity, the split and
+the seed) that the fused network (stage 03) reads.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import assets, registry
+from ..config import Config
+from ..data import text
+from ..engine import trainer
+from ..engine.precision import training_precision
+from ..networks.caption_lstm import (FEATURE_DESCRIPTION, Batches, CaptionBiLSTM, cpu_threads, extract_features,
+                                     make_optimizer)
+from . import base
+
+HOW_LONG = ("epochs", "patience")  # caption settings that only say how long to train
+
+
+def artifact_spec(cfg: Config) -> dict[str, Any]:
+    """Every caption setting, the identity of the word vectors, the text-cleaning version, split and seed."""
+    vectors = assets.word_vectors(cfg.caption, cfg.path("models") / "vectors")
+    return {"assets": {"vectors": {"name": vectors.name, "identity": vectors.identity}},
+            "version": text.TEXT_VERSION, "common": registry.common_settings(cfg)}
+
+
+def cleaned_tokens(ctx: base.StageContext) -> tuple[list[list[str]], list[list[str]]]:
+    """Cleaned train and test captions, kept as an artifact: loading WordNet alone costs seconds per run."""
+    key = registry.digest({"tokens": text.TEXT_VERSION, "data": ctx.fingerprint})
+    found = ctx.store.load("caption_tokens", key)
+    if found is None:
+        train = text.clean_captions(ctx.data.train["Caption"], desc="cleaning train captions")
+        test = text.clean_captions(ctx.data.test["Caption"], desc="cleaning test captions")
+        # one string per part, captions on lines and tokens space-separated (tokens hold no whitespace)
+        found = ctx.store.save("caption_tokens", key, {"text_version": text.TEXT_VERSION, "data": ctx.fingerprint},
+                               {part: np.array(["\n".join(" ".join(t) for t in tokens)])
+                                for part, tokens in (("train", train), ("test", test))},
+                               {"what": "cleaned caption tokens"})
+    parts = [[line.split() for line in str(found[part][0]).split("\n")] for part in ("train", "test")]
+    if len(parts[0]) != len(ctx.data.train) or len(parts[1]) != len(ctx.data.test):
+        raise RuntimeError(f"{found.dir}: token artifact does not match the data; delete it and run again")
+    return parts[0], parts[1]
+
+
+def train_and_extract(ctx: base.StageContext, resume: bool) -> dict[str, Any]:
+    """Clean the captions, build the vocabulary, train (or continue) the Bi-LSTM, and write the artifact:
+    features and probabilities of every train and test record."""
+    c, cfg = ctx.cfg.caption, ctx.cfg
+    t_text = time.time()
+    train_tokens, test_tokens = cleaned_tokens(ctx)
+    vectors_asset = assets.word_vectors(c, ctx.models_dir / "vectors")
+    vectors = assets.load_vectors(vectors_asset)
+    vocab, matrix = text.build_vocabulary(train_tokens + test_tokens, vectors)
+    del vectors  # only the corpus rows are kept
+    oov = text.oov_report(train_tokens, vocab)
+    train_ids, train_len = vocab.encode(train_tokens, c.seq_len)
+    test_ids, test_len = vocab.encode(test_tokens, c.seq_len)
+    text_seconds = time.time() - t_text
+    print(f"caption vocabulary: {len(vocab) - 2:,} words with vectors + <pad> + <oov>; "
+          f"{oov['oov_words']} of the {oov['vocabulary_words']:,} training-caption words have no vector "
+          f"({oov['oov_tokens']} occurrences) -> the learned <oov> vector")
+
+    spec = ctx.spec()
+    shaping = {**spec, "settings": {"caption": {k: v for k, v in spec["settings"]["caption"].items()
+                                                if k not in HOW_LONG}}}
+    run_dir = ctx.run_dir("caption", shaping)
+    torch.manual_seed(cfg.trainer.seed)
+    model = CaptionBiLSTM(matrix, c.hidden, c.dropout, train_embeddings=c.train_embeddings)
+    fit_idx, val_idx, targets = ctx.train_idx, ctx.val_idx, ctx.targets
+    train_batches = Batches(train_ids[fit_idx], train_len[fit_idx], targets[fit_idx], c.batch_size,
+                            shuffle=True, seed=cfg.trainer.seed)
+    val_batches = Batches(train_ids[val_idx], train_len[val_idx], targets[val_idx], c.batch_size)
+    all_train = Batches(train_ids, train_len, None, c.batch_size)
+    test_batches = Batches(test_ids, test_len, None, c.batch_size)
+    optimizer = make_optimizer(model, c.lr, c.weight_decay)
+    precision = training_precision(ctx.device, cfg.trainer.mixed_precision)
+    with cpu_threads(ctx.device):
+        result = trainer.fit(
+            model, train_batches, val_batches, ctx.y_val,
+            loss_fn=trainer.weighted_bce(c.label1_weight), optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=c.step_gamma),
+            run_dir=run_dir, epochs=c.epochs, patience=c.patience, grad_clip=c.grad_clip, device=ctx.device,
+            precision=precision, resume=resume, settings=spec, name="caption",
+        )
+        t_features = time.time()
+        arrays = {
+            "train": extract_features(model, all_train, ctx.device, desc="caption features (train)"),
+            "test": extract_features(model, test_batches, ctx.device, desc="caption features (test)"),
+            "train_probs": trainer.predict(model, all_train, ctx.device, precision=precision),
+            "test_probs": trainer.predict(model, test_batches, ctx.device, precision=precision),
+            "train_ids": ctx.data.train["ImageID"].to_numpy(str),
+            "test_ids": ctx.data.test["ImageID"].to_numpy(str),
+        }
+    history = result.history
+    epoch_seconds = history["seconds"] if len(history) else []
+    info = {
+        "feature": {"dim": model.feature_dim, "what": FEATURE_DESCRIPTION},
+        "vectors": vectors_asset.record(),
+        "oov": {**oov, "handling": "every word without a pretrained vector maps to one shared <oov> row, a "
+                                   "learned vector (trained even when the word vectors are frozen); an empty "
+                                   "caption is one <oov> token; padding is packed away (zero row, never read)"},
+        "vocabulary_size": len(vocab),
+        "text_preprocessing": "casefold; punctuation and digits -> spaces; wordpunct_tokenize; NLTK English stop "
+                              f"words removed; WordNet lemmas (noun); first {c.seq_len} tokens",
+        "train_embeddings": bool(c.train_embeddings),
+        "parameters_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "timings": {
+            "seconds_per_epoch": round(float(np.mean(epoch_seconds)), 3) if len(history) else None,
+            "training_seconds": round(float(np.sum(epoch_seconds)), 1),
+            "epochs_run": int(len(history)),
+            "best_epoch": int(result.best_epoch),
+            "text_and_vectors_seconds": round(text_seconds, 2),
+            "feature_seconds": round(time.time() - t_features, 2),
+        },
+        "training_reused": bool(result.reused),
+        "run_dir": str(run_dir),
+        "checkpoint_mb": round((run_dir / "best.pt").stat().st_size / 2**20, 2),
+        "history": base._records(history),
+    }
+    return ctx.store.save("caption", ctx.key(), spec, arrays, info)
+
+
+def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) -> dict[str, Any]:
+    """Train (or reuse) the caption network, keep its features, write its submission and metrics."""
+    ctx = base.prepare(cfg, "caption", demo_mode)
+    found = ctx.store.load("caption", ctx.key())
+    if found is None:
+        found = train_and_extract(ctx, resume)
+        state = "computed"
+    else:
+        print(f"[caption] reusing the features {found.dir}")
+        state = "reused"
+    import pandas as pd
+
+    info = dict(found.info)
+    history = pd.DataFrame(info.pop("history", []))
+    extra = {**info, "vectors_used": info["vectors"]["name"], "artifact": str(found.dir), "features": state}
+    return base.finish(ctx, found["train_probs"][ctx.val_idx], found["test_probs"], history=history, extra=extra)

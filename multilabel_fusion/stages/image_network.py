@@ -1,0 +1,173 @@
+"""Stage 01: the image network — ImageNet backbones, cached features, optional fine-tuning, CNN submission.
+
+Default (fast on a CPU): a frozen backbone turns every train and test image into one pooled feature
+vector, kept as an artifact keyed by the backbone, its weights' identity and the image size; a small MLP head
+is trained on it. Fine-tune mode (the published first network): backbone + 18-way head trained end to end
+with albumentations augmentation, then features are extracted from the fine-tuned backbone. Both write the
+CNN-only submission.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import assets
+from ..config import Config
+from ..data.images import ImageFiles, augmentation, image_loader
+from ..engine import trainer
+from ..engine.inference import extract, prepare_inference
+from ..engine.precision import training_precision
+from ..engine.trainer import model_size_mb
+from ..networks.backbones import Backbone, ImageClassifier, build_backbone
+from ..networks.heads import HeadSettings, train_on_features
+from . import base
+
+PREPROCESSING_VERSION = 2  # bump when decoding/resizing changes, so old features are not reused
+FINE_TUNE_KEYS = ("lr", "batch_size", "epochs", "patience", "max_train_images", "augment", "label1_weight")
+HEAD_KEYS = ("head_hidden", "head_dropout", "head_lr", "head_batch_size", "label1_weight")  # head_epochs/patience: how long
+
+
+def artifact_spec(cfg: Config) -> dict[str, Any]:
+    """What the image features depend on: backbone and the identity of its weights, image size, precision
+    setting, storage dtype, and — in fine-tune mode — everything that shapes the fine-tuned weights."""
+    ci = cfg.image
+    weights = assets.backbone_weights(ci)
+    settings = {k: ci[k] for k in ("backbone", "weights", "offline_fallback", "image_size", "feature_dtype",
+                                   "cpu_precision", "fine_tune")}
+    spec: dict[str, Any] = {"settings": settings, "version": PREPROCESSING_VERSION,
+                            "assets": {"backbone": {"name": weights.name, "identity": weights.identity}}}
+    if ci.fine_tune:
+        from .. import registry
+
+        settings["fine_tune_settings"] = {k: ci[k] for k in FINE_TUNE_KEYS}
+        spec["common"] = registry.common_settings(cfg)
+    return spec
+
+
+def fine_tune(ctx: base.StageContext, backbone: Backbone, resume: bool, workers: int):
+    """Train backbone + head end to end on the fit part; returns (classifier, FitResult)."""
+    ci = ctx.cfg.image
+    fit_idx = ctx.train_idx
+    if ci.max_train_images:
+        fit_idx = np.random.default_rng(ctx.cfg.split.seed).permutation(fit_idx)[: ci.max_train_images]
+    paths = ctx.data.image_paths("train")
+    model = ImageClassifier(backbone)
+    if ci.channels_last:
+        model.to(memory_format=torch.channels_last)
+    on_bad = ctx.cfg.data.bad_images
+    train_set = ImageFiles([paths[i] for i in fit_idx], ci.image_size, augmentation(ci.image_size, ci.augment),
+                           ctx.targets[fit_idx], on_bad=on_bad)
+    val_set = ImageFiles([paths[i] for i in ctx.val_idx], ci.image_size, None, ctx.targets[ctx.val_idx],
+                         on_bad=on_bad)
+    optimizer = torch.optim.Adam(model.parameters(), lr=ci.lr)
+    shaping = {k: v for k, v in ctx.spec()["settings"].items()}
+    shaping["fine_tune_settings"] = {k: v for k, v in shaping["fine_tune_settings"].items()
+                                     if k not in ("epochs", "patience")}
+    run_dir = ctx.run_dir(f"image_finetune_{backbone.name}", {"settings": shaping,
+                                                               "assets": ctx.spec()["assets"]})
+    result = trainer.fit(
+        model,
+        image_loader(train_set, ci.batch_size, workers, shuffle=True, seed=ctx.cfg.trainer.seed),
+        image_loader(val_set, ci.batch_size, workers),
+        ctx.targets[ctx.val_idx],
+        loss_fn=trainer.weighted_bce(ci.label1_weight),
+        optimizer=optimizer,
+        run_dir=run_dir,
+        epochs=ci.epochs,
+        patience=ci.patience,
+        device=ctx.device,
+        precision=training_precision(ctx.device, ctx.cfg.trainer.mixed_precision),
+        resume=resume,
+        settings={**ctx.spec(), "n_fit": len(fit_idx)},
+        name=f"image-finetune-{backbone.name}",
+    )
+    result.extra["n_fit"] = len(fit_idx)
+    result.extra["run_dir"] = str(run_dir)
+    return model, result
+
+
+def extract_block(ctx: base.StageContext, backbone: Backbone, workers: int, head: torch.nn.Module | None = None,
+                  bad_images: list[str] | None = None):
+    """Extract every train and test image straight into the artifact's files (atomic: an interrupted run leaves
+    nothing usable). A fine-tuned network's own head scores the features in the same pass."""
+    ci = ctx.cfg.image
+    plan = prepare_inference(backbone, ci, ctx.device, ctx.cfg.trainer.mixed_precision)
+    key = ctx.key()
+    print(f"[image] extracting {backbone.name} features of {len(ctx.data.train) + len(ctx.data.test)} images -> "
+          f"{ctx.store.dir('image', key)}")
+    with ctx.store.writer("image", key, ctx.spec()) as w:
+        timings = []
+        for part in ("train", "test"):
+            paths = ctx.data.image_paths(part)
+            out = w.array(part, (len(paths), backbone.dim), ci.feature_dtype)
+            timings.append(extract(plan, paths, workers, out, f"{part} images", on_bad=ctx.cfg.data.bad_images)[1])
+            if head is not None:
+                with torch.no_grad():
+                    w.put(f"{part}_probs", torch.sigmoid(head.cpu().eval()(torch.from_numpy(
+                        np.asarray(out, dtype=np.float32)))).numpy())
+        w.put("train_ids", ctx.data.train["ImageID"].to_numpy(str))
+        w.put("test_ids", ctx.data.test["ImageID"].to_numpy(str))
+        n, seconds = sum(t["images"] for t in timings), sum(t["seconds"] for t in timings)
+        w.info["extraction"] = {"images": n, "seconds": round(seconds, 1),
+                                "images_per_s": round(n / max(seconds, 1e-9), 1), "device": str(ctx.device),
+                                "cpu": base.cpu_name(), "cpu_count": os.cpu_count(), "loader_workers": workers,
+                                "torch_threads": torch.get_num_threads(), **plan.choices}
+        w.info["backbone"] = {"name": backbone.name, "weights_used": backbone.weights_used, "dim": backbone.dim}
+        w.info["backbone_size_mb"] = model_size_mb(backbone)
+        w.info["bad_images"] = bad_images or []
+    return ctx.store.load("image", key)
+
+
+def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) -> dict[str, Any]:
+    """Stage 01 end to end: backbone → (fine-tune) → features (artifact) → head → CNN submission + metrics."""
+    ctx = base.prepare(cfg, "image", demo_mode)
+    ci = cfg.image
+    workers = trainer.num_workers(cfg.trainer.num_workers, ctx.device)
+    weights = assets.backbone_weights(ci)
+    extra: dict[str, Any] = {"backbone": weights.name, "weights_used": weights.extra.get("description"),
+                             "weights": weights.record(), "requested_backbone": ci.backbone,
+                             "mode": "fine-tune" if ci.fine_tune else "frozen", "image_size": ci.image_size}
+    history = None
+    block = ctx.store.load("image", ctx.key(), mmap=True)
+    if block is None:
+        bad = ctx.bad_images()
+        backbone = build_backbone(weights)
+        head = None
+        if ci.fine_tune:
+            classifier, result = fine_tune(ctx, backbone, resume, workers)
+            history, head = result.history, classifier.head
+            extra.update({"fine_tune_best_epoch": result.best_epoch, "fine_tune_best_val_mean_f1": result.best_score,
+                          "fine_tune_seconds": round(result.seconds, 1), "fine_tune_reused": result.reused,
+                          "fine_tune_images": result.extra["n_fit"], "fine_tune_run": result.extra["run_dir"]})
+        block = extract_block(ctx, backbone, workers, head, bad)
+        extra["features"] = "computed"
+    else:
+        print(f"[image] reusing the features {block.dir}")
+        extra["features"] = "reused"
+    extra.update({"artifact": str(block.dir), "extraction": block.info.get("extraction"),
+                  "bad_images": block.info.get("bad_images", []), "feature_dim": int(block["train"].shape[1])})
+    backbone_mb = block.info.get("backbone_size_mb")
+    if ci.fine_tune:
+        val_probs, test_probs = np.asarray(block["train_probs"])[ctx.val_idx], np.asarray(block["test_probs"])
+    else:
+        hs = HeadSettings(ci.head_hidden, ci.head_dropout, ci.head_lr, ci.head_batch_size, ci.head_epochs,
+                          ci.head_patience, ci.label1_weight)
+        run_dir = ctx.run_dir("image_head", {"features": ctx.key(), "head": {k: ci[k] for k in HEAD_KEYS}})
+        head, result, val_probs, test_probs = train_on_features(
+            ctx, np.asarray(block["train"]), np.asarray(block["test"]), hs, run_dir=run_dir, name="image_head",
+            settings={"features": ctx.key(), **{k: ci[k] for k in HEAD_KEYS}}, resume=resume)
+        history = result.history
+        extra.update({"head_best_epoch": result.best_epoch, "head_seconds": round(result.seconds, 1),
+                      "head_run": str(run_dir), "head_size_mb": model_size_mb(head)})
+    extra["backbone_size_mb"] = backbone_mb
+    bench = base.load_metrics(ctx.output_dir, "image_benchmark")
+    figures = {}
+    if bench:  # the throughput figures of `--bench`, measured on this machine, travel with the stage's metrics
+        extra["benchmark"] = bench
+        if (ctx.output_dir / "figures" / "image_benchmark.png").is_file():
+            figures["extraction_throughput"] = ctx.output_dir / "figures" / "image_benchmark.png"
+    return base.finish(ctx, val_probs, test_probs, history=history, extra=extra, extra_figures=figures)
