@@ -18,6 +18,9 @@ from pathlib import Path
 import nbformat
 from nbformat import v4
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from multilabel_fusion import registry  # noqa: E402  (the list of stages)
+
 #: The repository the notebooks clone in Colab. A fork replaces OWNER here and in README.md's badges.
 REPO_URL = "https://github.com/OWNER/multilabel-fusion"
 BRANCH = "main"
@@ -83,7 +86,7 @@ if str(REPO) not in sys.path:
 
 import torch
 
-from multilabel_fusion.trainer import select_device
+from multilabel_fusion.engine.trainer import select_device
 
 device = select_device("auto")
 gpu = f" ({{torch.cuda.get_device_name(0)}})" if device.type == "cuda" else ""
@@ -198,10 +201,11 @@ OVERRIDES += [s.strip() for s in os.environ.get("MLF_OVERRIDES", "").split(";") 
 '''
 
 CONFIG = '''\
-from multilabel_fusion import config, pipeline
+from multilabel_fusion import config, registry
+from multilabel_fusion.stages import base
 
 cfg = config.load(overrides=OVERRIDES, data=DATA, output=OUTPUT, models=MODELS)
-data_dir, IS_DEMO = pipeline.resolve_data_dir(cfg, DEMO)  # "auto": the demo data when DATA holds none
+data_dir, IS_DEMO = base.resolve_data_dir(cfg, DEMO)  # "auto": the demo data when DATA holds none
 cfg.paths["data"] = str(data_dir)
 OUT = cfg.path("output")
 print(f"data: {data_dir}{' (generated demo data)' if IS_DEMO else ''}\\noutput: {OUT}\\nmodels: {cfg.path('models')}")
@@ -217,13 +221,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from IPython.display import Image, Markdown, display
-from PIL import Image as PILImage
-
-from multilabel_fusion import data as D
-from multilabel_fusion import labels as L
-from multilabel_fusion import submission
-from multilabel_fusion.metrics import sample_f1
-from multilabel_fusion.thresholds import decide
+from multilabel_fusion.data import labels as L
+from multilabel_fusion.data import reader as D
+from multilabel_fusion.data.images import read_rgb
+from multilabel_fusion.evaluation import submission
+from multilabel_fusion.evaluation.metrics import sample_f1
+from multilabel_fusion.evaluation.thresholds import decide
 
 
 def show_figures(metrics):
@@ -266,7 +269,7 @@ def sample_predictions(stage, metrics, n=8, seed=0):
     for ax in axes.flat:
         ax.axis("off")
     for ax, image_id, t, p, score in zip(axes.flat, rows["ImageID"], L.decode(true), L.decode(pred), f1):
-        ax.imshow(PILImage.open(data.image_dir / image_id).convert("RGB"))
+        ax.imshow(read_rgb(data.image_dir / image_id))
         ax.set_title(f"{image_id}\\ntrue: {names(t)}\\npredicted: {names(p)}", fontsize=8,
                      color="tab:green" if score == 1 else "tab:red")
     fig.suptitle(f"{metrics['title']}: validation samples (green: every label right)")
@@ -302,33 +305,26 @@ else:
 '''
 
 # ----------------------------------------------------------------------------------------------- per notebook
-STAGE_NOTEBOOKS = {
-    "01_image_network": {
-        "stage": "image", "module": "image_network", "title": "Stage 01: the image network",
-        "about": "A ResNet50 (ImageNet weights) turns every photo into a 2048-d feature vector, cached in "
-                 "`output/features/image/`; a small head trained on those features gives the CNN-only submission "
-                 "`output/submission_image.csv`. `image.fine_tune=true` runs the published end-to-end fine-tuning "
-                 "instead (use a GPU). The cached features are the image block of stage 03.",
-    },
-    "02_caption_network": {
-        "stage": "caption", "module": "caption_network", "title": "Stage 02: the caption network",
-        "about": "A Bi-LSTM over pretrained word vectors (GloVe-twitter-100) reads each cleaned caption; its 100-d "
-                 "caption features are cached in `output/features/caption/` for stage 03, and its predictions give "
-                 "the caption-only submission `output/submission_caption.csv`.",
-    },
-    "03_fusion": {
-        "stage": "fusion", "module": "fusion", "title": "Stage 03: the fused network",
-        "about": "An MLP on the concatenated cached feature blocks (`fusion.blocks`: image, caption and detector) "
-                 "writes **`output/predictions.csv`**, the file to upload. A block missing for this data is computed "
-                 "first by its own stage (cached, so this is quick once notebooks 01, 02 and 04 ran).",
-    },
-    "04_detector": {
-        "stage": "detector", "module": "detector", "title": "Stage 04: the YOLOv5 detector",
-        "about": "A COCO-pretrained YOLOv5 detects objects in every image; per-label detection scores give the "
-                 "detector baseline `output/submission_detector.csv` and a feature block that stage 03 fuses with the "
-                 "image and caption blocks. Much faster on a GPU.",
-    },
+#: What each stage's notebook says about it; the list of stages itself comes from the registry.
+ABOUT = {
+    "image": "A ResNet50 (ImageNet weights) turns every photo into a 2048-d feature vector, kept in "
+             "`output/artifacts/image/<key>/` (the key names the backbone, its weights and the image size); a small "
+             "head trained on those features gives the CNN-only submission `output/submission_image.csv`. "
+             "`image.fine_tune=true` runs the published end-to-end fine-tuning instead (use a GPU). The features are "
+             "the image block of stage 03.",
+    "caption": "A Bi-LSTM over pretrained word vectors (GloVe-twitter-100) reads each cleaned caption; its 100-d "
+               "caption features are kept in `output/artifacts/caption/<key>/` for stage 03, and its predictions give "
+               "the caption-only submission `output/submission_caption.csv`.",
+    "fusion": "An MLP on the concatenated feature blocks (`fusion.blocks`: image, caption and detector) writes "
+              "**`output/predictions.csv`**, the file to upload. A block missing for the current settings is computed "
+              "first by its own stage (quick once notebooks 01, 02 and 04 ran); the detector block is left out, "
+              "saying so, where no COCO detector weights can be had.",
+    "detector": "A COCO-pretrained YOLOv5 detects objects in every image; per-label detection scores give the "
+                "detector baseline `output/submission_detector.csv` and a feature block that stage 03 fuses with the "
+                "image and caption blocks. Much faster on a GPU.",
 }
+STAGE_NOTEBOOKS = {f"{s.number}_{s.module}": {"stage": s.name, "title": f"Stage {s.number}: the {s.title}",
+                                              "about": ABOUT[s.name]} for s in registry.STAGES.values()}
 
 FULL_TITLE = "The whole pipeline: every stage, ending in `output/predictions.csv`"
 FULL_ABOUT = ("Runs every stage of `pipeline.stages` in `config.yaml` (image network, caption network, detector, "
@@ -339,30 +335,19 @@ FULL_ABOUT = ("Runs every stage of `pipeline.stages` in `config.yaml` (image net
               "Each stage also has its own notebook (01–04).")
 
 RUN_STAGE = '''\
-from multilabel_fusion import {module}
-
-metrics = {module}.run_stage(cfg, demo_mode=IS_DEMO, resume=RESUME)
+metrics = registry.get("{stage}").run(cfg, demo_mode=IS_DEMO, resume=RESUME)
 '''
 
 FUSION_BLOCKS = '''\
-from multilabel_fusion import cache
-from multilabel_fusion.__main__ import STAGE_MODULES
+from multilabel_fusion.__main__ import run_all
 
-fingerprint = competition_data().fingerprint()
-for block in cfg.fusion.blocks:
-    try:
-        cache.load_block(OUT, block, fingerprint)
-        print(f"{block} features: cached")
-    except cache.MissingBlockError as missing:
-        print(f"{block} features: {missing}\\n  -> running {pipeline.STAGE_TITLES[block]} first")
-        importlib.import_module(f"multilabel_fusion.{STAGE_MODULES[block]}").run_stage(
-            cfg, demo_mode=IS_DEMO, resume=RESUME)
+# the stages whose blocks fusion.blocks names run first, exactly as in the main job: each finds its artifact by
+# key (quick once notebooks 01, 02 and 04 ran); one whose asset is missing (no detector weights) is skipped
+blocks_run = run_all(cfg, demo_mode=IS_DEMO, stages=list(cfg.fusion.blocks), resume=RESUME)
 '''
 
 COMPARISON = '''\
-from multilabel_fusion import fusion
-
-compared = fusion.comparison(OUT)  # every stage with a metrics file in this output folder
+compared = results_of_fusion["comparison"]  # every stage whose metrics file describes the current settings
 display(pd.DataFrame([{"stage": r["stage"], "mean-F1 at 0.5": r["at_0.5"], "one tuned threshold": r["global"],
                        "tuned per-class thresholds": r["tuned"]} for r in compared]).set_index("stage"))
 pd.DataFrame({r["key"]: r["per_class_f1"] for r in compared}, index=L.names()).rename_axis("per-class F1")
@@ -396,7 +381,7 @@ def tail(path: str, message: str) -> list:
 
 
 def stage_cells(name: str, spec: dict) -> list:
-    stage, module = spec["stage"], spec["module"]
+    stage = spec["stage"]
     cells = head(name, spec["title"], spec["about"]) + common()
     if stage == "fusion":
         cells += [md("## The feature blocks\nStage 03 reads the feature blocks the other stages cached "
@@ -404,13 +389,13 @@ def stage_cells(name: str, spec: dict) -> list:
                   code(FUSION_BLOCKS)]
     cells += [md("## Run the stage\n"
                  "Cached work (features, finished training runs) is reused; any change of setting recomputes what "
-                 "depends on it."), code(RUN_STAGE.format(module=module))]
+                 "depends on it."), code(RUN_STAGE.format(stage=stage))]
     cells += [md("## Results\nValidation figures (the held-out part of `train.csv`), per-class F1 and a few "
                  "validation samples."),
               code("show_figures(metrics)"), code("per_class_table(metrics)"),
               code(f'sample_predictions("{stage}", metrics)')]
     if stage == "fusion":
-        cells += [code(COMPARISON)]
+        cells += [code("results_of_fusion = metrics"), code(COMPARISON)]
     return cells + tail('metrics["submission"]', spec["title"])
 
 
@@ -430,6 +415,10 @@ print(f"notebook: the pipeline took {time.time() - started:.0f} s")
 '''
     figures = '''\
 for stage, metrics in results.items():
+    if stage == "skipped":
+        for name, why in metrics.items():
+            display(Markdown(f"### {name}: skipped ({why})"))
+        continue
     display(Markdown(f"### {metrics['title']}"))
     show_figures(metrics)
 '''
@@ -437,7 +426,8 @@ for stage, metrics in results.items():
             + [md("## Run the pipeline\nCached work (features, finished training runs) is reused; any change of "
                   "setting recomputes only what depends on it."), code(run),
                md("## Results\nEvery stage's validation mean-F1 and per-class F1, their figures, and a few "
-                  "validation samples of the fused network."), code(COMPARISON), code(figures),
+                  "validation samples of the fused network."), code('results_of_fusion = results["fusion"]'),
+               code(COMPARISON), code(figures),
                code('sample_predictions("fusion", results["fusion"])')]
             + tail('OUT / "predictions.csv"', "fused network"))
 

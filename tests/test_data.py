@@ -120,7 +120,8 @@ def _captions(path, with_labels=True):
 
 @pytest.mark.parametrize("after", [" ", "\t", "  \t ", " \r"])
 def test_space_after_the_closing_quote_is_not_part_of_the_caption(tmp_path, after):
-    f = _write(tmp_path / "train.csv", f'{TRAIN_HEAD}{INNER_QUOTES}5.jpg,1,"A dog."{after}\n6.jpg,2 3,"A cat."{after}\n')
+    f = _write(tmp_path / "train.csv",
+               f'{TRAIN_HEAD}{INNER_QUOTES}5.jpg,1,"A dog."{after}\n6.jpg,2 3,"A cat."{after}\n')
     assert _captions(f) == [("0.jpg", 'A sign that reads "stop, now" here'), ("5.jpg", "A dog."), ("6.jpg", "A cat.")]
     # also when the rest of the file is a well-formed CSV (the space makes the csv module refuse it)
     g = _write(tmp_path / "test.csv", f'ImageID,Caption\n30000.jpg,"A dog."{after}\n30001.jpg,"A cat."\n')
@@ -181,17 +182,17 @@ def test_test_file_caption_line_that_begins_like_a_record(tmp_path):
     # a missing closing quote (the next record would silently become part of the caption)
     (TRAIN_HEAD + INNER_QUOTES + '5.jpg,1,"A dog.\n6.jpg,1,"A cat."\n',
      r"train.csv: line 4 \(6.jpg\): ambiguous: .*caption of 5.jpg \(line 3\)"),
-    (TRAIN_HEAD + INNER_QUOTES + '5.jpg,1,"A dog.\n', r"train.csv: line 3 \(5.jpg\): caption has no closing quote"),
-    (TRAIN_HEAD + INNER_QUOTES + '5.jpg,1,"A dog.\n\n\n', r"train.csv: line 3 \(5.jpg\): caption has no closing quote"),
+    (TRAIN_HEAD + INNER_QUOTES + '5.jpg,1,"A dog.\n', r"train.csv: line 3 \(5.jpg\): caption does not end with its closing"),
+    (TRAIN_HEAD + INNER_QUOTES + '5.jpg,1,"A dog.\n\n\n', r"train.csv: line 3 \(5.jpg\): caption does not end with its"),
     # a caption field that does not start with a quote
-    (TRAIN_HEAD + INNER_QUOTES + "1.jpg,2,A dog.\n", r"train.csv: line 3 \(1.jpg\): caption field 'A dog.' does not start"),
+    (TRAIN_HEAD + INNER_QUOTES + "1.jpg,2,A dog.\n", r"train.csv: line 3 \(1.jpg\): caption field 'A dog.' does not"),
     (TRAIN_HEAD + INNER_QUOTES + '1.jpg,2, "A dog."\n', r"line 3 \(1.jpg\): caption field ' \"A dog.\"' does not start"),
     (TRAIN_HEAD + INNER_QUOTES + '1.jpg,2;3,"A dog."\n', r"line 3 \(1.jpg\): labels field '2;3'"),
     (TRAIN_HEAD + INNER_QUOTES + '1.jpg,"A dog."\n', r"line 3 \(1.jpg\): no labels field"),
-    (TRAIN_HEAD + INNER_QUOTES + "1.jpg\n", r"line 2 \(0.jpg\): caption has no closing quote|line 3"),
+    (TRAIN_HEAD + INNER_QUOTES + "1.jpg\n", r"line 2 \(0.jpg\): caption does not end with its closing quote|line 3"),
     # text between records: it leaves the previous caption without its closing quote
     (TRAIN_HEAD + INNER_QUOTES + 'stray text\n1.jpg,2,"A dog."\n', r"line 4 \(1.jpg\): ambiguous: .*0.jpg \(line 2\)"),
-    (TRAIN_HEAD + INNER_QUOTES + 'stray text\n', r"line 2 \(0.jpg\): caption has no closing quote"),
+    (TRAIN_HEAD + INNER_QUOTES + 'stray text\n', r"line 2 \(0.jpg\): caption does not end with its closing quote"),
     (TRAIN_HEAD + "stray text\n" + INNER_QUOTES, r"train.csv: line 2: text before the first record"),
     ('ImageID,Caption\n30000.jpg,"a "b" c"\n30001.jpg,A dog.\n', r"test.csv: line 3 \(30001.jpg\): caption field"),
     ('ImageID,Caption\n30000.jpg,"a "b" c\n30001.jpg,"A dog."\n', r"test.csv: line 3 \(30001.jpg\): ambiguous"),
@@ -212,7 +213,7 @@ def _raw_file(records, with_labels=True) -> str:
 
 
 def test_random_raw_files_read_back_exactly(tmp_path):
-    """Captions built from the format's traps read back exactly; a caption line that is a full record start is refused."""
+    """Captions built from the format's traps read back exactly; a caption line that is a record start is refused."""
     rng = np.random.default_rng(0)
     pieces = ['a dog', ' ', ', ', '"', '"quoted, text"', "\n", "\n\n", "\n123.jpg, reads", "\n9.jpg,", "\n45.jpg,1 A",
               "\n77.jpg,\"x", " \t", "2.jpg,1,", "..", "\r"]

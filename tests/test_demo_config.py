@@ -4,7 +4,8 @@ import io
 import pytest
 from PIL import Image
 
-from multilabel_fusion import config, data
+from multilabel_fusion import config
+from multilabel_fusion.data import reader as data
 
 
 def test_demo_data_has_the_raw_files_quirks_and_reads_exactly(demo_data):
@@ -20,7 +21,7 @@ def test_demo_data_has_the_raw_files_quirks_and_reads_exactly(demo_data):
     with Image.open(d.image_paths("train")[0]) as im:
         assert im.mode == "RGB" and im.size == (160, 120)
     # the caption names at least one of its image's objects
-    from multilabel_fusion import labels as L
+    from multilabel_fusion.data import labels as L
     named = [any(L.LABEL_NAMES[x] in c for x in labs) for c, labs in zip(d.train["Caption"], d.train["Labels"])]
     assert all(named)
 
@@ -32,5 +33,5 @@ def test_config_defaults_and_overrides():
     cfg = config.load(overrides=["fusion.lr=0.01", "fusion.blocks=[image, caption, detector]"], data="/tmp/x")
     assert cfg.fusion.lr == 0.01 and cfg.fusion.blocks == ["image", "caption", "detector"]
     assert str(cfg.path("data")) == "/tmp/x"
-    with pytest.raises(KeyError, match="no config key"):
+    with pytest.raises(config.ConfigError, match=r"unknown key fusion.lrr \(did you mean fusion.lr\?\)"):
         config.load(overrides=["fusion.lrr=1"])

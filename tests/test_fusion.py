@@ -4,7 +4,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from multilabel_fusion import cache, config, data, demo, fusion, submission
+from multilabel_fusion import config, registry
+from multilabel_fusion.data import demo
+from multilabel_fusion.data import reader as data
+from multilabel_fusion.engine.artifacts import ArtifactStore, MissingArtifact
+from multilabel_fusion.evaluation import submission
+from multilabel_fusion.stages import fusion
 
 SMALL = ["fusion.hidden=64", "fusion.epochs=40", "fusion.patience=40", "fusion.batch_size=64", "fusion.lr=0.01",
          "fusion.plateau_patience=10"]
@@ -17,12 +22,20 @@ def demo_data(tmp_path_factory):
                          image_size=(48, 36))
 
 
-def _write_blocks(demo_data, output, seed=0):
-    """Generated blocks: 'image' sees only the first 9 classes, 'caption' only the last 9 (noisily)."""
+def _cfg(demo_data, tmp_path, blocks, *extra):
+    block_list = "[" + ", ".join(blocks) + "]"
+    return config.load(overrides=SMALL + [f"fusion.blocks={block_list}", *extra], data=demo_data,
+                       output=tmp_path / "out", models=tmp_path / "models")
+
+
+def _write_blocks(demo_data, tmp_path, seed=0, ids_order=slice(None)):
+    """Generated blocks stored under the keys the current settings give: 'image' sees only the first 9 classes,
+    'caption' only the last 9 (noisily)."""
     d = data.load(demo_data)
-    fp = d.fingerprint()
+    cfg = _cfg(demo_data, tmp_path, ["image", "caption"])
+    store = ArtifactStore(tmp_path / "out")
     rng = np.random.default_rng(seed)
-    ids = {"train_ids": d.train["ImageID"].to_numpy(str), "test_ids": d.test["ImageID"].to_numpy(str)}
+    ids = {"train_ids": d.train["ImageID"].to_numpy(str)[ids_order], "test_ids": d.test["ImageID"].to_numpy(str)}
     y_train = d.train_targets.astype(np.float32)
     y_test = rng.random((len(d.test), 18)) < 0.1  # test labels are unknown; any features do
     for name, cols in (("image", slice(0, 9)), ("caption", slice(9, 18))):
@@ -31,19 +44,14 @@ def _write_blocks(demo_data, output, seed=0):
             x[:, :9] = y[:, cols] * 2.0
             return x + rng.normal(0, 0.3, x.shape).astype(np.float32)
 
-        cache.FeatureCache(output, name, {"generated": name}, fp).save(
-            {"train": feats(y_train), "test": feats(y_test.astype(np.float32)), **ids})
+        spec = registry.artifact_spec(name, cfg, d.fingerprint())
+        store.save(name, registry.digest(spec), spec,
+                   {"train": feats(y_train), "test": feats(y_test.astype(np.float32)), **ids})
     return d
 
 
-def _cfg(demo_data, tmp_path, blocks):
-    block_list = "[" + ", ".join(blocks) + "]"
-    return config.load(overrides=SMALL + [f"fusion.blocks={block_list}"], data=demo_data,
-                       output=tmp_path / "out", models=tmp_path / "models" / "_".join(blocks))
-
-
 def test_fusion_beats_each_block_alone_and_writes_valid_predictions(demo_data, tmp_path):
-    d = _write_blocks(demo_data, tmp_path / "out")
+    d = _write_blocks(demo_data, tmp_path)
     scores = {}
     for blocks in (["image"], ["caption"], ["image", "caption"]):
         scores["+".join(blocks)] = fusion.run_stage(_cfg(demo_data, tmp_path, blocks))["val_mean_f1_tuned"]
@@ -51,27 +59,52 @@ def test_fusion_beats_each_block_alone_and_writes_valid_predictions(demo_data, t
     assert scores["image+caption"] > 0.9
     predictions = tmp_path / "out" / "predictions.csv"
     assert submission.validate_file(predictions, demo_data / "test.csv") == len(d.test)
-    figures = json.loads((tmp_path / "out" / "metrics" / "fusion.json").read_text())["figures"]
+    saved = json.loads((tmp_path / "out" / "metrics" / "fusion.json").read_text())
+    figures = saved["figures"]
     assert set(figures) >= {"training_curves", "per_class_f1", "per_class_f1_all_stages", "error_cooccurrence"}
     assert figures["error_cooccurrence"] == str(tmp_path / "out" / "figures" / "fusion_error_cooccurrence.png")
     assert all(Path(path).stat().st_size > 10_000 for path in figures.values())
+    # the resolved configuration is saved beside the outputs and loads back to the same settings
+    again = config.load(saved["config"])
+    assert again.fusion.blocks == ["image", "caption"] and again.fusion.hidden == 64
 
 
-def test_fusion_reuses_a_finished_run(demo_data, tmp_path, capsys):
-    _write_blocks(demo_data, tmp_path / "out")
+def test_fusion_reuses_a_finished_run_and_each_block_set_has_its_own_run(demo_data, tmp_path, capsys):
+    _write_blocks(demo_data, tmp_path)
     first = fusion.run_stage(_cfg(demo_data, tmp_path, ["image", "caption"]))
+    other = fusion.run_stage(_cfg(demo_data, tmp_path, ["image"]))
     capsys.readouterr()
     second = fusion.run_stage(_cfg(demo_data, tmp_path, ["image", "caption"]))
-    assert "reusing the finished run" in capsys.readouterr().out
+    assert "reusing" in capsys.readouterr().out
     assert second["val_mean_f1_tuned"] == first["val_mean_f1_tuned"]
+    assert first["run_dir"] == second["run_dir"] != other["run_dir"]  # another block set never overwrote it
 
 
 def test_missing_or_mismatched_blocks_are_clear_errors(demo_data, tmp_path):
-    d = _write_blocks(demo_data, tmp_path / "out")
-    with pytest.raises(cache.MissingBlockError, match=r"no cached 'detector' features; run stages/04_detector.py"):
-        fusion.run_stage(_cfg(demo_data, tmp_path, ["image", "detector"]))
-    ids = {"train_ids": d.train["ImageID"].to_numpy(str)[::-1], "test_ids": d.test["ImageID"].to_numpy(str)}
-    cache.FeatureCache(tmp_path / "out", "caption", {"reordered": True}, d.fingerprint()).save(
-        {"train": np.zeros((len(d.train), 4)), "test": np.zeros((len(d.test), 4)), **ids})
-    with pytest.raises(ValueError, match="cached 'caption' block: its train ImageIDs differ"):
-        fusion.run_stage(_cfg(demo_data, tmp_path, ["image", "caption"]))
+    _write_blocks(demo_data, tmp_path)
+    # a block made with other settings is not used: its key differs, and the error names the stage to run
+    with pytest.raises(MissingArtifact, match=r"no 'caption' artifact for the current settings.*run "
+                                              r"stages/02_caption_network.py"):
+        fusion.run_stage(_cfg(demo_data, tmp_path, ["image", "caption"], "caption.seq_len=6"))
+    _write_blocks(demo_data, tmp_path / "reordered", ids_order=slice(None, None, -1))
+    cfg = _cfg(demo_data, tmp_path / "reordered", ["image", "caption"])
+    with pytest.raises(ValueError, match="its train ImageIDs differ"):
+        fusion.run_stage(cfg)
+
+
+def test_at_least_one_setting_means_the_same_in_the_report_and_the_written_predictions(demo_data, tmp_path):
+    from multilabel_fusion.data import labels as L
+    from multilabel_fusion.evaluation.metrics import mean_f1
+
+    d = _write_blocks(demo_data, tmp_path)
+    m = fusion.run_stage(_cfg(demo_data, tmp_path, ["image", "caption"], "thresholds.at_least_one=false"))
+    assert m["at_least_one"] is False
+    # rebuild the validation predictions from the probabilities and thresholds the stage used
+    art = ArtifactStore(tmp_path / "out").load("fusion", m["artifact_key"])
+    probs, val_idx = art["train_probs_val"], art["val_idx"]
+    pred = probs >= np.asarray(m["thresholds"])
+    assert m["val_mean_f1_tuned"] == pytest.approx(mean_f1(d.train_targets[val_idx], pred), abs=1e-4)
+    rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()[1:]
+    test_pred = art["test_probs"] >= np.asarray(m["thresholds"])  # no label forced on
+    assert [r.split(",")[1] for r in rows] == [" ".join(map(str, x)) for x in L.decode(test_pred)]
+    assert len(rows) == len(d.test)

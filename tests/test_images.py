@@ -50,7 +50,10 @@ def files(tmp_path):
     (tmp_path / "half.png").write_bytes(png[: len(png) - 100])
     (tmp_path / "text.jpg").write_text("this is not an image\n")
     (tmp_path / "garbage.bmp").write_bytes(b"BM" + bytes(range(256)) * 4)
-    for name in ("empty.jpg", "half.jpg", "half.png", "text.jpg", "garbage.bmp"):
+    # right start and end markers, no image between them: only the header check (or the decoder) can tell
+    (tmp_path / "fake.jpg").write_bytes(b"\xff\xd8" + b"not a jpeg" * 20 + b"\xff\xd9")
+    (tmp_path / "fake.png").write_bytes(png[:8] + b"not a png" * 20 + png[-12:])
+    for name in ("empty.jpg", "half.jpg", "half.png", "text.jpg", "garbage.bmp", "fake.jpg", "fake.png"):
         f[name] = tmp_path / name
     f["missing.jpg"] = tmp_path / "missing.jpg"
     return f
@@ -62,6 +65,8 @@ BAD = {
     "half.png": "truncated PNG",
     "text.jpg": "not a decodable image",
     "garbage.bmp": "not a decodable image",
+    "fake.jpg": "not a decodable image",
+    "fake.png": "not a decodable image",
     "missing.jpg": "image file not found",
 }
 
@@ -144,9 +149,18 @@ def test_image_files_augmented_replacement_is_grey(files):
 
 
 def test_bad_image_keeps_its_type_through_a_loader_worker(files):
-    loader = images.image_loader(images.ImageFiles([files["half.jpg"]], 16), batch_size=1, workers=1)
+    """A DataLoader worker's error is re-raised in the main process as ``type(message)``: it must stay a BadImageError.
+
+    (Wrapped by hand, as the worker does: a real worker's error also costs torch a 5 s shutdown.)
+    """
+    from torch._utils import ExceptionWrapper
+
+    try:
+        images.ImageFiles([files["half.jpg"]], 16)[0]
+    except BadImageError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
     with pytest.raises(BadImageError, match="half.jpg: truncated JPEG"):
-        next(iter(loader))
+        wrapped.reraise()
 
 
 def test_image_stream_uses_the_strict_decoder_and_can_replace(files):
@@ -199,3 +213,19 @@ def test_real_images_decode_and_pass_the_scan(shared_data):
         assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3 and max(rgb.shape[:2]) <= 640
         with Image.open(path) as im:
             assert np.array_equal(np.asarray(im.convert("RGB")), rgb)  # same pixels as the PIL decode it replaces
+
+
+def test_find_bad_images_works_after_ultralytics_patched_pil(tmp_path):
+    """ultralytics replaces PIL.Image.open with a version that raises ModuleNotFoundError (no pi_heif) on an
+    unidentified file; the scan must still report the file, not crash (found when stage 04 ran first)."""
+    import ultralytics  # noqa: F401 - imported for its patch of PIL.Image.open
+
+    fake = tmp_path / "fake.jpg"
+    fake.write_bytes(b"\xff\xd8 not a jpeg at all \xff\xd9")
+    good = tmp_path / "good.png"
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(good), np.zeros((8, 8, 3), np.uint8))
+    found = images.find_bad_images([good, fake])
+    assert [p for p, _ in found] == [fake] and "not a decodable image" in found[0][1]

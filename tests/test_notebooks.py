@@ -11,7 +11,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from multilabel_fusion import submission
+from multilabel_fusion import registry
+from multilabel_fusion.evaluation import submission
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 #: Execution order: 03 first on an empty output folder (it must compute the image and caption blocks itself),
@@ -91,8 +92,7 @@ def test_notebook_runs_top_to_bottom_on_demo_data(name, workspace, monkeypatch):
 
     out = workspace / "output"
     demo_test = out / "demo_data" / "test.csv"
-    stage = {"00_full_pipeline": "fusion", "01_image_network": "image", "02_caption_network": "caption",
-             "03_fusion": "fusion", "04_detector": "detector"}[name]
+    stage = {"00_full_pipeline": "fusion", **{f"{s.number}_{s.module}": s.name for s in registry.STAGES.values()}}[name]
     metrics = json.loads((out / "metrics" / f"{stage}.json").read_text())
     assert metrics["demo_data"] is True
     assert submission.validate_file(metrics["submission"], demo_test) > 0

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from multilabel_fusion import labels as L, submission
-from multilabel_fusion.submission import SubmissionError
+from multilabel_fusion.data import labels as L
+from multilabel_fusion.evaluation import submission
+from multilabel_fusion.evaluation.submission import SubmissionError
 
 IDS = [f"{i}.jpg" for i in range(30000, 30005)]
 
@@ -54,7 +55,7 @@ def test_a_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path):
 
 
 def test_command_line_validator(demo_data, tmp_path, capsys):
-    from multilabel_fusion import data
+    from multilabel_fusion.data import reader as data
 
     ids = data.load(demo_data).test["ImageID"].tolist()
     path = submission.write(tmp_path / "sub.csv", ids, L.encode([[1, 3]] * len(ids)))

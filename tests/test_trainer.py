@@ -7,6 +7,7 @@ or shuffling) changes the history and the predictions.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -177,7 +179,7 @@ def test_raising_epochs_continues_the_run_exactly(tmp_path):
     assert np.array_equal(probs, fresh_probs)
     state = torch.load(run / "last.pt", weights_only=False)
     assert state["epoch"] == 6 and state["finished"] and state["epochs"] == 6
-    assert list(__import__("pandas").read_csv(run / "history.csv").epoch) == [1, 2, 3, 4, 5, 6]
+    assert list(pd.read_csv(run / "history.csv").epoch) == [1, 2, 3, 4, 5, 6]
 
 
 def test_the_grad_scaler_state_is_continued(tmp_path):
@@ -222,7 +224,7 @@ def test_a_finished_run_is_reused_and_fewer_epochs_reuse_it_with_a_warning(tmp_p
     run = tmp_path / "run"
     first, first_probs = _job(run, epochs=3)
     assert {p.name for p in run.iterdir()} >= {"last.pt", "best.pt", "history.csv", "settings.json"}
-    assert __import__("json").loads((run / "settings.json").read_text()) == {
+    assert json.loads((run / "settings.json").read_text()) == {
         "toy": 1, "lr": 1e-2, "epochs": 3, "patience": 100}
     before = _snapshot(run)
     capsys.readouterr()
@@ -241,6 +243,10 @@ def test_a_finished_run_is_reused_and_fewer_epochs_reuse_it_with_a_warning(tmp_p
     assert len(warnings) == 1 and "trained 3 epochs, more than this request" in warnings[0]
     assert len(fewer.history) == 3
     assert _snapshot(run) == before
+
+    # the caller keys the folder by the settings; given other ones, it says so (epochs / patience don't count)
+    _job(run, epochs=3, lr=0.02)
+    assert "was trained with other settings" in capsys.readouterr().out
 
 
 def test_early_stop_is_reused_unless_patience_is_raised(tmp_path):

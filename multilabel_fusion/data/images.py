@@ -91,12 +91,14 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
 def _header_problem(data: bytes) -> str | None:
     """Parse the header only (PIL opens lazily): the image must declare a format and a size."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except Exception as e:  # noqa: BLE001 - any parser failure (ultralytics also patches Image.open, adding its own)
+        if not isinstance(e, (OSError, ValueError, SyntaxError)):  # e.g. a patched Image.open's own import error
+            return "not a decodable image (unknown format)"
         return f"not a decodable image (header: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
     if w <= 0 or h <= 0:
         return f"not a decodable image (header declares {w}x{h} pixels)"

@@ -103,8 +103,8 @@ class _Open:
     def finish(self, path: Path) -> Record:
         if not self.closed:
             raise DataError(
-                f"{_where(path, self.line, self.image_id)}: caption has no closing quote before the next "
-                f"record or the end of the file"
+                f"{_where(path, self.line, self.image_id)}: caption does not end with its closing quote (its last "
+                f"line, before the next record or the end of the file, must end with '\"')"
             )
         field = "\n".join(self.lines[: self.last_text]).rstrip(_AFTER_QUOTE)
         labels = None if self.labels_text is None else _parse_labels(self.labels_text, path, self.line, self.image_id)
@@ -152,9 +152,9 @@ def _read_raw(text: str, path: Path, with_labels: bool) -> list[Record]:
                 current.add(line_text)  # caption text that happens to begin like an ImageID
                 continue
             raise DataError(
-                f"{_where(path, n, full.group(1))}: ambiguous: this line looks like a record but the caption of "
-                f"{current.image_id} (line {current.line}) has not closed its quote; cannot tell whether it is "
-                f"a new record or part of that caption"
+                f"{_where(path, n, full.group(1))}: ambiguous: this line looks like a record, but the caption of "
+                f"{current.image_id} (line {current.line}) does not end with its closing quote before it, so it "
+                f"may as well be part of that caption"
             )
         if full is None:
             raise _bad_start(line_text, path, n, prefix.group(1), with_labels, current)

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .atomic import atomic_dir, write_json
+from .atomic import atomic_dir, remove_stale_temporaries, write_json
 
 MANIFEST = "manifest.json"
 
@@ -58,7 +58,11 @@ class ArtifactStore:
         return self.root / stage / key
 
     def load(self, stage: str, key: str, *, mmap: bool = False) -> Artifact | None:
-        """The artifact, or None when absent, incomplete or damaged (then it is recomputed, never trusted)."""
+        """The artifact, or None when absent, incomplete or damaged (then it is recomputed, never trusted).
+
+        Temporary folders that killed writers left beside it (any key of this stage) are removed on the way.
+        """
+        remove_stale_temporaries(self.root / stage)
         return _read(self.dir(stage, key), mmap)
 
     def require(self, stage: str, key: str, hint: str) -> Artifact:

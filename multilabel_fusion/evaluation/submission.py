@@ -34,8 +34,12 @@ def format_rows(image_ids: Sequence[str], multi_hot: np.ndarray) -> str:
     return "\n".join(rows) + "\n"
 
 
-def validate_text(text: str, expected_ids: Sequence[str], source: str = "submission") -> None:
-    """Raise :class:`SubmissionError` unless ``text`` is a submission Kaggle scores as intended."""
+def validate_text(text: str, expected_ids: Sequence[str], source: str = "submission", *,
+                  allow_empty: bool = False) -> None:
+    """Raise :class:`SubmissionError` unless ``text`` is a submission Kaggle scores as intended.
+
+    ``allow_empty``: a row without labels is accepted (only when the at-least-one rule was switched off).
+    """
     lines = text.splitlines()
     if not lines or lines[0].strip() != HEADER:
         got = lines[0] if lines else ""
@@ -53,6 +57,8 @@ def validate_text(text: str, expected_ids: Sequence[str], source: str = "submiss
         if image_id in seen:
             raise SubmissionError(f"{source}: line {number}: {image_id} already on line {seen[image_id]}")
         seen[image_id] = number
+        if label_text == "" and allow_empty:  # no label predicted (thresholds.at_least_one: false): scores 0
+            continue
         if not LABELS_FORMAT.match(label_text):
             raise SubmissionError(
                 f"{source}: line {number} ({image_id}): labels {label_text!r} must be label ids separated by "
@@ -71,13 +77,13 @@ def validate_text(text: str, expected_ids: Sequence[str], source: str = "submiss
         )
 
 
-def write(path: str | Path, image_ids: Sequence[str], multi_hot: np.ndarray) -> Path:
+def write(path: str | Path, image_ids: Sequence[str], multi_hot: np.ndarray, *, allow_empty: bool = False) -> Path:
     """Validate and atomically write a submission for ``image_ids`` (test-file order)."""
     multi_hot = np.asarray(multi_hot)
     if len(multi_hot) != len(image_ids):
         raise SubmissionError(f"{path}: {len(multi_hot)} predictions for {len(image_ids)} test images")
     text = format_rows(image_ids, multi_hot)
-    validate_text(text, image_ids, source=str(path))
+    validate_text(text, image_ids, source=str(path), allow_empty=allow_empty)
     return write_text(path, text)
 
 

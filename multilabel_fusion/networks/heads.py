@@ -81,6 +81,7 @@ def train_on_features(ctx, train_features: np.ndarray, test_features: np.ndarray
     optimizer = torch.optim.Adam(model.parameters(), lr=hs.lr, weight_decay=hs.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=hs.plateau_patience,
                                                            factor=hs.plateau_factor)
+    precision = training_precision(ctx.device, ctx.cfg.trainer.mixed_precision)
     result = trainer.fit(
         model,
         _loader(x_fit, y[ctx.train_idx], hs.batch_size, True, seed),
@@ -95,11 +96,12 @@ def train_on_features(ctx, train_features: np.ndarray, test_features: np.ndarray
         patience=hs.patience,
         grad_clip=hs.grad_clip,
         device=ctx.device,
-        precision=training_precision(ctx.device, ctx.cfg.trainer.mixed_precision),
+        precision=precision,
         resume=resume,
         settings={**settings, "head": vars(hs)},
         name=name,
     )
-    val_probs = trainer.predict(model, _loader(x_val, None, 4096, False, seed), ctx.device)
-    test_probs = trainer.predict(model, _loader(test_features, None, 4096, False, seed), ctx.device)
+    val_probs = trainer.predict(model, _loader(x_val, None, 4096, False, seed), ctx.device, precision=precision)
+    test_probs = trainer.predict(model, _loader(test_features, None, 4096, False, seed), ctx.device,
+                                 precision=precision)
     return model, result, val_probs, test_probs

@@ -25,7 +25,7 @@ from ..data import demo
 from ..data import reader as D
 from ..data.images import find_bad_images
 from ..engine.artifacts import ArtifactStore, MissingArtifact
-from ..engine.atomic import write_json, write_text
+from ..engine.atomic import atomic_path, write_json, write_text
 from ..engine.trainer import ResumeRequired, select_device, seed_everything
 from ..evaluation import submission
 from ..evaluation.metrics import mean_f1, per_class
@@ -214,7 +214,12 @@ def finish(ctx: StageContext, val_probs: np.ndarray, test_probs: np.ndarray, *,
     metrics.update(evaluate(ctx, val_probs))
     test_pred = decide(test_probs, np.asarray(metrics["thresholds"]), at_least_one=ctx.cfg.thresholds.at_least_one)
     sub_path = submission_path or out / f"submission_{stage}.csv"
-    submission.write(sub_path, ctx.data.test["ImageID"].tolist(), test_pred)
+    submission.write(sub_path, ctx.data.test["ImageID"].tolist(), test_pred,
+                     allow_empty=not ctx.cfg.thresholds.at_least_one)
+    with atomic_path(out / "probabilities" / f"{stage}.npz") as tmp, open(tmp, "wb") as f:  # for notebooks
+        np.savez_compressed(f, val=val_probs.astype(np.float32), test=test_probs.astype(np.float32),
+                            val_idx=ctx.val_idx, test_ids=ctx.data.test["ImageID"].to_numpy(str),
+                            artifact_key=np.array(metrics["artifact_key"]))
     figures = {}
     if history is not None and len(history):
         figures["training_curves"] = str(reports.training_curves(

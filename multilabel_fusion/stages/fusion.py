@@ -150,6 +150,7 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
     metrics = base.finish(ctx, val_probs, test_probs, history=result.history, extra=extra,
                           submission_path=ctx.output_dir / "predictions.csv")
     rows = comparison(ctx)
+    metrics["comparison"] = rows
     metrics["figures"]["per_class_f1_all_stages"] = str(reports.per_class_f1(
         {r["key"]: r["per_class_f1"] for r in rows}, ctx.output_dir / "figures" / "per_class_f1_all_stages.png",
         "Per-class validation F1 of every stage (tuned thresholds)"))
