@@ -16,6 +16,8 @@ import time
 from . import assets
 from . import config as C
 from . import registry
+from .data import reader as D
+from .engine.artifacts import ArtifactStore
 from .stages import base
 
 
@@ -29,6 +31,7 @@ def run_all(cfg: C.Config, demo_mode: bool | str = "auto", stages: list[str] | N
     data_dir, is_demo = base.resolve_data_dir(cfg, demo_mode)
     cfg.paths["data"] = str(data_dir)
     started, results, skipped = time.time(), {}, {}
+    store, fingerprint = ArtifactStore(cfg.path("output")), None
     for name in registry.order(asked, cfg):
         stage = registry.get(name)
         print(f"\n===== {stage.label} =====")
@@ -39,6 +42,12 @@ def run_all(cfg: C.Config, demo_mode: bool | str = "auto", stages: list[str] | N
                 skipped[name] = str(err)
                 print(f"[{name}] SKIPPED: no {stage.optional_asset} can be had here ({err}).\n"
                       f"[{name}] The other stages go on; the fused network leaves out the '{name}' block.")
+                continue
+        if name not in asked:  # only read by an asked stage: run it only when its artifact is missing
+            fingerprint = fingerprint or D.load(data_dir, check_images=False).fingerprint()
+            key = registry.artifact_key(name, cfg, fingerprint)
+            if store.load(name, key, mmap=True) is not None:
+                print(f"[{name}] its artifact for the current settings exists ({store.dir(name, key)}): not re-run")
                 continue
         results[name] = stage.run(cfg, demo_mode=is_demo, resume=resume)
     print(f"\nAll stages done in {time.time() - started:.0f} s."
