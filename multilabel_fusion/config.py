@@ -194,6 +194,18 @@ class DetectorSection(Section):
     examples: NonNegativeInt
 
 
+class LabelDecoderSection(Section):
+    """Stage 05 (recurrent label decoders): filled in by the stage's own work."""
+
+    epochs: PositiveInt
+
+
+class JointEmbeddingSection(Section):
+    """Stage 06 (image-caption joint embedding): filled in by the stage's own work."""
+
+    epochs: PositiveInt
+
+
 class Settings(Section):
     """The whole of config.yaml; field order is the file's section order."""
 
@@ -207,6 +219,8 @@ class Settings(Section):
     caption: CaptionSection
     fusion: FusionSection
     detector: DetectorSection
+    label_decoder: LabelDecoderSection
+    joint_embedding: JointEmbeddingSection
 
 
 SECTIONS: tuple[str, ...] = tuple(Settings.model_fields)

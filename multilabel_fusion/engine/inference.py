@@ -149,7 +149,8 @@ def extract(plan: InferencePlan, paths: list[Path], workers: int, out: np.ndarra
             desc: str = "features", on_bad: str = "error") -> tuple[np.ndarray, dict[str, float]]:
     """Pooled features of every image, streamed batch by batch into ``out`` (e.g. a memory-mapped cache file).
 
-    Memory stays bounded by a few batches whatever the number of images; returns (features, timing).
+    Memory stays bounded by a few batches whatever the number of images; returns (features, timing), the
+    timing's ``seconds`` unrounded (a short run takes well under 0.1 s: rates are computed from it).
     """
     if out is None:
         out = np.empty((len(paths), plan.backbone.dim), dtype=np.float32)
@@ -164,7 +165,7 @@ def extract(plan: InferencePlan, paths: list[Path], workers: int, out: np.ndarra
             row += len(feats)
             bar.update(len(feats))
     seconds = time.perf_counter() - start
-    return out, {"images": len(paths), "seconds": round(seconds, 1), "images_per_s": round(len(paths) / seconds, 1)}
+    return out, {"images": len(paths), "seconds": seconds, "images_per_s": round(len(paths) / max(seconds, 1e-9), 1)}
 
 
 def bare_forward_throughput(plan: InferencePlan, seconds: float = 10.0) -> float:
