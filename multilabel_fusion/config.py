@@ -133,6 +133,8 @@ class ImageSection(Section):
     cpu_precision: Literal["auto", "fp32", "bf16"]
     bench_bare_seconds: Number = Field(ge=0)
     feature_dtype: Literal["float16", "float32"]
+    depth_features: bool
+    hflip_average: bool
     head_hidden: NonNegativeInt  # 0: a linear head
     head_dropout: Dropout
     head_lr: LearningRate

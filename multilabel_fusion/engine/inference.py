@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.images import ImageFiles, image_loader
-from ..networks.backbones import Backbone
+from ..networks.backbones import Backbone, depth_extractor
 from .precision import gpu_inference_dtype
 
 def cpu_supports_bf16() -> bool:
@@ -45,6 +45,8 @@ class InferencePlan:
     image_size: int
     memory_format: torch.memory_format
     choices: dict[str, Any]
+    depths: bool = False  # net returns [pooled stage outputs ..., final]: multi-depth features in the same pass
+    hflip: bool = False  # average the features of the image and its mirror image
 
     def autocast(self):
         if self.precision == "fp32":
@@ -56,11 +58,38 @@ class InferencePlan:
         return torch.randint(0, 256, (self.batch_size, 3, self.image_size, self.image_size), dtype=torch.uint8)
 
     @torch.inference_mode()
-    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, S, S] → float32 features [B, dim] (normalised on the device, once per batch)."""
+    def __call__(self, images_uint8: torch.Tensor):
+        """uint8 [B, 3, S, S] → float32 features [B, dim] (normalised on the device, once per batch); with
+        ``depths``, ``(features, depth_features)`` where the latter is every stage's pooled output and the final
+        features concatenated; with ``hflip`` both are averaged with those of the mirrored images."""
         x = self.backbone.normalise(images_uint8.to(self.device, non_blocking=True))
+        x = x.contiguous(memory_format=self.memory_format)
+        outputs = [self._forward(x)]
+        if self.hflip:
+            outputs.append(self._forward(x.flip(-1)))
+        final = sum(o[0] for o in outputs) / len(outputs)
+        if not self.depths:
+            return final
+        return final, sum(o[1] for o in outputs) / len(outputs)
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         with self.autocast():
-            return self.net(x.contiguous(memory_format=self.memory_format)).flatten(1).float()
+            out = self.net(x)
+        if not self.depths:
+            return out.flatten(1).float(), None
+        *stages, final = [out[k] for k in sorted(out, key=lambda k: (k == "final", k))]
+        final = final.flatten(1).float()
+        pooled = [s.float().mean((2, 3)) for s in stages] + [final]
+        return final, torch.cat(pooled, 1)
+
+    def depth_dims(self) -> list[int]:
+        """Widths of the multi-depth features, stage by stage; the last is the final pooled features."""
+        if not self.depths:
+            return [self.backbone.dim]
+        with torch.inference_mode():
+            out = self.net(self.backbone.normalise(self.example_batch()[:1].to(self.device)))
+        *stages, final = [out[k] for k in sorted(out, key=lambda k: (k == "final", k))]
+        return [int(s.shape[1]) for s in stages] + [int(final.flatten(1).shape[1])]
 
 
 def _fold_batch_norm(net: nn.Module) -> tuple[nn.Module, str]:
@@ -105,7 +134,7 @@ def _time_precisions(plan: InferencePlan, precisions: tuple[str, ...], rounds: i
 
 
 def prepare_inference(backbone: Backbone, cfg_image: dict, device: torch.device,
-                      mixed_precision: bool = True) -> InferencePlan:
+                      mixed_precision: bool = True, *, depths: bool = False, hflip: bool = False) -> InferencePlan:
     """The fastest way to run ``backbone`` on ``device``, chosen by measuring where it is not obvious.
 
     On a CPU, bf16 made EfficientNet-Lite0 1.4x faster than fp32 but ResNet50 and VGG16 1.6x slower on an
@@ -115,11 +144,14 @@ def prepare_inference(backbone: Backbone, cfg_image: dict, device: torch.device,
     backbone.eval().to(device)
     fmt = torch.channels_last if cfg_image.get("channels_last", True) else torch.contiguous_format
     net, folded = _fold_batch_norm(backbone.net) if cfg_image.get("fuse_conv_bn", True) else (backbone.net, "off")
+    if depths:  # the stage outputs of the (folded) network, returned by the same forward pass
+        net = depth_extractor(backbone, net)
     net = net.to(device=device, memory_format=fmt)
     batch = feature_batch_size(cfg_image.get("feature_batch_size", "auto"), device)
     size = int(cfg_image["image_size"])
     choices: dict[str, Any] = {"conv_bn": folded, "channels_last": fmt == torch.channels_last, "batch_size": batch}
-    plan = InferencePlan(backbone, net, device, "fp32", batch, size, fmt, choices)
+    choices.update(multi_depth=depths, hflip_average=hflip)
+    plan = InferencePlan(backbone, net, device, "fp32", batch, size, fmt, choices, depths, hflip)
     if device.type == "cuda":
         # bf16 only where the GPU computes it natively (compute capability >= 8.0); fp16 elsewhere (a T4)
         plan.precision = ("bf16" if gpu_inference_dtype(device) == torch.bfloat16 else "fp16") if mixed_precision else "fp32"
@@ -146,11 +178,13 @@ def prepare_inference(backbone: Backbone, cfg_image: dict, device: torch.device,
 
 
 def extract(plan: InferencePlan, paths: list[Path], workers: int, out: np.ndarray | None = None,
-            desc: str = "features", on_bad: str = "error") -> tuple[np.ndarray, dict[str, float]]:
+            desc: str = "features", on_bad: str = "error",
+            depths_out: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
     """Pooled features of every image, streamed batch by batch into ``out`` (e.g. a memory-mapped cache file).
 
     Memory stays bounded by a few batches whatever the number of images; returns (features, timing), the
     timing's ``seconds`` unrounded (a short run takes well under 0.1 s: rates are computed from it).
+    With a multi-depth plan, the depth features stream into ``depths_out`` in the same pass.
     """
     if out is None:
         out = np.empty((len(paths), plan.backbone.dim), dtype=np.float32)
@@ -160,7 +194,12 @@ def extract(plan: InferencePlan, paths: list[Path], workers: int, out: np.ndarra
     start, row = time.perf_counter(), 0
     with tqdm(total=len(paths), desc=desc, unit="img", smoothing=0.05) as bar:
         for images in loader:
-            feats = plan(images).cpu().numpy()
+            feats = plan(images)
+            if plan.depths:
+                feats, depth_feats = feats
+                if depths_out is not None:
+                    depths_out[row: row + len(feats)] = depth_feats.cpu().numpy()
+            feats = feats.cpu().numpy()
             out[row: row + len(feats)] = feats
             row += len(feats)
             bar.update(len(feats))

@@ -13,6 +13,14 @@ from ..assets import Asset, backbone_weights
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FEATURE_DIMS = {"resnet50": 2048, "vgg16": 4096, "efficientnet_lite0": 1280}
 
+#: The last module of each resolution stage ("after each pooling stage"), whose outputs are pooled into the
+#: multi-depth features; the final pooled vector comes after them.
+DEPTH_MODULES = {
+    "resnet50": ["layer1", "layer2", "layer3"],
+    "vgg16": ["features.4", "features.9", "features.16", "features.23", "features.30"],
+    "efficientnet_lite0": ["_blocks.0", "_blocks.2", "_blocks.4", "_blocks.10", "_blocks.15"],
+}
+
 
 class Backbone(nn.Module):
     """A CNN that maps normalised images [B, 3, S, S] to pooled features [B, dim]."""
@@ -87,3 +95,32 @@ class ImageClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
 
+
+def depth_extractor(backbone: Backbone, net: nn.Module | None = None) -> nn.Module:
+    """A copy of the backbone's network (or of ``net``, e.g. its batch-norm-folded version) that returns
+    ``{depth0: output of the first stage of DEPTH_MODULES, ..., final: the pooled features}`` in one forward
+    pass (torchvision's feature extraction, traced with torch.fx)."""
+    import re
+    import warnings
+
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    net = (backbone.net if net is None else net).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        train_names, eval_names = get_graph_node_names(net)
+
+    def nodes(names: list[str]) -> dict[str, str]:
+        last: dict[str, str] = {}
+        for name in names:
+            for module in DEPTH_MODULES[backbone.name]:
+                if name == module or re.match(re.escape(module) + r"\.", name):
+                    last[module] = name
+        chosen = {last[m]: f"depth{i}" for i, m in enumerate(DEPTH_MODULES[backbone.name])}
+        chosen[names[-1]] = "final"
+        return chosen
+
+    with warnings.catch_warnings():  # torchvision's note that eval-mode nodes are a subset: we name both
+        warnings.simplefilter("ignore", UserWarning)
+        return create_feature_extractor(net, train_return_nodes=nodes(train_names),
+                                        eval_return_nodes=nodes(eval_names))

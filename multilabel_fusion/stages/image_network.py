@@ -37,7 +37,7 @@ def artifact_spec(cfg: Config) -> dict[str, Any]:
     ci = cfg.image
     weights = assets.backbone_weights(ci)
     settings = {k: ci[k] for k in ("backbone", "weights", "offline_fallback", "image_size", "feature_dtype",
-                                   "cpu_precision", "fine_tune")}
+                                   "cpu_precision", "fine_tune", "depth_features", "hflip_average")}
     spec: dict[str, Any] = {"settings": settings, "version": PREPROCESSING_VERSION,
                             "assets": {"backbone": {"name": weights.name, "identity": weights.identity}}}
     if ci.fine_tune:
@@ -95,7 +95,9 @@ def extract_block(ctx: base.StageContext, backbone: Backbone, workers: int, head
     """Extract every train and test image straight into the artifact's files (atomic: an interrupted run leaves
     nothing usable). A fine-tuned network's own head scores the features in the same pass."""
     ci = ctx.cfg.image
-    plan = prepare_inference(backbone, ci, ctx.device, ctx.cfg.trainer.mixed_precision)
+    plan = prepare_inference(backbone, ci, ctx.device, ctx.cfg.trainer.mixed_precision,
+                             depths=bool(ci.depth_features), hflip=bool(ci.hflip_average))
+    depth_dims = plan.depth_dims()
     key = ctx.key()
     print(f"[image] extracting {backbone.name} features of {len(ctx.data.train) + len(ctx.data.test)} images -> "
           f"{ctx.store.dir('image', key)}")
@@ -104,7 +106,9 @@ def extract_block(ctx: base.StageContext, backbone: Backbone, workers: int, head
         for part in ("train", "test"):
             paths = ctx.data.image_paths(part)
             out = w.array(part, (len(paths), backbone.dim), ci.feature_dtype)
-            timings.append(extract(plan, paths, workers, out, f"{part} images", on_bad=ctx.cfg.data.bad_images)[1])
+            depths = w.array(f"{part}_depths", (len(paths), sum(depth_dims)), ci.feature_dtype) if plan.depths else None
+            timings.append(extract(plan, paths, workers, out, f"{part} images", on_bad=ctx.cfg.data.bad_images,
+                                   depths_out=depths)[1])
             if head is not None:
                 with torch.no_grad():
                     w.put(f"{part}_probs", torch.sigmoid(head.cpu().eval()(torch.from_numpy(
@@ -118,6 +122,7 @@ def extract_block(ctx: base.StageContext, backbone: Backbone, workers: int, head
                                 "torch_threads": torch.get_num_threads(), **plan.choices}
         w.info["backbone"] = {"name": backbone.name, "weights_used": backbone.weights_used, "dim": backbone.dim}
         w.info["backbone_size_mb"] = model_size_mb(backbone)
+        w.info["depth_dims"] = depth_dims  # widths of {part}_depths, stage by stage; the last = the pooled features
         w.info["bad_images"] = bad_images or []
     return ctx.store.load("image", key)
 
