@@ -97,6 +97,7 @@ class PipelineSection(Section):
 
 
 class SplitSection(Section):
+    folds: int = Field(ge=1, le=20)
     val_fraction: Number = Field(gt=0, lt=1)
     seed: NonNegativeInt
 
@@ -182,6 +183,13 @@ class FusionSection(Section):
     label1_weight: Weight
 
 
+class TextSection(Section):
+    word_ngrams: list[PositiveInt] = Field(min_length=2, max_length=2)
+    char_ngrams: list[PositiveInt] | None = Field(default=None, min_length=2, max_length=2)
+    min_df: PositiveInt
+    C: Number = Field(gt=0)
+
+
 class DetectorSection(Section):
     weights: PathText
     offline_weights: PathText | None
@@ -220,6 +228,7 @@ class Settings(Section):
     image: ImageSection
     caption: CaptionSection
     fusion: FusionSection
+    text: TextSection
     detector: DetectorSection
     label_decoder: LabelDecoderSection
     joint_embedding: JointEmbeddingSection

@@ -29,9 +29,10 @@ class Stage:
     module: str  # multilabel_fusion.stages.<module>: run_stage(cfg, ...) and artifact_spec(cfg, env)
     sections: tuple[str, ...]  # configuration sections that shape its result
     not_shaping: tuple[str, ...] = ()  # keys of those sections that only say how to run (speed, logging)
-    block: bool = False  # it writes a feature block the fused network can read (named like the stage)
+    blocks: tuple[str, ...] = ()  # feature blocks the fused network can read from it (see ``block_arrays``)
     optional_asset: str | None = None  # without this asset the stage is skipped, loudly, not fatally
     reads: Callable[[Config], list[str]] = lambda cfg: []  # stages whose artifacts it reads
+    reads_blocks: Callable[[Config], list[str]] = lambda cfg: []  # feature blocks it reads (keys in its spec)
     writes: str = ""
 
     @property
@@ -54,17 +55,24 @@ class Stage:
                 for section in self.sections}
 
 
+def _fusion_reads(cfg: Config) -> list[str]:
+    return list(dict.fromkeys(block_owner(b).name for b in cfg.fusion.blocks))
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("image", "01", "image network", "image_network", ("image",),
-          not_shaping=("feature_batch_size", "channels_last", "fuse_conv_bn", "bench_bare_seconds"), block=True,
-          writes="pooled CNN features of every image, CNN-only submission"),
-    Stage("caption", "02", "caption network", "caption_network", ("caption",), block=True,
-          writes="Bi-LSTM caption features, caption-only submission"),
-    Stage("fusion", "03", "fused network", "fusion", ("fusion",),
-          reads=lambda cfg: list(cfg.fusion.blocks), writes="output/predictions.csv"),
+          not_shaping=("feature_batch_size", "channels_last", "fuse_conv_bn", "bench_bare_seconds"),
+          blocks=("image", "image_depths", "image_probs"),
+          writes="pooled CNN features of every image, out-of-fold head probabilities, CNN-only submission"),
+    Stage("caption", "02", "caption network", "caption_network", ("caption",), blocks=("caption", "caption_probs"),
+          writes="out-of-fold Bi-LSTM caption features and probabilities, caption-only submission"),
+    Stage("fusion", "03", "fused network", "fusion", ("fusion",), reads=_fusion_reads,
+          reads_blocks=lambda cfg: list(cfg.fusion.blocks), writes="output/predictions.csv"),
     Stage("detector", "04", "YOLO detector", "detector", ("detector",),
-          not_shaping=("batch_size", "threads", "channels_last", "examples"), block=True,
+          not_shaping=("batch_size", "threads", "channels_last", "examples"), blocks=("detector", "detector_boxes"),
           optional_asset="COCO detector weights", writes="per-label detection scores, detector submission"),
+    Stage("text", "07", "text n-grams", "text_ngrams", ("text",), blocks=("text",),
+          writes="out-of-fold TF-IDF + logistic-regression probabilities, text-only submission"),
 ]}
 
 #: Settings every trained result depends on besides its own sections.
@@ -79,8 +87,16 @@ def get(name: str) -> Stage:
 
 
 def blocks() -> list[str]:
-    """Names of the stages whose output is a feature block for the fused network."""
-    return [s.name for s in STAGES.values() if s.block]
+    """Names of every feature block the fused network can read."""
+    return [b for s in STAGES.values() for b in s.blocks]
+
+
+def block_owner(name: str) -> Stage:
+    """The stage that makes block ``name``."""
+    for stage in STAGES.values():
+        if name in stage.blocks:
+            return stage
+    raise KeyError(f"no stage makes a block {name!r}; blocks: {', '.join(blocks())}")
 
 
 def check_names(cfg: Config) -> None:
@@ -136,6 +152,7 @@ def artifact_spec(name: str, cfg: Config, data_fingerprint: str) -> dict[str, An
     if memo not in _SPECS:
         stage = get(name)
         inputs = {dep: artifact_key(dep, cfg, data_fingerprint) for dep in stage.reads(cfg)}
+        inputs.update({f"block:{b}": block_key(b, cfg, data_fingerprint) for b in stage.reads_blocks(cfg)})
         spec = {"stage": name, "data": data_fingerprint, "inputs": inputs, "settings": stage.settings(cfg)}
         spec.update(stage.load().artifact_spec(cfg))  # a stage may narrow "settings" and add assets, versions
         _SPECS[memo] = spec
@@ -144,3 +161,12 @@ def artifact_spec(name: str, cfg: Config, data_fingerprint: str) -> dict[str, An
 
 def artifact_key(name: str, cfg: Config, data_fingerprint: str) -> str:
     return digest(artifact_spec(name, cfg, data_fingerprint))
+
+
+def block_key(block: str, cfg: Config, data_fingerprint: str) -> str:
+    """The key of what block ``block`` holds: its stage's artifact key, plus what the stage says shapes that block
+    beyond it (``block_spec(cfg, block)``, e.g. the head settings behind the image network's probabilities)."""
+    owner = block_owner(block)
+    module = owner.load()
+    extra = module.block_spec(cfg, block) if hasattr(module, "block_spec") else None
+    return digest({"block": block, "artifact": artifact_key(owner.name, cfg, data_fingerprint), "extra": extra})

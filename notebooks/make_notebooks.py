@@ -319,6 +319,9 @@ ABOUT = {
               "**`output/predictions.csv`**, the file to upload. A block missing for the current settings is computed "
               "first by its own stage (quick once notebooks 01, 02 and 04 ran); the detector block is left out, "
               "saying so, where no COCO detector weights can be had.",
+    "text": "TF-IDF word and character n-grams of each caption with one logistic regression per label, trained "
+            "per fold: out-of-fold probabilities for every training record (the fused network's `text` block) and the "
+            "text-only submission `output/submission_text.csv`. Seconds on a CPU.",
     "detector": "A COCO-pretrained YOLOv5 detects objects in every image; per-label detection scores give the "
                 "detector baseline `output/submission_detector.csv` and a feature block that stage 03 fuses with the "
                 "image and caption blocks. Much faster on a GPU.",

@@ -1,18 +1,36 @@
-"""Stage 04: COCO name mapping, refusal of non-COCO checkpoints, weight resolution order, the detection
-cache, the original-YOLOv5 loader on real images, and ultralytics' path with an untrained model."""
+"""Stage 04: COCO name mapping, refusal of non-COCO checkpoints, the resolution order of detector weights, the
+detections as an artifact found by key, the original-YOLOv5 loader on real images, ultralytics' path with an
+untrained model, and unreadable images (one-line error, or grey stand-ins listed in the metrics file)."""
+
+from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from multilabel_fusion import cache, config, detector, submission
-from multilabel_fusion import data as D
-from multilabel_fusion import labels as L
+from multilabel_fusion import assets, config, registry
+from multilabel_fusion.data import demo
+from multilabel_fusion.data import labels as L
+from multilabel_fusion.data import reader as D
+from multilabel_fusion.data.images import letterbox, unletterbox
+from multilabel_fusion.engine.artifacts import ArtifactStore
+from multilabel_fusion.evaluation import submission
+from multilabel_fusion.networks import yolov5
+from multilabel_fusion.networks.yolov5 import Detections, Detector
+from multilabel_fusion.stages import base
+from multilabel_fusion.stages import detector as stage
 
-OFFLINE = Path(__file__).resolve().parent.parent.parent / "shared" / "assets" / "yolov5n.pt"
+REPO = Path(__file__).resolve().parent.parent
+#: The original YOLOv5n COCO checkpoint: the repository's assets folder (setup.sh copies it) or the shared copy.
+YOLOV5N = [REPO / "assets" / "yolov5n.pt", REPO.parent / "shared" / "assets" / "yolov5n.pt"]
 COCO80 = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
           "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
           "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
@@ -22,38 +40,59 @@ COCO80 = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", 
           "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
           "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
           "teddy bear", "hair drier", "toothbrush"]
-SMALL = ["trainer.num_workers=0", "detector.image_size=64", "detector.batch_size=16"]
+SMALL = ["trainer.num_workers=0", "detector.image_size=64", "detector.batch_size=16", "detector.examples=3"]
 
 
-def _cfg(demo_data, tmp_path, *extra):
-    return config.load(overrides=SMALL + list(extra), data=demo_data, output=tmp_path / "out",
+@pytest.fixture(autouse=True)
+def fresh_resolution():
+    """Asset resolution and artifact specs are memoised per process; each test starts from what is on disk."""
+    assets._RESOLVED.clear()
+    registry._SPECS.clear()
+    yield
+    assets._RESOLVED.clear()
+    registry._SPECS.clear()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """Demo data with 48 x 36 images."""
+    return demo.generate(tmp_path_factory.mktemp("tiny") / "data", 30, 10, seed=1, image_size=(48, 36))
+
+
+@pytest.fixture(scope="module")
+def yolov5n() -> Path:
+    found = next((p for p in YOLOV5N if p.is_file()), None)
+    if found is None:
+        pytest.skip(f"no offline YOLOv5n checkpoint at {' or '.join(map(str, YOLOV5N))} (setup.sh copies it)")
+    return found
+
+
+def _cfg(data_dir, tmp_path, *extra):
+    return config.load(overrides=SMALL + list(extra), data=data_dir, output=tmp_path / "out",
                        models=tmp_path / "models")
-
-
-def _needs_offline_weights():
-    if not OFFLINE.is_file():
-        pytest.skip(f"offline YOLOv5n checkpoint not at {OFFLINE} (only on the project's machines)")
 
 
 # --------------------------------------------------------------------------------- names -> labels
 def test_coco_names_map_to_the_18_labels_by_name_in_any_order():
-    columns = detector.label_columns(COCO80)
+    columns = yolov5.label_columns(COCO80)
     assert columns[:18].tolist() == list(range(18))  # person..horse are COCO indices 0..17
     assert (columns[18:] == -1).all()  # sheep, chair, ... ignored
     # a dict with another order (and other spellings of the same names) maps by name, not by index
     order = np.random.default_rng(0).permutation(80)
     shuffled = {i: COCO80[k].upper().replace(" ", "_") for i, k in enumerate(order)}
-    cols = detector.label_columns(shuffled)
+    cols = yolov5.label_columns(shuffled)
     for i, k in enumerate(order):
         assert cols[i] == (k if k < 18 else -1)
     assert L.names()[cols[list(order).index(16)]] == "dog"
+    with pytest.raises(ValueError, match="class indices"):
+        yolov5.names_list({0: "person", 2: "car"})  # a gap in the indices
 
 
 @pytest.mark.parametrize("names", [[str(i) for i in range(80)], ["cat", "dog", "bird"],
                                    {0: "person", 1: "car", 2: "forklift"}])
 def test_a_checkpoint_without_coco_names_is_refused(names):
     with pytest.raises(ValueError, match=r"custom\.pt: not a COCO detector"):
-        detector.label_columns(names, "custom.pt")
+        yolov5.label_columns(names, "custom.pt")
 
 
 def test_untrained_ultralytics_model_is_refused_naming_the_file(tmp_path):
@@ -61,157 +100,228 @@ def test_untrained_ultralytics_model_is_refused_naming_the_file(tmp_path):
 
     path = tmp_path / "untrained.pt"
     YOLO("yolov5nu.yaml").save(str(path))  # offline: architecture from ultralytics' yaml, names '0'..'79'
-    assert detector.checkpoint_kind(path) == "ultralytics"
+    assert yolov5.checkpoint_kind(path) == "ultralytics"
     with pytest.raises(ValueError, match=r"untrained\.pt: not a COCO detector.*'0', '1'"):
-        detector.load_detector(path)
+        yolov5.load_detector(path)
 
 
-def test_ultralytics_path_detects_through_yolo_predict(demo_data):
+def test_ultralytics_path_detects_through_yolo_predict(tiny):
     from ultralytics import YOLO
 
     yolo = YOLO("yolov5nu.yaml")
     yolo.model.names = dict(enumerate(COCO80))  # untrained, but with COCO's names: exercises the code path
-    det = detector.UltralyticsDetector("yolov5nu.yaml", "cpu", yolo=yolo)
-    assert det.columns[0] == 0 and det.columns[79] == -1
-    paths = sorted((demo_data / "data").glob("*.jpg"))[:3]
-    run = detector.detect_images(det, paths, image_size=64, conf=0.0, iou=0.45, max_det=20, batch_size=2, workers=0)
+    det = yolov5.UltralyticsDetector("yolov5nu.yaml", "cpu", yolo=yolo)
+    assert det.columns[0] == 0 and det.columns[79] == -1 and not det.needs_letterbox
+    paths = sorted((tiny / "data").glob("*.jpg"))[:3]
+    run = stage.detect_images(det, paths, image_size=64, conf=0.0, iou=0.45, max_det=20, batch_size=2, workers=0)
     assert run.scores.shape == (3, 18) and run.boxes.shape[1] == 6 and len(run.boxes) == len(run.box_class)
     assert set(np.unique(run.boxes[:, 0])) <= {0, 1, 2} and len(run.boxes) > 0
+    # boxes are in the images' own pixels (48 x 36), and each label's score is its best box's confidence
+    assert run.boxes[:, 1:5].min() >= 0 and run.boxes[:, [1, 3]].max() <= 48 and run.boxes[:, [2, 4]].max() <= 36
+    for row in range(3):
+        mine = (run.boxes[:, 0] == row) & (det.columns[run.box_class] >= 0)
+        for col in range(18):
+            hit = mine & (det.columns[run.box_class] == col)
+            assert run.scores[row, col] == pytest.approx(run.boxes[hit, 5].max() if hit.any() else 0.0)
 
 
 # --------------------------------------------------------------------------------- weights
 def test_weight_resolution_order(tmp_path, monkeypatch, capsys):
-    explicit, offline, cached_dir = tmp_path / "mine.pt", tmp_path / "offline.pt", tmp_path / "ul_weights"
-    explicit.write_bytes(b"x")
-    offline.write_bytes(b"y")
+    folder, cached_dir = tmp_path / "assets", tmp_path / "ul_weights"
+    folder.mkdir()
     cached_dir.mkdir()
-    monkeypatch.setattr(detector, "_ultralytics_weights_dir", lambda: cached_dir)
+    explicit = tmp_path / "mine.pt"
+    explicit.write_bytes(b"x")
+    (folder / "yolov5n.pt").write_bytes(b"offline")
+    monkeypatch.setattr(assets, "_ultralytics_weights_dir", lambda: cached_dir)
     calls = []
 
     def failing_download(name):
         calls.append(name)
         raise ConnectionError("offline")
 
-    def cfg(weights):
-        return config.load(overrides=[f"detector.weights={weights}", f"detector.offline_weights={offline}"])
+    def cfg(weights, offline="yolov5n.pt"):
+        return config.load(overrides=[f"detector.weights={weights}", f"detector.offline_weights={offline}"],
+                           assets=folder)
 
-    # an existing path wins: no cache look-up, no download
-    assert detector.resolve_weights(cfg(explicit), download=failing_download) == (explicit, "path")
-    assert calls == []
-    # a name: the download fails -> the offline copy, saying why
-    assert detector.resolve_weights(cfg("yolov5su.pt"), download=failing_download) == (offline, "offline")
-    assert calls == ["yolov5su.pt"] and "download yolov5su.pt: ConnectionError" in capsys.readouterr().out
-    # a download that works is used
+    def resolve(weights, download=failing_download, **kw):
+        return assets.detector_weights(cfg(weights, **kw), download=download)
+
+    # 1. an existing path wins: nothing else is looked at, and its content is its identity
+    found = resolve(explicit)
+    assert (found.source, found.path, found.tried) == ("path", explicit, []) and calls == []
+    assert found.identity == f"sha256:{assets.file_sha256(explicit)}" and found.extra["bytes"] == 1
+    # 2. a name: the assets folder (paths.assets) ...
+    (folder / "yolov5su.pt").write_bytes(b"local")
+    found = resolve("yolov5su.pt")
+    assert (found.source, found.path) == ("local copy", folder / "yolov5su.pt") and calls == []
+    assert found.tried == ["path: absent"]
+    # 3. ... then ultralytics' weights cache, before any download
+    (folder / "yolov5su.pt").unlink()
+    (cached_dir / "yolov5su.pt").write_bytes(b"cached")
+    found = resolve("yolov5su.pt")
+    assert (found.source, found.path) == ("local copy", cached_dir / "yolov5su.pt") and calls == []
+    assert found.tried == ["path: absent", "assets folder: absent"]
+    # 4. ... then the download, when it works
+    (cached_dir / "yolov5su.pt").unlink()
     got = tmp_path / "dl" / "yolov5su.pt"
-    assert detector.resolve_weights(cfg("yolov5su.pt"), download=lambda n: got) == (got, "download")
-    # ultralytics' cache comes before the download
-    (cached_dir / "yolov5su.pt").write_bytes(b"z")
-    assert detector.resolve_weights(cfg("yolov5su.pt"), download=failing_download) == (
-        cached_dir / "yolov5su.pt", "cache")
-    assert calls == ["yolov5su.pt"]
-    # nothing anywhere: one error listing every place tried
-    with pytest.raises(FileNotFoundError, match="no detector weights.*download yolov7.pt.*offline copy"):
-        detector.resolve_weights(config.load(overrides=["detector.weights=yolov7.pt",
-                                                        f"detector.offline_weights={tmp_path / 'none.pt'}"]),
-                                 download=failing_download)
+    got.parent.mkdir()
+    got.write_bytes(b"downloaded")
+    found = resolve("yolov5su.pt", download=lambda name: calls.append(name) or got)
+    assert (found.source, found.path) == ("download", got) and calls == ["yolov5su.pt"]
+    # 5. ... and the offline copy when it fails, saying what was tried and what was asked for
+    capsys.readouterr()
+    found = resolve("yolov5su.pt")
+    assert (found.source, found.path, found.name) == ("offline fallback", folder / "yolov5n.pt", "yolov5n.pt")
+    assert found.requested == "yolov5su.pt" and calls == ["yolov5su.pt"] * 2
+    assert found.tried == ["path: absent", "assets folder: absent", "ultralytics cache: absent",
+                           "ultralytics download: ConnectionError: offline"]
+    out = capsys.readouterr().out
+    assert "ultralytics download: ConnectionError: offline" in out
+    assert "using detector weights yolov5n.pt instead of yolov5su.pt: offline fallback" in out
+    # the offline copy may also be a path outside the assets folder
+    elsewhere = tmp_path / "elsewhere.pt"
+    elsewhere.write_bytes(b"e")
+    assert resolve("yolov5su.pt", offline=str(elsewhere)).path == elsewhere
+    # 6. nothing anywhere: one error listing every place tried, in order
+    with pytest.raises(assets.AssetUnavailable) as err:
+        resolve("yolov7.pt", offline="none.pt")
+    assert str(err.value) == ("no detector weights for yolov7.pt: path: absent; assets folder: absent; ultralytics "
+                              "cache: absent; ultralytics download: ConnectionError: offline; offline copy none.pt "
+                              "(paths.assets): absent")
 
 
 def test_download_fails_fast_when_offline(monkeypatch):
-    import time
-
-    monkeypatch.setattr(detector, "DOWNLOAD_HOST", ("host.invalid", 443))  # .invalid never resolves
+    monkeypatch.setitem(assets.DOWNLOAD_HOSTS, "ultralytics", ("host.invalid", 443))  # .invalid never resolves
     started = time.perf_counter()
     with pytest.raises(ConnectionError, match="host.invalid unreachable"):
-        detector._download("yolov5su.pt")
+        assets._ultralytics_download("yolov5su.pt")
     assert time.perf_counter() - started < 5
 
 
 # --------------------------------------------------------------------------------- letterbox
 def test_letterbox_round_trip():
     image = np.zeros((213, 320, 3), np.uint8)
-    boxed, meta = detector.letterbox(image, 640)
-    assert boxed.shape == (640, 640, 3) and meta[0] == 2.0
+    boxed, meta = letterbox(image, 640)
+    assert boxed.shape == (640, 640, 3) and meta[0] == 2.0 and meta[3:] == (213, 320)
     box = np.array([[10.0, 20.0, 300.0, 200.0]])
     r, left, top = meta[:3]
+    assert left == 0 and top == 107
     in_boxed = box * r + np.array([left, top, left, top])
-    assert np.allclose(detector.unletterbox(in_boxed, meta), box, atol=1e-4)
-    assert (boxed[:top] == 114).all() and (boxed[top:top + 426] == 0).all()
+    assert np.allclose(unletterbox(in_boxed, meta), box, atol=1e-4)
+    assert (boxed[:top] == 114).all() and (boxed[top:top + 426] == 0).all() and (boxed[top + 426:] == 114).all()
+    # boxes reaching into the padding are clipped to the image
+    assert np.allclose(unletterbox(np.array([[-5.0, 0.0, 700.0, 640.0]]), meta), [[0, 0, 320, 213]])
 
 
-# --------------------------------------------------------------------------------- the stage and its cache
-class FakeDetector(detector.Detector):
+# --------------------------------------------------------------------------------- the stage and its artifact
+class FakeDetector(Detector):
     """COCO names; a person in every image (0.9), a dog (0.3) in every other one, a chair (ignored) always."""
 
     kind = "fake"
 
     def __init__(self):
         super().__init__(Path("fake.pt"), COCO80)
+        self.images = 0
 
     def detect(self, batch, **kw):
         images, metas = batch
-        assert images.shape[1:] == (3, kw["image_size"], kw["image_size"])
+        assert images.shape[1:] == (3, kw["image_size"], kw["image_size"]) and images.dtype == torch.uint8
         out = []
         for meta in metas:
-            k = len(out)
+            k = self.images
+            self.images += 1
             cls = np.array([0, 56] + ([16] if k % 2 else []))
             conf = np.array([0.9, 0.8] + ([0.3] if k % 2 else []), np.float32)
             xyxy = np.tile(np.array([[1, 1, 20, 20]], np.float32), (len(cls), 1))
-            out.append(detector.Detections(xyxy, conf, cls))
+            out.append(Detections(xyxy, conf, cls))
         return out
 
 
-def test_stage_caches_detections_and_recomputes_on_changed_settings(demo_data, tmp_path, monkeypatch):
+def _fake_loader(monkeypatch) -> list:
+    loads = []
+    monkeypatch.setattr(stage, "load_detector", lambda *a, **k: loads.append(a[0]) or FakeDetector())
+    return loads
+
+
+def _no_detection(*a, **k):
+    raise AssertionError("detection ran although the artifact holds it")
+
+
+def test_stage_keeps_detections_by_key_and_recomputes_on_changed_settings(tiny, tmp_path, monkeypatch):
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"weights")
-    loads = []
-    monkeypatch.setattr(detector, "load_detector", lambda *a, **k: loads.append(a[0]) or FakeDetector())
-    m1 = detector.run_stage(_cfg(demo_data, tmp_path, f"detector.weights={weights}"))
-    assert len(loads) == 1 and m1["cache"] == "computed" and m1["weights"]["source"] == "path"
+    loads = _fake_loader(monkeypatch)
+    real_detect = stage.detect_images
+
+    def run(*extra):
+        return stage.run_stage(_cfg(tiny, tmp_path, f"detector.weights={weights}", *extra))
+
+    m1 = run()
+    assert loads == [weights] and m1["detections"] == "computed" and m1["weights"]["source"] == "path"
+    assert m1["weights"]["identity"] == f"sha256:{assets.file_sha256(weights)}" and m1["bad_images"] == []
     out = tmp_path / "out"
-    data = D.load(demo_data)
-    block = cache.load_block(out, "detector", data.fingerprint())  # what stage 03 reads by name
+    data = D.load(tiny)
+    block = ArtifactStore(out).require("detector", m1["artifact_key"], "stage 04")  # what stage 03 reads
+    assert block.dir == Path(m1["artifact"])
     n_train, n_test = len(data.train), len(data.test)
     assert block["train"].shape == (n_train, 18) and block["test"].shape == (n_test, 18)
-    assert block["train"][:, 0].min() == pytest.approx(0.9) and block["train"][:, 1:].max() == pytest.approx(0.3)
+    # person everywhere at 0.9; a dog in every other image (train then test, in file order); the chair ignored
+    assert (block["train"][:, 0] == np.float32(0.9)).all()
+    every = np.concatenate([block["train"], block["test"]])
+    dog = L.column_of(18)
+    assert np.array_equal(every[:, dog] > 0, np.arange(n_train + n_test) % 2 == 1)
+    assert every[:, dog].max() == np.float32(0.3) and np.delete(every, [0, dog], axis=1).max() == 0
     assert np.array_equal(block["train_ids"], data.train["ImageID"].to_numpy(str))
-    assert len(block["train_boxes"]) == len(block["train_box_class"]) and block["train_boxes"].shape[1] == 6
-    assert submission.validate_file(m1["submission"], demo_data / "test.csv") == n_test
+    assert len(block["train_boxes"]) == len(block["train_box_class"]) == n_train * 2 + n_train // 2
+    assert block["train_boxes"].shape[1] == 6 and list(block["class_names"]) == COCO80
+    assert submission.validate_file(m1["submission"], tiny / "test.csv") == n_test
     assert (out / "figures" / "detector_examples.png").stat().st_size > 10_000
     saved = json.loads((out / "metrics" / "detector.json").read_text())
     assert saved["figures"]["examples"].endswith("detector_examples.png") and saved["detection"]["images_per_s"] > 0
+    assert saved["artifact_key"] == m1["artifact_key"]
 
-    # same settings: the cache is loaded and nothing is detected
-    def no_detection(*a, **k):
-        raise AssertionError("detection ran although the cache holds it")
-
-    monkeypatch.setattr(detector, "detect_images", no_detection)
-    m2 = detector.run_stage(_cfg(demo_data, tmp_path, f"detector.weights={weights}"))
-    assert m2["cache"] == "reused" and m2["val_mean_f1_tuned"] == m1["val_mean_f1_tuned"] and len(loads) == 1
-    # a changed setting (or changed weights) recomputes
+    # same settings: the artifact is found by its key; no detector is loaded, nothing is detected
+    monkeypatch.setattr(stage, "detect_images", _no_detection)
+    m2 = run()
+    assert m2["detections"] == "reused" and m2["artifact_key"] == m1["artifact_key"] and len(loads) == 1
+    assert m2["val_mean_f1_tuned"] == m1["val_mean_f1_tuned"] and m2["thresholds"] == m1["thresholds"]
+    # how detection runs (batch size, threads, layout) does not shape the detections
+    assert run("detector.batch_size=4", "detector.threads=1", "detector.channels_last=false")["detections"] == "reused"
+    # a setting that shapes them is another artifact ...
     with pytest.raises(AssertionError, match="detection ran"):
-        detector.run_stage(_cfg(demo_data, tmp_path, f"detector.weights={weights}", "detector.conf=0.1"))
+        run("detector.conf=0.1")
+    monkeypatch.setattr(stage, "detect_images", real_detect)
+    m3 = run("detector.conf=0.1")
+    assert m3["detections"] == "computed" and m3["artifact_key"] != m1["artifact_key"]
+    # ... and changing it back finds the first one again
+    monkeypatch.setattr(stage, "detect_images", _no_detection)
+    m4 = run()
+    assert m4["detections"] == "reused" and m4["artifact_key"] == m1["artifact_key"]
+    # other weights behind the same name are other detections (keyed by the file's sha256, not its name)
     weights.write_bytes(b"other weights")
+    assets._RESOLVED.clear()
+    registry._SPECS.clear()
     with pytest.raises(AssertionError, match="detection ran"):
-        detector.run_stage(_cfg(demo_data, tmp_path, f"detector.weights={weights}"))
+        run()
 
 
 # --------------------------------------------------------------------------------- real detection
-def test_original_yolov5_checkpoint_detects_on_real_images(shared_data):
+def test_original_yolov5_checkpoint_detects_on_real_images(shared_data, yolov5n):
     """The built-in loader on the offline YOLOv5n: a person in 0.jpg (labelled 1) with a plausible box, and
     the labels of the first 32 records recovered about as well as the yolov5 package does (ASSETS.md: 0.754
     over 320 records at 640 px; this loader gives 0.756 there and 0.83 on these 32 at 320 px)."""
-    _needs_offline_weights()
-    from multilabel_fusion.metrics import mean_f1
-    from multilabel_fusion.thresholds import decide
+    from multilabel_fusion.evaluation.metrics import mean_f1
+    from multilabel_fusion.evaluation.thresholds import decide
 
-    assert detector.checkpoint_kind(OFFLINE) == "yolov5"
-    det = detector.load_detector(OFFLINE)
-    assert isinstance(det, detector.YoloV5Detector) and len(det.names) == 80 and det.names[16] == "dog"
+    assert yolov5.checkpoint_kind(yolov5n) == "yolov5"
+    det = yolov5.load_detector(yolov5n)
+    assert isinstance(det, yolov5.YoloV5Detector) and len(det.names) == 80 and det.names[16] == "dog"
     data = D.load(shared_data, check_images=False)
     assert data.train["ImageID"].iloc[0] == "0.jpg" and data.train["Labels"].iloc[0] == (1,)
     paths = data.image_paths("train")[:32]
-    run = detector.detect_images(det, paths, image_size=320, conf=0.25, iou=0.45, multi_label=False,
-                                 batch_size=16, workers=0)
+    run = stage.detect_images(det, paths, image_size=320, conf=0.25, iou=0.45, multi_label=False,
+                              batch_size=16, workers=0)
     assert run.scores[0, 0] > 0.7, run.scores[0]  # person, high confidence
     # boxes in image pixels as the original YOLOv5 code gives them (yolov5==7.0.14, AutoShape, size 320,
     # whose rectangular letterbox pads differently, hence the tolerance): 0.jpg person, 3.jpg car
@@ -232,5 +342,89 @@ def test_the_checkpoint_unpickler_refuses_code(tmp_path):
 
     path = tmp_path / "payload.pt"
     torch.save({"model": Payload()}, path)
-    with pytest.raises(detector.UnsupportedCheckpoint, match="refusing to unpickle builtins.print"):
-        detector.load_yolov5_checkpoint(path)
+    with pytest.raises(yolov5.UnsupportedCheckpoint, match="refusing to unpickle builtins.print"):
+        yolov5.load_yolov5_checkpoint(path)
+    torch.save({"model": torch.nn.Linear(2, 2)}, path)  # harmless, but not a YOLOv5 detection model
+    with pytest.raises(yolov5.UnsupportedCheckpoint, match="not a YOLOv5 detection model"):
+        yolov5.load_yolov5_checkpoint(path)
+
+
+# --------------------------------------------------------------------------------- unreadable images
+def _broken_copy(tiny, tmp_path, *kinds: str) -> tuple[Path, dict[str, Path]]:
+    """A copy of the demo data with bad images: a train JPEG (a validation one) cut in half, an empty test JPEG."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    val_row = int(base.prepare(config.load(data=tiny), "detector").val_idx[0])
+    bad = {}
+    if "truncated" in kinds:
+        bad["truncated"] = broken / "data" / f"{val_row}.jpg"
+        whole = bad["truncated"].read_bytes()
+        bad["truncated"].write_bytes(whole[: len(whole) // 2])  # libjpeg decodes this, grey-filled
+    if "empty" in kinds:
+        bad["empty"] = broken / "data" / "30001.jpg"
+        bad["empty"].write_bytes(b"")
+    return broken, bad
+
+
+def _weights_file(tmp_path) -> Path:
+    """The real offline checkpoint where there is one (the run a user makes), else a stand-in file: the stage
+    checks its images before it loads the detector."""
+    found = next((p for p in YOLOV5N if p.is_file()), None)
+    if found is None:
+        found = tmp_path / "stand-in.pt"
+        found.write_bytes(b"not read")
+    return found
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty"])
+def test_a_bad_image_stops_the_stage_script_with_one_line(tiny, tmp_path, kind):
+    broken, bad = _broken_copy(tiny, tmp_path, kind)
+    args = [sys.executable, str(REPO / "stages" / "04_detector.py"), "--data", str(broken),
+            "--output", str(tmp_path / "out"), "--models", str(tmp_path / "models"),
+            "--set", f"detector.weights={_weights_file(tmp_path)}"]
+    for item in SMALL:
+        args += ["--set", item]
+    env = {**os.environ, "TQDM_DISABLE": "1"}  # progress bars off: stderr holds only messages
+    done = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode != 0, done.stdout[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert str(bad[kind]) in lines[0] and ("truncated JPEG" if kind == "truncated" else "empty file") in lines[0]
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not (tmp_path / "out" / "metrics" / "detector.json").exists()
+
+
+def test_bad_images_replaced_when_asked_and_listed(tiny, tmp_path, monkeypatch):
+    broken, bad = _broken_copy(tiny, tmp_path, "truncated", "empty")
+    _fake_loader(monkeypatch)
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"weights")
+    n_val = len(base.prepare(config.load(data=tiny), "detector").val_idx)
+    m = stage.run_stage(_cfg(broken, tmp_path, f"detector.weights={weights}", "data.bad_images=replace",
+                             f"detector.examples={n_val}"))  # every validation image, the bad one too
+    saved = json.loads((tmp_path / "out" / "metrics" / "detector.json").read_text())
+    assert saved["bad_images"] == m["bad_images"] and len(saved["bad_images"]) == 2
+    assert saved["bad_images"][0].startswith(f"{bad['truncated']}: truncated JPEG")
+    assert saved["bad_images"][1].startswith(f"{bad['empty']}: empty file")
+    block = ArtifactStore(tmp_path / "out").require("detector", m["artifact_key"], "stage 04")
+    assert block.info["bad_images"] == saved["bad_images"] and block["train"].shape == (30, 18)
+    # the examples figure shows the validation images, the replaced one included
+    assert saved["figures"]["examples"].endswith("detector_examples.png")
+    assert (tmp_path / "out" / "figures" / "detector_examples.png").stat().st_size > 10_000
+
+
+def test_repaired_images_are_not_served_from_the_replaced_artifact(tiny, tmp_path, monkeypatch):
+    """Detections made on grey stand-ins must not be reused once the files are readable again.
+
+    FAILS until stages/detector.py is fixed (see the report): the artifact key hashes train.csv and test.csv
+    but not which images were replaced, so the repaired data finds the artifact made without them.
+    """
+    broken, bad = _broken_copy(tiny, tmp_path, "truncated")
+    _fake_loader(monkeypatch)
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"weights")
+    cfg = [f"detector.weights={weights}", "data.bad_images=replace"]
+    assert len(stage.run_stage(_cfg(broken, tmp_path, *cfg))["bad_images"]) == 1
+    shutil.copy(tiny / "data" / bad["truncated"].name, bad["truncated"])  # repaired
+    again = stage.run_stage(_cfg(broken, tmp_path, *cfg))
+    assert again["bad_images"] == [] and again["detections"] == "computed"

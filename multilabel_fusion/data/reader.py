@@ -320,6 +320,17 @@ def split_indices(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[
     return np.sort(train_idx), np.sort(val_idx)
 
 
+def fold_indices(targets: np.ndarray, folds: int, val_fraction: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (fit, held-out) index pairs every stage shares: ``folds`` multi-label-stratified, seeded folds whose
+    held-out parts cover every record once; ``folds=1``: one train/validation split of ``val_fraction``."""
+    if folds == 1:
+        return [split_indices(targets, val_fraction, seed)]
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+    splitter = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [(np.sort(fit), np.sort(held)) for fit, held in splitter.split(np.zeros(len(targets)), targets)]
+
+
 def class_warnings(targets: np.ndarray, val_idx: np.ndarray | None, min_examples: int = 5) -> list[str]:
     """Human-readable warnings about classes the data cannot train or validate well (one string each).
 

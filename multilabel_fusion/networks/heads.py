@@ -65,17 +65,18 @@ def _loader(x: np.ndarray, y: np.ndarray | None, batch_size: int, shuffle: bool,
 
 
 def train_on_features(ctx, train_features: np.ndarray, test_features: np.ndarray, hs: HeadSettings, *,
-                      run_dir: Path, name: str, settings: dict, resume: bool = False):
+                      fit_idx: np.ndarray, held_idx: np.ndarray, run_dir: Path, name: str, settings: dict,
+                      resume: bool = False):
     """Fit an :class:`MLPHead` on the fit part of ``train_features`` with the shared trainer.
 
-    ``run_dir`` is the caller's checkpoint folder, keyed by the settings that shape the weights. Returns
-    ``(model, fit_result, val_probs, test_probs)``; the learning rate follows ReduceLROnPlateau on
-    validation mean-F1 (the published fusion schedule).
+    Trained on the rows ``fit_idx``, early-stopped on ``held_idx`` (one fold). ``run_dir`` is the caller's
+    checkpoint folder, keyed by the settings that shape the weights. Returns ``(model, fit_result, held_probs,
+    test_probs)``; the learning rate follows ReduceLROnPlateau on held-out mean-F1 (the published fusion schedule).
     """
     seed = ctx.cfg.trainer.seed
     trainer.seed_everything(seed)
     y = ctx.targets
-    x_fit, x_val = train_features[ctx.train_idx], train_features[ctx.val_idx]
+    x_fit, x_val = train_features[fit_idx], train_features[held_idx]
     model = MLPHead(train_features.shape[1], hs.hidden, hs.dropout)
     model.fit_standardisation(x_fit)
     optimizer = torch.optim.Adam(model.parameters(), lr=hs.lr, weight_decay=hs.weight_decay)
@@ -84,9 +85,9 @@ def train_on_features(ctx, train_features: np.ndarray, test_features: np.ndarray
     precision = training_precision(ctx.device, ctx.cfg.trainer.mixed_precision)
     result = trainer.fit(
         model,
-        _loader(x_fit, y[ctx.train_idx], hs.batch_size, True, seed),
-        _loader(x_val, y[ctx.val_idx], 4096, False, seed),
-        y[ctx.val_idx],
+        _loader(x_fit, y[fit_idx], hs.batch_size, True, seed),
+        _loader(x_val, y[held_idx], 4096, False, seed),
+        y[held_idx],
         loss_fn=trainer.weighted_bce(hs.label1_weight),
         optimizer=optimizer,
         scheduler=scheduler,

@@ -11,7 +11,7 @@ import torch
 from torchvision.ops import box_iou
 
 from ..data import labels as L
-from ..data.images import read_rgb
+from ..data.images import GREY, BadImageError, read_rgb
 from ..evaluation.thresholds import decide
 from .figures import _save
 
@@ -32,8 +32,10 @@ def examples_figure(ctx, found: dict[str, Any], thresholds: np.ndarray, path: Pa
     nrows = math.ceil(len(rows) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.4 * nrows), squeeze=False)
     colors = plt.get_cmap("tab20")
+    size = int(ctx.cfg.detector.image_size)
     for ax, row, p in zip(axes.flat, rows, pred):
-        ax.imshow(read_rgb(paths[row]))
+        image, note = _image(paths[row], size)
+        ax.imshow(image)
         mine = boxes[:, 0] == row
         # one object often carries several labels (a cat / dog box): nearly identical boxes share a frame and caption
         groups: list[tuple[np.ndarray, list]] = []
@@ -56,13 +58,22 @@ def examples_figure(ctx, found: dict[str, Any], thresholds: np.ndarray, path: Pa
         true_ids = sorted(ctx.data.train["Labels"].iloc[row])
         pred_ids = L.decode(p[None])[0]
         ok = set(true_ids) == set(pred_ids)
-        ax.set_title(f"{ctx.data.train['ImageID'].iloc[row]}\ntrue: {_label_text(true_ids)}\n"
+        ax.set_title(f"{ctx.data.train['ImageID'].iloc[row]}{note}\ntrue: {_label_text(true_ids)}\n"
                      f"pred: {_label_text(pred_ids)}", fontsize=8, color="darkgreen" if ok else "firebrick")
         ax.axis("off")
     for ax in axes.flat[len(rows):]:
         ax.axis("off")
     fig.suptitle("YOLO detector on validation images (boxes at or above the tuned per-label thresholds)")
     return _save(fig, path)
+
+
+def _image(path: Path, size: int) -> tuple[np.ndarray, str]:
+    """The image, or for an unreadable one (``data.bad_images: replace``) the grey stand-in the detector saw:
+    size x size, the frame its boxes are in."""
+    try:
+        return read_rgb(path), ""
+    except BadImageError:
+        return np.full((size, size, 3), GREY, dtype=np.uint8), " (unreadable: grey stand-in)"
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -42,13 +42,35 @@ class StageContext:
     cfg: Config
     stage: registry.Stage
     data: D.CompetitionData
-    train_idx: np.ndarray
-    val_idx: np.ndarray
+    folds: list[tuple[np.ndarray, np.ndarray]]  # (fit, held-out) record indices; held-out parts cover all (K > 1)
     targets: np.ndarray
     device: torch.device
     demo: bool
     warnings: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+
+    @property
+    def train_idx(self) -> np.ndarray:
+        """The first fold's fit part (with ``split.folds: 1``, the training part of the one split)."""
+        return self.folds[0][0]
+
+    @property
+    def val_idx(self) -> np.ndarray:
+        return self.folds[0][1]
+
+    @property
+    def eval_idx(self) -> np.ndarray:
+        """Records with a held-out prediction: every training record with K folds, the validation part with one."""
+        return np.sort(np.concatenate([held for _, held in self.folds]))
+
+    @property
+    def y_eval(self) -> np.ndarray:
+        return self.targets[self.eval_idx]
+
+    @property
+    def estimate(self) -> str:
+        k = len(self.folds)
+        return f"out-of-fold ({k} folds)" if k > 1 else "validation split"
 
     @property
     def output_dir(self) -> Path:
@@ -113,6 +135,28 @@ class StageContext:
         return listed
 
 
+def block_arrays(ctx: StageContext, name: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(train rows, test rows, key) of feature block ``name`` for the current settings, rows checked against the
+    data. A stage says how its blocks are read (``block_arrays(ctx, name)`` in its module); by default block
+    ``<stage>`` is its artifact's ``train``/``test`` arrays and ``<stage>_probs`` its out-of-fold ``probs``."""
+    owner = registry.block_owner(name)
+    module = owner.load()
+    if hasattr(module, "block_arrays"):
+        train, test = module.block_arrays(ctx, name)
+    else:
+        art = ctx.require(owner.name)
+        for part in ("train", "test"):
+            if f"{part}_ids" in art and not np.array_equal(art[f"{part}_ids"],
+                                                          getattr(ctx.data, part)["ImageID"].to_numpy(str)):
+                raise ValueError(f"{art.dir}: its {part} ImageIDs differ from {ctx.data.root}; re-run {owner.script}")
+        train, test = (art["train"], art["test"]) if name == owner.name else (art["probs"], art["test_probs"])
+    train, test = np.asarray(train, dtype=np.float32), np.asarray(test, dtype=np.float32)
+    if np.isnan(train).any():
+        raise ValueError(f"block {name!r} has no out-of-fold row for some training records (made with other folds?); "
+                         f"re-run {owner.script}")
+    return train, test, registry.block_key(name, ctx.cfg, ctx.fingerprint)
+
+
 def resolve_data_dir(cfg: Config, demo_mode: bool | str = False) -> tuple[Path, bool]:
     """The competition folder to use; ``demo_mode='auto'`` uses generated demo data when none is found."""
     data_dir = cfg.path("data")
@@ -130,15 +174,15 @@ def resolve_data_dir(cfg: Config, demo_mode: bool | str = False) -> tuple[Path, 
 _LOADED: dict[tuple, tuple] = {}
 
 
-def _load_and_split(data_dir: Path, val_fraction: float, seed: int):
-    """Read, check and split once per process (stages run in one process share it); re-read if a file changed."""
+def _load_and_split(data_dir: Path, folds: int, val_fraction: float, seed: int):
+    """Read, check and fold once per process (stages run in one process share it); re-read if a file changed."""
     stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (data_dir / "train.csv", data_dir / "test.csv"))
-    key = (str(data_dir.resolve()), stamp, val_fraction, seed)
+    key = (str(data_dir.resolve()), stamp, folds, val_fraction, seed)
     if key not in _LOADED:
         data = D.load(data_dir)
         targets = data.train_targets
         _LOADED.clear()
-        _LOADED[key] = (data, targets, *D.split_indices(targets, val_fraction, seed))
+        _LOADED[key] = (data, targets, D.fold_indices(targets, folds, val_fraction, seed))
     return _LOADED[key]
 
 
@@ -147,36 +191,87 @@ def prepare(cfg: Config, stage: str, demo_mode: bool | str = False) -> StageCont
     registry.check_names(cfg)
     data_dir, is_demo = resolve_data_dir(cfg, demo_mode)
     cfg.paths["data"] = str(data_dir)
-    data, targets, train_idx, val_idx = _load_and_split(data_dir, cfg.split.val_fraction, cfg.split.seed)
+    data, targets, folds = _load_and_split(data_dir, cfg.split.folds, cfg.split.val_fraction, cfg.split.seed)
     seed_everything(cfg.trainer.seed)
     device = select_device(cfg.trainer.device)
-    print(f"data: {data_dir} ({len(data.train)} train records: {len(train_idx)} fit / {len(val_idx)} validation; "
-          f"{len(data.test)} test) | device: {device}")
-    warnings = D.class_warnings(targets, val_idx, cfg.data.min_class_examples)
+    layout = (f"{len(folds)} folds of ~{len(folds[0][1])} held-out records" if len(folds) > 1
+              else f"{len(folds[0][0])} fit / {len(folds[0][1])} validation")
+    print(f"data: {data_dir} ({len(data.train)} train records: {layout}; {len(data.test)} test) | device: {device}")
+    warnings = D.class_warnings(targets, folds[0][1], cfg.data.min_class_examples)
     for warning in warnings:
         print(f"WARNING: {data_dir / 'train.csv'}: {warning}")
-    return StageContext(cfg, registry.get(stage), data, train_idx, val_idx, targets, device, is_demo, warnings)
+    return StageContext(cfg, registry.get(stage), data, folds, targets, device, is_demo, warnings)
 
 
-def evaluate(ctx: StageContext, val_probs: np.ndarray) -> dict[str, Any]:
-    """Validation figures at 0.5, with a tuned global threshold and with tuned per-class thresholds.
+@dataclass
+class CrossFit:
+    """Out-of-fold arrays (one row per training record, NaN where no fold held it out) and fold-averaged test arrays."""
 
-    Every figure is the F1 of predictions made with ``thresholds.at_least_one`` as set, exactly as written.
+    held: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+    folds: list[dict[str, Any]]
+
+
+def cross_fit(ctx: StageContext, train_fold) -> CrossFit:
+    """``train_fold(k, fit_idx, held_idx)`` → ``(held arrays, test arrays, info)`` for each fold; the held-out rows
+    are put in place (every record's row comes from the one model that did not train on it) and the test arrays
+    averaged over the fold models."""
+    n, k_total = len(ctx.data.train), len(ctx.folds)
+    held: dict[str, np.ndarray] = {}
+    test: dict[str, np.ndarray] = {}
+    infos = []
+    for k, (fit_idx, held_idx) in enumerate(ctx.folds):
+        if k_total > 1:
+            print(f"[{ctx.stage.name}] fold {k + 1}/{k_total}: {len(fit_idx)} fit, {len(held_idx)} held out")
+        h, t, info = train_fold(k, fit_idx, held_idx)
+        for name, rows in h.items():
+            held.setdefault(name, np.full((n,) + rows.shape[1:], np.nan, dtype=np.float32))[held_idx] = rows
+        for name, rows in t.items():
+            test[name] = test.get(name, 0) + np.asarray(rows, dtype=np.float32) / k_total
+        infos.append({"fold": k, "n_fit": len(fit_idx), "n_held": len(held_idx), **info})
+    return CrossFit(held, test, infos)
+
+
+def evaluate(ctx: StageContext, held_probs: np.ndarray) -> dict[str, Any]:
+    """Held-out figures (out-of-fold with K folds) at 0.5, with a tuned global threshold and with tuned per-class
+    thresholds, per fold, and with thresholds that are themselves cross-fitted.
+
+    ``held_probs`` has one row per ``ctx.eval_idx``. Every figure is the F1 of predictions made with
+    ``thresholds.at_least_one`` as set, exactly as written. The thresholds are tuned on all held-out rows (what
+    the submission uses); ``mean_f1_threshold_cv`` tunes them on the other folds' rows for each fold instead,
+    so that not even the 18 thresholds have seen the rows they are scored on: the figure to quote.
     """
-    y = ctx.y_val
-    rule = ctx.cfg.thresholds.at_least_one
-    t_global, f1_global = tune_global(val_probs, y, at_least_one=rule)
-    t_class, f1_class = tune_per_class(val_probs, y, rounds=ctx.cfg.thresholds.rounds, at_least_one=rule)
-    tuned_pred = decide(val_probs, t_class, at_least_one=rule)
-    return {
-        "val_mean_f1_at_0.5": round(mean_f1(y, decide(val_probs, 0.5, at_least_one=rule)), 4),
+    y = ctx.y_eval
+    rule, rounds = ctx.cfg.thresholds.at_least_one, ctx.cfg.thresholds.rounds
+    t_global, f1_global = tune_global(held_probs, y, at_least_one=rule)
+    t_class, f1_class = tune_per_class(held_probs, y, rounds=rounds, at_least_one=rule)
+    tuned_pred = decide(held_probs, t_class, at_least_one=rule)
+    position = {int(i): r for r, i in enumerate(ctx.eval_idx)}
+    fold_scores, cv_pred = [], np.zeros_like(tuned_pred)
+    for _, held in ctx.folds:
+        rows = np.array([position[int(i)] for i in held])
+        fold_scores.append(round(mean_f1(y[rows], tuned_pred[rows]), 4))
+        if len(ctx.folds) > 1:
+            others = np.setdiff1d(np.arange(len(y)), rows)
+            t_other, _ = tune_per_class(held_probs[others], y[others], rounds=rounds, at_least_one=rule)
+            cv_pred[rows] = decide(held_probs[rows], t_other, at_least_one=rule)
+    out = {
+        "held_out": ctx.estimate,
+        "folds": len(ctx.folds),
+        "n_eval": int(len(y)),
+        "val_mean_f1_at_0.5": round(mean_f1(y, decide(held_probs, 0.5, at_least_one=rule)), 4),
         "val_mean_f1_global_threshold": round(f1_global, 4),
         "global_threshold": t_global,
         "val_mean_f1_tuned": round(f1_class, 4),
+        "fold_mean_f1_tuned": fold_scores,
+        "fold_spread": round(float(np.max(fold_scores) - np.min(fold_scores)), 4),
         "thresholds": [round(float(t), 2) for t in t_class],
         "at_least_one": bool(rule),
         "per_class": per_class(y, tuned_pred),
     }
+    if len(ctx.folds) > 1:
+        out["mean_f1_threshold_cv"] = round(mean_f1(y, cv_pred), 4)
+    return out
 
 
 def cpu_name() -> str:
@@ -198,10 +293,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def finish(ctx: StageContext, val_probs: np.ndarray, test_probs: np.ndarray, *,
+def finish(ctx: StageContext, held_probs: np.ndarray, test_probs: np.ndarray, *,
            history=None, extra: dict[str, Any] | None = None, submission_path: Path | None = None,
            extra_figures: dict[str, Path] | None = None) -> dict[str, Any]:
     """Tune thresholds, write the stage's submission, metrics file (with its artifact key), figures and config.
+
+    ``held_probs``: one row per ``ctx.eval_idx`` (out-of-fold with K folds); ``test_probs``: one per test record.
 
     ``extra_figures`` (name → path of a figure the stage made itself) are recorded in ``metrics["figures"]``
     with the stage's own, so readers (notebooks, the benchmark) find every figure there.
@@ -211,14 +308,14 @@ def finish(ctx: StageContext, val_probs: np.ndarray, test_probs: np.ndarray, *,
     metrics = {"stage": stage, "title": title, "data": str(ctx.data.root), "demo_data": ctx.demo,
                "artifact_key": ctx.key(), "n_fit": len(ctx.train_idx), "n_val": len(ctx.val_idx),
                "warnings": list(ctx.warnings)}
-    metrics.update(evaluate(ctx, val_probs))
+    metrics.update(evaluate(ctx, held_probs))
     test_pred = decide(test_probs, np.asarray(metrics["thresholds"]), at_least_one=ctx.cfg.thresholds.at_least_one)
     sub_path = submission_path or out / f"submission_{stage}.csv"
     submission.write(sub_path, ctx.data.test["ImageID"].tolist(), test_pred,
                      allow_empty=not ctx.cfg.thresholds.at_least_one)
     with atomic_path(out / "probabilities" / f"{stage}.npz") as tmp, open(tmp, "wb") as f:  # for notebooks
-        np.savez_compressed(f, val=val_probs.astype(np.float32), test=test_probs.astype(np.float32),
-                            val_idx=ctx.val_idx, test_ids=ctx.data.test["ImageID"].to_numpy(str),
+        np.savez_compressed(f, val=held_probs.astype(np.float32), test=test_probs.astype(np.float32),
+                            val_idx=ctx.eval_idx, test_ids=ctx.data.test["ImageID"].to_numpy(str),
                             artifact_key=np.array(metrics["artifact_key"]))
     figures = {}
     if history is not None and len(history):
@@ -234,8 +331,11 @@ def finish(ctx: StageContext, val_probs: np.ndarray, test_probs: np.ndarray, *,
                     "wall_seconds": round(time.time() - ctx.started, 1)})
     metrics.update(extra or {})
     write_json(out / "metrics" / f"{stage}.json", metrics)
-    print(f"[{stage}] validation mean-F1: {metrics['val_mean_f1_at_0.5']:.4f} at 0.5, "
-          f"{metrics['val_mean_f1_tuned']:.4f} with per-class thresholds -> {sub_path}")
+    cv = (f", {metrics['mean_f1_threshold_cv']:.4f} with cross-fitted thresholds (folds "
+          f"{min(metrics['fold_mean_f1_tuned']):.4f}-{max(metrics['fold_mean_f1_tuned']):.4f})"
+          if "mean_f1_threshold_cv" in metrics else "")
+    print(f"[{stage}] {ctx.estimate} mean-F1: {metrics['val_mean_f1_at_0.5']:.4f} at 0.5, "
+          f"{metrics['val_mean_f1_tuned']:.4f} with per-class thresholds{cv} -> {sub_path}")
     return metrics
 
 

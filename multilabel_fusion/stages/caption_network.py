@@ -56,8 +56,9 @@ def cleaned_tokens(ctx: base.StageContext) -> tuple[list[list[str]], list[list[s
 
 
 def train_and_extract(ctx: base.StageContext, resume: bool) -> dict[str, Any]:
-    """Clean the captions, build the vocabulary, train (or continue) the Bi-LSTM, and write the artifact:
-    features and probabilities of every train and test record."""
+    """Clean the captions, build the vocabulary, train (or continue) one Bi-LSTM per fold, and write the artifact:
+    out-of-fold features and probabilities of every training record (each from the network that did not see
+    it), and those of the test records averaged over the fold networks."""
     c, cfg = ctx.cfg.caption, ctx.cfg
     t_text = time.time()
     train_tokens, test_tokens = cleaned_tokens(ctx)
@@ -76,38 +77,58 @@ def train_and_extract(ctx: base.StageContext, resume: bool) -> dict[str, Any]:
     spec = ctx.spec()
     shaping = {**spec, "settings": {"caption": {k: v for k, v in spec["settings"]["caption"].items()
                                                 if k not in HOW_LONG}}}
-    run_dir = ctx.run_dir("caption", shaping)
-    torch.manual_seed(cfg.trainer.seed)
-    model = CaptionBiLSTM(matrix, c.hidden, c.dropout, train_embeddings=c.train_embeddings)
-    fit_idx, val_idx, targets = ctx.train_idx, ctx.val_idx, ctx.targets
-    train_batches = Batches(train_ids[fit_idx], train_len[fit_idx], targets[fit_idx], c.batch_size,
-                            shuffle=True, seed=cfg.trainer.seed)
-    val_batches = Batches(train_ids[val_idx], train_len[val_idx], targets[val_idx], c.batch_size)
+    precision = training_precision(ctx.device, cfg.trainer.mixed_precision)
     all_train = Batches(train_ids, train_len, None, c.batch_size)
     test_batches = Batches(test_ids, test_len, None, c.batch_size)
-    optimizer = make_optimizer(model, c.lr, c.weight_decay)
-    precision = training_precision(ctx.device, cfg.trainer.mixed_precision)
-    with cpu_threads(ctx.device):
+    histories, in_sample = [], {}
+
+    def fold(k, fit_idx, held_idx):
+        """One Bi-LSTM trained on the fold's fit part: features and probabilities of its held-out rows and the test."""
+        run_dir = ctx.run_dir("caption", {**shaping, "fold": [k, len(ctx.folds)]})
+        torch.manual_seed(cfg.trainer.seed + k)
+        model = CaptionBiLSTM(matrix, c.hidden, c.dropout, train_embeddings=c.train_embeddings)
+        targets = ctx.targets
+        train_batches = Batches(train_ids[fit_idx], train_len[fit_idx], targets[fit_idx], c.batch_size,
+                                shuffle=True, seed=cfg.trainer.seed + k)
+        held_batches = Batches(train_ids[held_idx], train_len[held_idx], targets[held_idx], c.batch_size)
+        optimizer = make_optimizer(model, c.lr, c.weight_decay)
         result = trainer.fit(
-            model, train_batches, val_batches, ctx.y_val,
+            model, train_batches, held_batches, targets[held_idx],
             loss_fn=trainer.weighted_bce(c.label1_weight), optimizer=optimizer,
             scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=c.step_gamma),
             run_dir=run_dir, epochs=c.epochs, patience=c.patience, grad_clip=c.grad_clip, device=ctx.device,
-            precision=precision, resume=resume, settings=spec, name="caption",
+            precision=precision, resume=resume, settings={**spec, "fold": k}, name=f"caption fold {k + 1}",
         )
-        t_features = time.time()
-        arrays = {
-            "train": extract_features(model, all_train, ctx.device, desc="caption features (train)"),
-            "test": extract_features(model, test_batches, ctx.device, desc="caption features (test)"),
-            "train_probs": trainer.predict(model, all_train, ctx.device, precision=precision),
-            "test_probs": trainer.predict(model, test_batches, ctx.device, precision=precision),
-            "train_ids": ctx.data.train["ImageID"].to_numpy(str),
-            "test_ids": ctx.data.test["ImageID"].to_numpy(str),
-        }
-    history = result.history
+        histories.append(result.history.assign(fold=k))
+        held_only = Batches(train_ids[held_idx], train_len[held_idx], None, c.batch_size)
+        if len(ctx.folds) == 1:  # one split: the fit rows get the (in-sample) features of the one network
+            in_sample["train"] = extract_features(model, all_train, ctx.device)
+            in_sample["probs"] = trainer.predict(model, all_train, ctx.device, precision=precision)
+        return ({"train": extract_features(model, held_only, ctx.device),
+                 "probs": trainer.predict(model, held_only, ctx.device, precision=precision)},
+                {"test": extract_features(model, test_batches, ctx.device),
+                 "test_probs": trainer.predict(model, test_batches, ctx.device, precision=precision)},
+                {"best_epoch": result.best_epoch, "run_dir": str(run_dir), "reused": result.reused,
+                 "checkpoint_mb": round((run_dir / "best.pt").stat().st_size / 2**20, 2),
+                 "feature_dim": model.feature_dim,
+                 "parameters_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)})
+
+    t_train = time.time()
+    with cpu_threads(ctx.device):
+        cf = base.cross_fit(ctx, fold)
+    arrays = {**cf.held, **cf.test, "train_ids": ctx.data.train["ImageID"].to_numpy(str),
+              "test_ids": ctx.data.test["ImageID"].to_numpy(str)}
+    if in_sample:
+        for name, values in in_sample.items():
+            missing = np.isnan(arrays[name]).any(1)
+            arrays[name][missing] = values[missing]
+    import pandas as pd
+
+    history = pd.concat(histories, ignore_index=True)
     epoch_seconds = history["seconds"] if len(history) else []
     info = {
-        "feature": {"dim": model.feature_dim, "what": FEATURE_DESCRIPTION},
+        "feature": {"dim": cf.folds[0]["feature_dim"], "what": FEATURE_DESCRIPTION,
+                    "out_of_fold": len(ctx.folds) > 1, "test": "mean over the fold networks"},
         "vectors": vectors_asset.record(),
         "oov": {**oov, "handling": "every word without a pretrained vector maps to one shared <oov> row, a "
                                    "learned vector (trained even when the word vectors are frozen); an empty "
@@ -116,18 +137,19 @@ def train_and_extract(ctx: base.StageContext, resume: bool) -> dict[str, Any]:
         "text_preprocessing": "casefold; punctuation and digits -> spaces; wordpunct_tokenize; NLTK English stop "
                               f"words removed; WordNet lemmas (noun); first {c.seq_len} tokens",
         "train_embeddings": bool(c.train_embeddings),
-        "parameters_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters_trainable": cf.folds[0]["parameters_trainable"],
+        "folds": cf.folds,
         "timings": {
             "seconds_per_epoch": round(float(np.mean(epoch_seconds)), 3) if len(history) else None,
             "training_seconds": round(float(np.sum(epoch_seconds)), 1),
-            "epochs_run": int(len(history)),
-            "best_epoch": int(result.best_epoch),
+            "epochs_run": int(len(history)),  # over all folds
+            "best_epochs": [f["best_epoch"] for f in cf.folds],
+            "cross_fit_seconds": round(time.time() - t_train, 1),
             "text_and_vectors_seconds": round(text_seconds, 2),
-            "feature_seconds": round(time.time() - t_features, 2),
         },
-        "training_reused": bool(result.reused),
-        "run_dir": str(run_dir),
-        "checkpoint_mb": round((run_dir / "best.pt").stat().st_size / 2**20, 2),
+        "training_reused": all(f["reused"] for f in cf.folds),
+        "run_dir": cf.folds[0]["run_dir"],
+        "checkpoint_mb": cf.folds[0]["checkpoint_mb"],
         "history": base._records(history),
     }
     return ctx.store.save("caption", ctx.key(), spec, arrays, info)
@@ -148,4 +170,6 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
     info = dict(found.info)
     history = pd.DataFrame(info.pop("history", []))
     extra = {**info, "vectors_used": info["vectors"]["name"], "artifact": str(found.dir), "features": state}
-    return base.finish(ctx, found["train_probs"][ctx.val_idx], found["test_probs"], history=history, extra=extra)
+    history = history[history["fold"] == 0] if len(history) else history
+    return base.finish(ctx, np.asarray(found["probs"])[ctx.eval_idx], found["test_probs"], history=history,
+                       extra=extra)

@@ -153,6 +153,36 @@ def _load_average() -> float | None:
         return None
 
 
+def box_features(boxes: np.ndarray, box_class: np.ndarray, class_column: np.ndarray, n: int,
+                  min_conf: float = 0.25, side: float = 320.0) -> np.ndarray:
+    """Per image and label, from the same detections at no extra cost: how many boxes (confidence >= ``min_conf``),
+    their summed confidence, and the largest box's area as a fraction of a ``side``² image — (n, 3 x 18)."""
+    out = np.zeros((n, 3, L.NUM_CLASSES), dtype=np.float32)
+    if len(boxes):
+        col = np.asarray(class_column)[box_class.astype(np.int64)]
+        keep = col >= 0
+        rows, col, conf = boxes[keep, 0].astype(np.int64), col[keep], boxes[keep, 5]
+        area = ((boxes[keep, 3] - boxes[keep, 1]) * (boxes[keep, 4] - boxes[keep, 2])) / side**2
+        sure = conf >= min_conf
+        np.add.at(out[:, 0], (rows[sure], col[sure]), 1.0)
+        np.add.at(out[:, 1], (rows, col), conf)
+        np.maximum.at(out[:, 2], (rows[sure], col[sure]), area[sure])
+    return out.reshape(n, -1)
+
+
+def block_arrays(ctx: base.StageContext, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``detector``: each label's highest confidence; ``detector_boxes``: box counts, summed confidence and the
+    largest box area per label, computed from the kept boxes."""
+    found = ctx.require("detector")
+    for part in ("train", "test"):
+        if not np.array_equal(found[f"{part}_ids"], getattr(ctx.data, part)["ImageID"].to_numpy(str)):
+            raise ValueError(f"{found.dir}: its {part} rows are not those of {part}.csv; re-run stages/04_detector.py")
+    if name == "detector":
+        return found["train"], found["test"]
+    return tuple(box_features(found[f"{part}_boxes"], found[f"{part}_box_class"], found["class_column"],
+                              len(found[part])) for part in ("train", "test"))
+
+
 def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) -> dict[str, Any]:
     """Stage 04 end to end: weights -> detections of every image (artifact) -> baseline submission, metrics, figures."""
     ctx = base.prepare(cfg, "detector", demo_mode)
@@ -181,11 +211,11 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
         "settings": {k: cfg.detector[k] for k in ("image_size", "conf", "iou", "max_det", "multi_label")},
         "detection": timing,
         "artifact": str(found.dir), "detections": cache_state, "bad_images": info.get("bad_images", []),
-        "images_without_label_detection": {"val": int((found["train"][ctx.val_idx].max(1) == 0).sum()),
+        "images_without_label_detection": {"train": int((found["train"].max(1) == 0).sum()),
                                            "test": int((found["test"].max(1) == 0).sum())},
         "published_val_mean_f1": PUBLISHED,
     }
-    metrics = base.finish(ctx, found["train"][ctx.val_idx], found["test"], extra=extra)
+    metrics = base.finish(ctx, found["train"][ctx.eval_idx], found["test"], extra=extra)
     try:
         fig = examples_figure(ctx, found, np.asarray(metrics["thresholds"]),
                               ctx.output_dir / "figures" / "detector_examples.png")

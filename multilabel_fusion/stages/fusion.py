@@ -1,10 +1,13 @@
 """Stage 03: the fused network on the concatenated feature blocks, and ``output/predictions.csv``.
 
-The published network is Linear(→2000), ReLU, dropout 0.05, Linear(→18) trained with weighted BCE.
-Blocks are named in ``fusion.blocks`` (``image``, ``caption``, ``detector`` …: the registry's block stages).
-For each, the key is computed from the current configuration and exactly that artifact is read — or the
-stage stops with a one-line error naming the stage to run. A block whose stage needs an asset that cannot
-be had (the detector without COCO weights) is left out, loudly, and the metrics file says so.
+The published network is Linear(→2000), ReLU, dropout 0.05, Linear(→18) trained with weighted BCE. Here it is a
+stacker: trained per fold on the same folds as every other stage, so that each training record's prediction
+comes from a network that never saw it, while the learned blocks it reads (caption, text, image head) are
+themselves out-of-fold. Blocks are named in ``fusion.blocks`` (``image``, ``caption_probs``, ``text``,
+``detector`` …: the registry's blocks). For each, the key is computed from the current configuration and exactly
+that artifact is read — or the stage stops with a one-line error naming the stage to run. A block whose stage
+needs an asset that cannot be had (the detector without COCO weights) is left out, loudly, and the metrics file
+says so.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def available_blocks(cfg: Config) -> tuple[list[str], dict[str, str]]:
     """
     kept, dropped = [], {}
     for name in cfg.fusion.blocks:
-        stage = registry.get(name)
+        stage = registry.block_owner(name)
         if stage.optional_asset:
             try:
                 stage.load().artifact_spec(cfg)
@@ -62,19 +65,13 @@ def artifact_spec(cfg: Config) -> dict[str, Any]:
 
 
 def load_features(ctx: base.StageContext, names: list[str]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Concatenate the named blocks (float32), each the artifact of the current settings, rows checked."""
-    train_ids = ctx.data.train["ImageID"].to_numpy(str)
-    test_ids = ctx.data.test["ImageID"].to_numpy(str)
+    """Concatenate the named blocks (float32), each from the artifact of the current settings, rows checked."""
     train_parts, test_parts, used = [], [], {}
     for name in names:
-        block = ctx.require(name)
-        for part, ids in (("train", train_ids), ("test", test_ids)):
-            if not np.array_equal(block[f"{part}_ids"], ids):
-                raise ValueError(f"{block.dir}: its {part} ImageIDs differ from {ctx.data.root}; "
-                                 f"re-run {registry.get(name).script}")
-        train_parts.append(np.asarray(block["train"], dtype=np.float32))
-        test_parts.append(np.asarray(block["test"], dtype=np.float32))
-        used[name] = {"key": block.key, "dim": int(block["train"].shape[1]), "dir": str(block.dir)}
+        train, test, key = base.block_arrays(ctx, name)
+        train_parts.append(train)
+        test_parts.append(test)
+        used[name] = {"key": key, "dim": int(train.shape[1]), "stage": registry.block_owner(name).name}
     return np.concatenate(train_parts, 1), np.concatenate(test_parts, 1), used
 
 
@@ -82,7 +79,7 @@ def comparison(ctx: base.StageContext) -> list[dict[str, Any]]:
     """Every stage's validation mean-F1 from its metrics file — only where the file describes the artifact of the
     current settings (a stale file from other settings is left out, not compared)."""
     rows = []
-    for name in list(ctx.cfg.fusion.blocks) + ["fusion"]:
+    for name in list(dict.fromkeys(registry.block_owner(b).name for b in ctx.cfg.fusion.blocks)) + ["fusion"]:
         m = base.load_metrics(ctx.output_dir, name)
         if not m:
             continue
@@ -108,15 +105,18 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def predictor_size_mb(ctx: base.StageContext, used: dict[str, dict], fusion_mb: float) -> dict[str, Any]:
     """Size of everything needed to predict a new image and caption: the networks behind every block used."""
     parts: dict[str, float | None] = {}
-    if "image" in used:
+    stages = {u["stage"] for u in used.values()}
+    k = len(ctx.folds)
+    if "image" in stages:
         parts["image backbone"] = ctx.require("image").info.get("backbone_size_mb")
-    if "caption" in used:
-        parts["caption network (with its embedding rows)"] = ctx.require("caption").info.get("checkpoint_mb")
-    if "detector" in used:
+    if "caption" in stages:
+        one = ctx.require("caption").info.get("checkpoint_mb")
+        parts[f"caption networks ({k} folds, with their embedding rows)"] = round(one * k, 1) if one else None
+    if "detector" in stages:
         detector = ctx.require("detector")
         weights = Path(detector.info.get("weights", ""))
         parts["detector weights"] = round(weights.stat().st_size / 2**20, 1) if weights.is_file() else None
-    parts["fusion network"] = fusion_mb
+    parts[f"fusion networks ({k} folds)"] = round(fusion_mb * k, 1)
     known = {k: v for k, v in parts.items() if v is not None}
     total = round(sum(known.values()), 1)
     return {"parts_mb": parts, "total_mb": total, "limit_mb": MODEL_SIZE_LIMIT_MB,
@@ -137,17 +137,34 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
     hs = HeadSettings(cf.hidden, cf.dropout, cf.lr, cf.batch_size, cf.epochs, cf.patience, cf.label1_weight,
                       cf.grad_clip, plateau_patience=cf.plateau_patience, plateau_factor=cf.plateau_factor)
     shaping = {k: v for k, v in cf.to_dict().items() if k not in HOW_LONG}
-    run_dir = ctx.run_dir("fusion", {"fusion": shaping, "inputs": {k: v["key"] for k, v in used.items()}})
-    model, result, val_probs, test_probs = train_on_features(
-        ctx, train_x, test_x, hs, run_dir=run_dir, name="fusion", resume=resume, settings=ctx.spec())
+    histories, sizes = [], []
+
+    def fold(k, fit_idx, held_idx):
+        run_dir = ctx.run_dir("fusion", {"fusion": shaping, "inputs": {b: v["key"] for b, v in used.items()},
+                                         "fold": [k, len(ctx.folds)]})
+        model, result, held, test = train_on_features(
+            ctx, train_x, test_x, hs, fit_idx=fit_idx, held_idx=held_idx, run_dir=run_dir, name=f"fusion fold {k + 1}",
+            resume=resume, settings={**ctx.spec(), "fold": k})
+        histories.append(result.history.assign(fold=k))
+        sizes.append(model_size_mb(model))
+        return {"probs": held}, {"test_probs": test}, {"best_epoch": result.best_epoch, "run_dir": str(run_dir),
+                                                        "seconds": round(result.seconds, 1), "reused": result.reused}
+
+    cross = base.cross_fit(ctx, fold)
+    probs, test_probs = cross.held["probs"], cross.test["test_probs"]
     ctx.store.save("fusion", ctx.key(), ctx.spec(), {
-        "train_probs_val": val_probs.astype(np.float32), "val_idx": ctx.val_idx,
-        "test_probs": test_probs.astype(np.float32), "test_ids": ctx.data.test["ImageID"].to_numpy(str)},
-        {"run_dir": str(run_dir), "blocks": used})
-    size = predictor_size_mb(ctx, used, model_size_mb(model))
-    extra = {"blocks": used, "blocks_asked": asked, "blocks_left_out": dropped, "best_epoch": result.best_epoch,
-             "train_seconds": round(result.seconds, 1), "run_dir": str(run_dir), "model_size": size}
-    metrics = base.finish(ctx, val_probs, test_probs, history=result.history, extra=extra,
+        "probs": probs, "test_probs": test_probs, "train_ids": ctx.data.train["ImageID"].to_numpy(str),
+        "test_ids": ctx.data.test["ImageID"].to_numpy(str)}, {"folds": cross.folds, "blocks": used})
+    import pandas as pd
+
+    history = pd.concat(histories, ignore_index=True)
+    held_probs = probs[ctx.eval_idx]
+    size = predictor_size_mb(ctx, used, sizes[0])
+    extra = {"blocks": used, "blocks_asked": asked, "blocks_left_out": dropped, "fold_runs": cross.folds,
+             "best_epochs": [f["best_epoch"] for f in cross.folds],
+             "train_seconds": round(sum(f["seconds"] for f in cross.folds), 1),
+             "run_dir": cross.folds[0]["run_dir"], "model_size": size}
+    metrics = base.finish(ctx, held_probs, test_probs, history=history[history["fold"] == 0], extra=extra,
                           submission_path=ctx.output_dir / "predictions.csv")
     rows = comparison(ctx)
     metrics["comparison"] = rows
@@ -155,9 +172,9 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
         {r["key"]: r["per_class_f1"] for r in rows}, ctx.output_dir / "figures" / "per_class_f1_all_stages.png",
         "Per-class validation F1 of every stage (tuned thresholds)"))
     metrics["figures"]["error_cooccurrence"] = str(reports.error_cooccurrence(
-        ctx.y_val, decide(val_probs, np.asarray(metrics["thresholds"]), at_least_one=cfg.thresholds.at_least_one),
+        ctx.y_eval, decide(held_probs, np.asarray(metrics["thresholds"]), at_least_one=cfg.thresholds.at_least_one),
         ctx.output_dir / "figures" / "fusion_error_cooccurrence.png",
-        "Fused network: wrong predictions vs the image's true labels (validation)"))
+        f"Fused network: wrong predictions vs the image's true labels ({ctx.estimate})"))
     write_json(ctx.output_dir / "metrics" / "fusion.json", metrics)  # now naming every figure
     print("\nValidation mean-F1 of every stage (thresholds: 0.5 / one tuned global / tuned per class):")
     print(format_table(rows))

@@ -127,8 +127,72 @@ def extract_block(ctx: base.StageContext, backbone: Backbone, workers: int, head
     return ctx.store.load("image", key)
 
 
+def block_spec(cfg: Config, block: str) -> dict[str, Any] | None:
+    """The out-of-fold head probabilities also depend on the head's settings, the folds and the seed."""
+    from .. import registry
+
+    if block != "image_probs":
+        return None
+    ci = cfg.image
+    return {"head": {k: ci[k] for k in HEAD_KEYS + ("head_epochs", "head_patience")},
+            "common": registry.common_settings(cfg)}
+
+
+def block_arrays(ctx: base.StageContext, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``image``: pooled features; ``image_depths``: every stage's pooled output; ``image_probs``: the head's
+    out-of-fold probabilities."""
+    if name == "image_probs":
+        from .. import registry
+
+        key = registry.block_key("image_probs", ctx.cfg, ctx.fingerprint)
+        found = ctx.store.require("image_head", key, f"{ctx.stage.script if ctx.stage.name == 'image' else 'stages/01_image_network.py'}")
+        return found["probs"], found["test_probs"]
+    block = ctx.require("image")
+    if name == "image_depths":
+        if "train_depths" not in block:
+            raise ValueError(f"{block.dir}: no multi-depth features (image.depth_features was off)")
+        return block["train_depths"], block["test_depths"]
+    return block["train"], block["test"]
+
+
+def train_head(ctx: base.StageContext, block, resume: bool):
+    """One MLP head per fold on the frozen features: out-of-fold probabilities for every training record, test
+    probabilities averaged over the fold models (kept as the ``image_head`` artifact)."""
+    from .. import registry
+
+    ci = ctx.cfg.image
+    key = registry.block_key("image_probs", ctx.cfg, ctx.fingerprint)
+    found = ctx.store.load("image_head", key)
+    if found is not None:
+        print(f"[image] reusing the head's out-of-fold probabilities {found.dir}")
+        return found
+    hs = HeadSettings(ci.head_hidden, ci.head_dropout, ci.head_lr, ci.head_batch_size, ci.head_epochs,
+                      ci.head_patience, ci.label1_weight)
+    train_x, test_x = np.asarray(block["train"], dtype=np.float32), np.asarray(block["test"], dtype=np.float32)
+    histories = []
+
+    def fold(k, fit_idx, held_idx):
+        run_dir = ctx.run_dir("image_head", {"features": ctx.key(), "head": {k2: ci[k2] for k2 in HEAD_KEYS},
+                                             "fold": [k, len(ctx.folds)]})
+        head, result, held, test = train_on_features(
+            ctx, train_x, test_x, hs, fit_idx=fit_idx, held_idx=held_idx, run_dir=run_dir, name="image_head",
+            settings={"features": ctx.key(), "fold": k, **{k2: ci[k2] for k2 in HEAD_KEYS}}, resume=resume)
+        histories.append(result.history.assign(fold=k))
+        return {"probs": held}, {"test_probs": test}, {"best_epoch": result.best_epoch, "run_dir": str(run_dir),
+                                                        "seconds": round(result.seconds, 1),
+                                                        "head_size_mb": model_size_mb(head)}
+
+    cf = base.cross_fit(ctx, fold)
+    import pandas as pd
+
+    history = pd.concat(histories, ignore_index=True)
+    return ctx.store.save("image_head", key, {"features": ctx.key(), **block_spec(ctx.cfg, "image_probs")},
+                          {"probs": cf.held["probs"], "test_probs": cf.test["test_probs"]},
+                          {"folds": cf.folds, "history": base._records(history)})
+
+
 def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) -> dict[str, Any]:
-    """Stage 01 end to end: backbone → (fine-tune) → features (artifact) → head → CNN submission + metrics."""
+    """Stage 01 end to end: backbone → (fine-tune) → features (artifact) → head per fold → CNN submission + metrics."""
     ctx = base.prepare(cfg, "image", demo_mode)
     ci = cfg.image
     workers = trainer.num_workers(cfg.trainer.num_workers, ctx.device)
@@ -154,25 +218,29 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
         print(f"[image] reusing the features {block.dir}")
         extra["features"] = "reused"
     extra.update({"artifact": str(block.dir), "extraction": block.info.get("extraction"),
-                  "bad_images": block.info.get("bad_images", []), "feature_dim": int(block["train"].shape[1])})
-    backbone_mb = block.info.get("backbone_size_mb")
-    if ci.fine_tune:
-        val_probs, test_probs = np.asarray(block["train_probs"])[ctx.val_idx], np.asarray(block["test_probs"])
+                  "bad_images": block.info.get("bad_images", []), "feature_dim": int(block["train"].shape[1]),
+                  "depth_dims": block.info.get("depth_dims")})
+    if ci.fine_tune:  # one fine-tuned network (fold 1's fit part): not cross-fitted, so said loudly
+        probs = np.asarray(block["train_probs"], dtype=np.float32)
+        held_probs, test_probs = probs[ctx.val_idx], np.asarray(block["test_probs"])
+        extra["fine_tune_note"] = ("fine-tuned once on the first fold's fit part: figures are on its held-out part, "
+                                   "and the features of the other training records are in-sample")
+        if len(ctx.folds) > 1:
+            print(f"[image] WARNING: {extra['fine_tune_note']}")
+            ctx.folds = ctx.folds[:1]
     else:
-        hs = HeadSettings(ci.head_hidden, ci.head_dropout, ci.head_lr, ci.head_batch_size, ci.head_epochs,
-                          ci.head_patience, ci.label1_weight)
-        run_dir = ctx.run_dir("image_head", {"features": ctx.key(), "head": {k: ci[k] for k in HEAD_KEYS}})
-        head, result, val_probs, test_probs = train_on_features(
-            ctx, np.asarray(block["train"]), np.asarray(block["test"]), hs, run_dir=run_dir, name="image_head",
-            settings={"features": ctx.key(), **{k: ci[k] for k in HEAD_KEYS}}, resume=resume)
-        history = result.history
-        extra.update({"head_best_epoch": result.best_epoch, "head_seconds": round(result.seconds, 1),
-                      "head_run": str(run_dir), "head_size_mb": model_size_mb(head)})
-    extra["backbone_size_mb"] = backbone_mb
+        head = train_head(ctx, block, resume)
+        held_probs, test_probs = np.asarray(head["probs"])[ctx.eval_idx], np.asarray(head["test_probs"])
+        import pandas as pd
+
+        history = pd.DataFrame(head.info.get("history", []))
+        history = history[history["fold"] == 0] if len(history) else history
+        extra.update({"head_folds": head.info.get("folds"), "head_artifact": str(head.dir)})
+    extra["backbone_size_mb"] = block.info.get("backbone_size_mb")
     bench = base.load_metrics(ctx.output_dir, "image_benchmark")
     figures = {}
     if bench:  # the throughput figures of `--bench`, measured on this machine, travel with the stage's metrics
         extra["benchmark"] = bench
         if (ctx.output_dir / "figures" / "image_benchmark.png").is_file():
             figures["extraction_throughput"] = ctx.output_dir / "figures" / "image_benchmark.png"
-    return base.finish(ctx, val_probs, test_probs, history=history, extra=extra, extra_figures=figures)
+    return base.finish(ctx, held_probs, test_probs, history=history, extra=extra, extra_figures=figures)
