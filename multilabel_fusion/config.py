@@ -204,16 +204,89 @@ class DetectorSection(Section):
     examples: NonNegativeInt
 
 
-class LabelDecoderSection(Section):
-    """Stage 05 (recurrent label decoders): filled in by the stage's own work."""
+DECODER_ARCHS = ("joint", "init_hidden", "init_hidden_cell", "init_input", "seq2seq")
+DECODER_MODIFIERS = ("attention", "word_vectors", "pla", "mla", "caption")
 
+
+def decoder_variant_tokens(name: str) -> tuple[str, set[str]]:
+    """``<arch>[+attention][+word_vectors][+pla|+mla][+caption]`` -> (arch, modifiers); ValueError otherwise."""
+    arch, *mods = str(name).split("+")
+    if arch not in DECODER_ARCHS:
+        near = difflib.get_close_matches(arch, DECODER_ARCHS, n=1)
+        raise ValueError(f"unknown decoder {arch!r}{f' (did you mean {near[0]}?)' if near else ''}; "
+                         f"choose from {', '.join(DECODER_ARCHS)}")
+    for mod in mods:
+        if mod not in DECODER_MODIFIERS:
+            raise ValueError(f"unknown modifier {mod!r}; choose from {', '.join(DECODER_MODIFIERS)}")
+    if len(set(mods)) != len(mods) or {"pla", "mla"} <= set(mods):
+        raise ValueError("each modifier at most once, and pla or mla, not both")
+    return arch, set(mods)
+
+
+def _decoder_variant(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            decoder_variant_tokens(value)
+        except ValueError as err:
+            raise PydanticCustomError("decoder_variant", str(err)) from None
+    return value
+
+
+#: A stage-05 decoder name, e.g. ``seq2seq+attention`` or ``init_hidden+pla+caption``.
+DecoderVariant = Annotated[str, BeforeValidator(_decoder_variant)]
+
+
+class LabelDecoderSection(Section):
+    """Stage 05: recurrent label decoders on cached features (names: :func:`decoder_variant_tokens`)."""
+
+    variant: DecoderVariant  # the decoder cross-fitted for the feature block and the submission
+    compare: list[DecoderVariant]  # decoders trained on the first fold for the comparison table
+    bce_baseline: bool
+    embed: PositiveInt
+    hidden: PositiveInt
+    proj_dropout: Dropout
+    lstm_dropout: Dropout
+    lr: LearningRate
+    batch_size: PositiveInt
+    weight_decay: Weight
+    grad_clip: Weight | None  # 0 or null: no clipping
     epochs: PositiveInt
+    patience: PositiveInt
+    beam: int = Field(ge=1, le=18)
+    max_labels: int = Field(ge=1, le=18)
+    threads: PositiveInt | None
+
+
+MiningStrategy = Annotated[str, Field(pattern=r"^(all|hard|semi_hard|vsepp|top[1-9][0-9]*)$")]
+CaptionEncoder = Literal["mean", "gru"]
 
 
 class JointEmbeddingSection(Section):
-    """Stage 06 (image-caption joint embedding): filled in by the stage's own work."""
+    """Stage 06: the image-caption joint embedding (two-branch network, bi-directional triplet ranking loss)."""
 
+    encoder: CaptionEncoder
+    strategy: MiningStrategy
+    margin: Number = Field(gt=0, le=2)
+    reverse_weight: Weight
+    lr: LearningRate
+    lr_decay_epoch: PositiveInt | None
+    batch_size: int = Field(ge=2)
     epochs: PositiveInt
+    patience: PositiveInt
+    embed_dim: PositiveInt
+    hidden: PositiveInt
+    layers: PositiveInt
+    dropout: Dropout
+    rnn_hidden: PositiveInt
+    seq_len: PositiveInt
+    train_embeddings: bool
+    image_features: Literal["pooled", "depths"]
+    selection_size: PositiveInt
+    knn: PositiveInt
+    prompt: str = Field(pattern=r"\{\}")
+    compare_strategies: list[MiningStrategy]
+    compare_encoders: list[CaptionEncoder]
+    retrieval_top: PositiveInt
 
 
 class Settings(Section):

@@ -12,17 +12,22 @@ SMALL = ["image.backbone=efficientnet_lite0", "image.image_size=64", "image.benc
 def test_bench_on_demo_data_writes_results(tmp_path):
     data = demo.generate(tmp_path / "data", n_train=120, n_test=40, seed=5)
     args = ["--data", str(data), "--workdir", str(tmp_path / "work"), "--docs", str(tmp_path / "docs"),
-            "--seeds", "1", "--no-detector", "--image-bench", "40"] + [a for s in SMALL for a in ("--set", s)]
+            "--seeds", "1", "--no-detector", "--no-ablations", "--image-bench", "40"] + [a for s in SMALL for a in ("--set", s)]
     assert bench.main(args) == 0
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
     results = json.loads((tmp_path / "docs" / "results.json").read_text())
-    assert set(results["stages"]) == {"image", "caption", "fusion"}
+    assert set(results["stages"]) == {"image", "caption", "text", "fusion"}
     for name, r in results["stages"].items():
         assert r["cold"]["wall_s"] > 0 and r["warm"]["peak_mb"] > 0
-        assert f"| {name} | {r['metrics']['val_mean_f1_at_0.5']:.4f} |" in text
+        assert r["metrics"]["held_out"] == "out-of-fold (5 folds)"
+        assert f"| {name} | {r['metrics']['val_mean_f1_at_0.5']:.4f} | {r['metrics']['val_mean_f1_tuned']:.4f} |" in text
+    assert results["stages"]["fusion"]["metrics"]["blocks"].keys() == {"image", "caption_probs", "text"}
+    assert set(results["k1"]) == {"image", "caption", "text", "fusion"}
+    assert all(r["held_out"] == "validation split" for r in results["k1"].values())
+    assert "Main job with K=5" in text
     # the warm run reuses the caches: the image stage does no extraction the second time
     assert results["stages"]["image"]["warm"]["wall_s"] < results["stages"]["image"]["cold"]["wall_s"]
-    assert [s["seed"] for s in results["seeds"]] == [0, 0]
+    assert [s["seed"] for s in results["seeds"]] == [0]
     assert "Published reference figures" in text and "0.927" in text
     assert "efficientnet_lite0" in text or "resnet50" in text
     # every backbone's extraction timed (random weights where ImageNet ones cannot be had), with its ratio

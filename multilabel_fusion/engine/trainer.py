@@ -301,6 +301,7 @@ def fit(
     name: str = "model",
     settings: dict | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    score_fn: Callable[[nn.Module], float | dict] | None = None,
 ) -> FitResult:
     """Train ``model`` with early stopping on validation mean-F1; ``model`` ends with its best weights.
 
@@ -309,7 +310,11 @@ def fit(
     ``settings.json`` (``settings`` as given, for humans). ``precision``: default
     ``training_precision(device, True)``. For an exact resume the train loader's shuffling must come
     from a ``torch.Generator`` at ``train_loader.generator`` (a DataLoader given ``generator=``, or the
-    project's batch iterators), and DataLoader workers must not be persistent. Raises
+    project's batch iterators), and DataLoader workers must not be persistent. ``score_fn(model)``
+    (optional) replaces validation mean-F1 as the model-selection score, for networks that are not
+    18-way classifiers (e.g. a joint embedding scored by retrieval): it returns the score, or a dict with
+    ``score``, optionally ``val_loss`` and any further per-epoch figures, which join the history; the
+    score is stored as ``val_mean_f1`` and ``val_loader`` / ``val_targets`` are then unused. Raises
     :class:`ResumeRequired` when a run that can go further exists and ``resume`` is False.
     """
     device = torch.device(device) if device is not None else select_device()
@@ -378,10 +383,16 @@ def fit(
             scaler.update()
             total += loss.item() * len(targets)
             count += len(targets)
-        val_probs = predict(model, val_loader, device, precision=precision)
-        val_loss = float(nn.functional.binary_cross_entropy(
-            torch.from_numpy(val_probs).clamp(1e-7, 1 - 1e-7), torch.from_numpy(val_targets).float()))
-        score = mean_f1(val_targets, decide(val_probs, 0.5))
+        measured: dict = {}
+        if score_fn is None:
+            val_probs = predict(model, val_loader, device, precision=precision)
+            val_loss = float(nn.functional.binary_cross_entropy(
+                torch.from_numpy(val_probs).clamp(1e-7, 1 - 1e-7), torch.from_numpy(val_targets).float()))
+            score = mean_f1(val_targets, decide(val_probs, 0.5))
+        else:  # a caller's selection score (and extra per-epoch figures) instead of mean-F1 at 0.5
+            measured = score_fn(model)
+            measured = dict(measured) if isinstance(measured, dict) else {"score": measured}
+            score, val_loss = float(measured.pop("score")), float(measured.pop("val_loss", math.nan))
         lr = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step(score) if scheduler_uses_metric else scheduler.step()
@@ -392,7 +403,7 @@ def fit(
             bad_epochs += 1
         finished = bad_epochs >= patience or epoch >= epochs
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss, "val_mean_f1": score,
-               "lr": lr, "seconds": time.time() - t_epoch}
+               "lr": lr, "seconds": time.time() - t_epoch, **measured}
         rows.append(row)
         save_torch({
             "format": CHECKPOINT_FORMAT,
