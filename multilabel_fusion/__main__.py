@@ -63,14 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue interrupted or extended training runs")
     args = parser.parse_args(argv)
     cfg = C.from_args(args)
-    try:
+    with base.one_line_errors():
         run_all(cfg, demo_mode=True if args.demo else "auto", stages=args.stages, resume=args.resume)
-    except base.USER_ERRORS as err:
-        raise SystemExit(f"error: {err}") from None
-    except ValueError as err:
-        if str(err).startswith("config:"):
-            raise SystemExit(f"error: {err}") from None
-        raise
     return 0
 
 

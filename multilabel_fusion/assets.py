@@ -205,7 +205,9 @@ def _backbone_weights(image_cfg: Config | dict) -> Asset:
             if not online("torchvision"):
                 raise ConnectionError(f"{DOWNLOAD_HOSTS['torchvision'][0]} unreachable (offline machine)")
             torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
-            return hub_cache()
+            found = hub_cache()
+            found.source = "download"
+            return found
 
         sources += [("torch hub cache", hub_cache), ("torchvision download", download)]
         fallback = image_cfg.get("offline_fallback")

@@ -71,8 +71,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("detector", "04", "YOLO detector", "detector", ("detector",),
           not_shaping=("batch_size", "threads", "channels_last", "examples"), blocks=("detector", "detector_boxes"),
           optional_asset="COCO detector weights", writes="per-label detection scores, detector submission"),
+    Stage("label_decoder", "05", "label decoder", "label_decoder", ("label_decoder",), blocks=("label_decoder",),
+          not_shaping=("compare", "bce_baseline", "threads"), reads=lambda cfg: ["image", "caption"],
+          writes="out-of-fold per-label scores of a recurrent label decoder, decoder submission, decoders vs BCE table"),
     Stage("text", "07", "text n-grams", "text_ngrams", ("text",), blocks=("text",),
           writes="out-of-fold TF-IDF + logistic-regression probabilities, text-only submission"),
+    Stage("joint_embedding", "06", "joint embedding", "joint_embedding", ("joint_embedding",),
+          not_shaping=("compare_strategies", "compare_encoders", "retrieval_top"), blocks=("joint_embedding",),
+          reads=lambda cfg: ["image"], writes="image-caption joint embedding, retrieval, zero-shot and neighbour label scores"),
 ]}
 
 #: Settings every trained result depends on besides its own sections.

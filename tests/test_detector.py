@@ -40,7 +40,8 @@ COCO80 = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", 
           "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
           "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
           "teddy bear", "hair drier", "toothbrush"]
-SMALL = ["trainer.num_workers=0", "detector.image_size=64", "detector.batch_size=16", "detector.examples=3"]
+SMALL = ["trainer.num_workers=0", "detector.image_size=64", "detector.batch_size=16", "detector.examples=3",
+         "detector.threads=1"]
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +52,16 @@ def fresh_resolution():
     yield
     assets._RESOLVED.clear()
     registry._SPECS.clear()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread. On a 2-core machine that other jobs share, two OpenMP threads spin-wait on each other
+    (a forward pass measured 50-100x slower than with one); no result here depends on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -34,10 +34,11 @@ def _cfg(data, out, *extra):
 
 
 def test_registry_orders_dependencies_and_names_unknown_stages():
-    cfg = config.load(overrides=["fusion.blocks=[image, caption, detector]"])
+    cfg = config.load(overrides=["fusion.blocks=[image, caption_probs, detector, detector_boxes]"])
     assert registry.order(["fusion"], cfg) == ["image", "caption", "detector", "fusion"]
+    assert registry.block_owner("caption_probs").name == "caption" and registry.block_owner("text").name == "text"
     assert registry.order(["caption", "image"], cfg) == ["caption", "image"]
-    assert registry.blocks()[:3] == ["image", "caption", "detector"]
+    assert {"image", "image_probs", "caption", "caption_probs", "detector", "text"} <= set(registry.blocks())
     assert [s.script for s in registry.STAGES.values()][:4] == [
         "stages/01_image_network.py", "stages/02_caption_network.py", "stages/03_fusion.py", "stages/04_detector.py"]
     assert all((REPO / s.script).is_file() for s in registry.STAGES.values())
@@ -125,9 +126,9 @@ def test_main_job_without_detector_weights_fuses_without_that_block(tiny_data, t
     out = capsys.readouterr().out
     assert "[detector] SKIPPED: no COCO detector weights" in out
     assert "leaving out the 'detector' block" in out
-    assert list(results) == ["image", "caption", "fusion", "skipped"] and "detector" in results["skipped"]
+    assert list(results) == ["image", "caption", "text", "fusion", "skipped"] and "detector" in results["skipped"]
     m = results["fusion"]
-    assert list(m["blocks"]) == ["image", "caption"] and "detector" in m["blocks_left_out"]
+    assert list(m["blocks"]) == ["image", "caption_probs", "text"] and "detector" in m["blocks_left_out"]
     assert submission.validate_file(tmp_path / "output" / "predictions.csv", tiny_data / "test.csv") == 40
 
 
@@ -139,8 +140,9 @@ def test_main_job_on_demo_data_then_warm_rerun(tmp_path, capsys):
     assert "running on generated demo data" in out
     predictions = tmp_path / "out" / "predictions.csv"
     assert submission.validate_file(predictions, tmp_path / "out" / "demo_data" / "test.csv") == 100
-    assert list(results) == ["image", "caption", "detector", "fusion", "skipped"]  # detector before the fusion
-    assert results["fusion"]["blocks"].keys() == {"image", "caption", "detector"}
+    assert list(results) == ["image", "caption", "detector", "text", "fusion", "skipped"]  # all before the fusion
+    assert results["fusion"]["blocks"].keys() == {"image", "caption_probs", "detector", "text"}
+    assert results["fusion"]["held_out"] == "out-of-fold (5 folds)"
     first = predictions.read_text()
     start = time.time()
     again = run_all(cfg(), demo_mode="auto")

@@ -302,6 +302,7 @@ def fit(
     settings: dict | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
     score_fn: Callable[[nn.Module], float | dict] | None = None,
+    batch_loss: Callable[[nn.Module, Any, torch.Tensor], torch.Tensor] | None = None,
 ) -> FitResult:
     """Train ``model`` with early stopping on validation mean-F1; ``model`` ends with its best weights.
 
@@ -314,7 +315,11 @@ def fit(
     (optional) replaces validation mean-F1 as the model-selection score, for networks that are not
     18-way classifiers (e.g. a joint embedding scored by retrieval): it returns the score, or a dict with
     ``score``, optionally ``val_loss`` and any further per-epoch figures, which join the history; the
-    score is stored as ``val_mean_f1`` and ``val_loader`` / ``val_targets`` are then unused. Raises
+    score is stored as ``val_mean_f1`` and ``val_loader`` / ``val_targets`` are then unused.
+    ``batch_loss(model, inputs, targets)`` (optional) returns a training batch's loss instead of
+    ``loss_fn(model(inputs), targets)`` (inputs and targets already on the device, called under the
+    autocast), for networks whose loss is not a function of one forward pass's logits (e.g. a label
+    sequence decoder trained with teacher forcing, which builds its target sequences itself). Raises
     :class:`ResumeRequired` when a run that can go further exists and ``resume`` is False.
     """
     device = torch.device(device) if device is not None else select_device()
@@ -373,8 +378,12 @@ def fit(
             inputs, targets = _to_device(inputs, device), targets.to(device, non_blocking=True).float()
             optimizer.zero_grad(set_to_none=True)
             with precision.autocast():
-                logits = _forward(model, inputs)
-            loss = loss_fn(logits.float(), targets)
+                if batch_loss is None:
+                    logits = _forward(model, inputs)
+                else:
+                    loss = batch_loss(model, inputs, targets).float()
+            if batch_loss is None:
+                loss = loss_fn(logits.float(), targets)
             scaler.scale(loss).backward()
             if grad_clip:
                 scaler.unscale_(optimizer)

@@ -8,9 +8,11 @@ its figures and the resolved configuration beside them. Stage-specific work live
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +125,8 @@ class StageContext:
         parts = [part] if part else ["train", "test"]
         bad = []
         for p in parts:
-            bad += find_bad_images(self.data.image_paths(p), desc=f"checking {p} images")
+            bad += find_bad_images(self.data.image_paths(p),
+                                   desc=f"checking {p} images" if sys.stderr.isatty() else None)
         if not bad:
             return []
         listed = [f"{path}: {why}" for path, why in bad]
@@ -155,6 +158,15 @@ def block_arrays(ctx: StageContext, name: str) -> tuple[np.ndarray, np.ndarray, 
         raise ValueError(f"block {name!r} has no out-of-fold row for some training records (made with other folds?); "
                          f"re-run {owner.script}")
     return train, test, registry.block_key(name, ctx.cfg, ctx.fingerprint)
+
+
+def replaced_images(cfg: Config) -> list[str] | None:
+    """With ``data.bad_images: replace``, the names of the images a grey one stands in for (part of the key of
+    every artifact made from the images: a repaired file is read again, never served from the old artifact)."""
+    if cfg.data.bad_images != "replace":
+        return None
+    folder = cfg.path("data") / "data"
+    return sorted(p.name for p, _ in find_bad_images(sorted(folder.glob("*")))) if folder.is_dir() else []
 
 
 def resolve_data_dir(cfg: Config, demo_mode: bool | str = False) -> tuple[Path, bool]:
@@ -348,6 +360,19 @@ def load_metrics(output_dir: Path, stage: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+@contextlib.contextmanager
+def one_line_errors():
+    """Input and set-up problems end the command with one line (``error: …``, exit status 1), never a traceback."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        raise SystemExit(f"error: {err}") from None
+    except ValueError as err:  # a setting refused after loading (e.g. a block name)
+        if str(err).startswith("config:"):
+            raise SystemExit(f"error: {err}") from None
+        raise
+
+
 def stage_cli(name: str, argv: list[str] | None = None, extra_args=None, run=None) -> dict[str, Any]:
     """The command line every ``stages/*.py`` script shares: config, paths, --demo, --set, --resume.
 
@@ -364,13 +389,7 @@ def stage_cli(name: str, argv: list[str] | None = None, extra_args=None, run=Non
         extra_args(parser)
     args = parser.parse_args(argv)
     cfg = C.from_args(args)
-    try:
+    with one_line_errors():
         if run is not None:
             return run(cfg, demo_mode=args.demo, resume=args.resume, args=args)
         return stage.run(cfg, demo_mode=args.demo, resume=args.resume)
-    except USER_ERRORS as err:
-        raise SystemExit(f"error: {err}") from None
-    except ValueError as err:  # a setting the stage refused (e.g. a block name)
-        if str(err).startswith("config:"):
-            raise SystemExit(f"error: {err}") from None
-        raise

@@ -138,7 +138,7 @@ def train_and_extract(ctx: base.StageContext, resume: bool) -> dict[str, Any]:
                               f"words removed; WordNet lemmas (noun); first {c.seq_len} tokens",
         "train_embeddings": bool(c.train_embeddings),
         "parameters_trainable": cf.folds[0]["parameters_trainable"],
-        "folds": cf.folds,
+        "fold_runs": cf.folds,
         "timings": {
             "seconds_per_epoch": round(float(np.mean(epoch_seconds)), 3) if len(history) else None,
             "training_seconds": round(float(np.sum(epoch_seconds)), 1),

@@ -96,7 +96,9 @@ DETECTION_KEYS = ("image_size", "conf", "iou", "max_det", "multi_label")
 def artifact_spec(cfg: Config) -> dict[str, Any]:
     """What the detections depend on: the weights' content (sha256), image size and post-processing."""
     weights = assets.detector_weights(cfg)
-    return {"settings": {k: cfg.detector[k] for k in DETECTION_KEYS}, "version": CACHE_VERSION,
+    return {"settings": {**{k: cfg.detector[k] for k in DETECTION_KEYS},
+                         "bad_images": {"policy": cfg.data.bad_images, "replaced": base.replaced_images(cfg)}},
+            "version": CACHE_VERSION,
             "assets": {"detector": {"name": weights.name, "identity": weights.identity}}}
 
 

@@ -38,6 +38,7 @@ def artifact_spec(cfg: Config) -> dict[str, Any]:
     weights = assets.backbone_weights(ci)
     settings = {k: ci[k] for k in ("backbone", "weights", "offline_fallback", "image_size", "feature_dtype",
                                    "cpu_precision", "fine_tune", "depth_features", "hflip_average")}
+    settings["bad_images"] = {"policy": cfg.data.bad_images, "replaced": base.replaced_images(cfg)}
     spec: dict[str, Any] = {"settings": settings, "version": PREPROCESSING_VERSION,
                             "assets": {"backbone": {"name": weights.name, "identity": weights.identity}}}
     if ci.fine_tune:

@@ -1,0 +1,537 @@
+"""Stage 05: recurrent label decoders — the label set predicted one label at a time, on cached features.
+
+The published CNN-RNN ideas (image–label joint embedding, CNN as initialisation, CNN sequence to sequence, with
+and without attention; :mod:`multilabel_fusion.networks.label_decoder`) trained on the image stage's cached
+features — pooled, and pooled at several depths of the backbone from the same forward pass — never on the
+images again. Two additions: order-free training (``+pla`` / ``+mla``) and the caption features beside the
+image (``+caption``).
+
+* ``label_decoder.variant`` is trained per fold (``split.folds``): its per-label scores (each label's highest
+  probability over the best beam's steps) are out of fold for every training record, averaged over the fold
+  networks for the test records, and kept as the artifact — the fused network's block ``label_decoder`` — and
+  thresholded into ``output/submission_label_decoder.csv``.
+* ``label_decoder.compare`` (the paper's table): every decoder trained on the first fold, beside BCE heads on
+  the same features and the same split, with the published MS-COCO figures; precision, recall and F1 of each
+  sample's decoded label set (no threshold), averaged over the samples. In ``metrics/label_decoder.json``
+  (``table``) and, with ``--results-doc``, a markdown page.
+
+Every network is trained by the one trainer (run folders keyed by the settings, exact resume); the decoder's
+sequence loss comes in through its ``batch_loss`` hook, model selection (mean-F1 of the decoded sets) through
+``score_fn``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import assets, registry
+from ..config import Config
+from ..data import labels as L
+from ..engine import trainer
+from ..engine.atomic import write_text
+from ..engine.precision import training_precision
+from ..evaluation.thresholds import decide, tune_per_class
+from ..networks.caption_lstm import cpu_threads
+from ..networks.heads import HeadSettings, train_on_features
+from ..networks.label_decoder import (PAD, FeatureBatches, LabelDecoder, Variant, batch_loss, decode,
+                                      frequency_rank, label_embedding_init, mean_loss, sample_prf)
+from . import base
+
+VERSION = 1  # bump when the decoders' code changes what a trained run means
+HOW_LONG = ("epochs", "patience")
+#: settings that shape a decoder's weights (besides the variant, its inputs and the fold)
+WEIGHT_KEYS = ("embed", "hidden", "proj_dropout", "lstm_dropout", "lr", "batch_size", "weight_decay", "grad_clip")
+
+#: The paper's table (MS-COCO, VGG16 features, LSTM 512, label embeddings 100): P / R / F1 averaged over samples.
+PUBLISHED = [
+    {"model": "BCE", "precision": 61.7, "recall": 65.0, "f1": 63.3},
+    {"model": "joint embedding", "precision": 66.6, "recall": 65.3, "f1": 65.9},
+    {"model": "joint embedding + attention", "precision": 69.5, "recall": 64.7, "f1": 67.0},
+    {"model": "CNN as initialisation", "precision": 71.5, "recall": 67.4, "f1": 69.4},
+    {"model": "seq2seq + attention", "precision": 70.9, "recall": 68.0, "f1": 69.4},
+    {"model": "seq2seq", "precision": 71.1, "recall": 68.0, "f1": 69.5},
+]
+
+
+def artifact_spec(cfg: Config) -> dict[str, Any]:
+    """The decoder's settings (registry), the word vectors' identity when its label embeddings start from them,
+    the split and the trainer's seed."""
+    spec: dict[str, Any] = {"version": VERSION, "common": registry.common_settings(cfg)}
+    if Variant.parse(cfg.label_decoder.variant).embeddings == "word_vectors":
+        vectors = assets.word_vectors(cfg.caption, cfg.path("models") / "vectors")
+        spec["assets"] = {"vectors": {"name": vectors.name, "identity": vectors.identity}}
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------- features
+
+
+@dataclass
+class Features:
+    """The cached blocks the decoders read (float32), and how the encoder's depths were had."""
+
+    image: tuple[np.ndarray, np.ndarray]
+    depths: tuple[np.ndarray, np.ndarray]
+    depth_dims: list[int]
+    caption: tuple[np.ndarray, np.ndarray] | None
+    keys: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+
+
+def _checked(ctx: base.StageContext, name: str):
+    art = ctx.require(name)
+    for part in ("train", "test"):
+        if f"{part}_ids" in art and not np.array_equal(art[f"{part}_ids"], getattr(ctx.data, part)["ImageID"].to_numpy(str)):
+            raise ValueError(f"{art.dir}: its {part} ImageIDs differ from {ctx.data.root}; re-run {registry.get(name).script}")
+    return art
+
+
+def load_features(ctx: base.StageContext, caption: bool) -> Features:
+    """Pooled image features, the multi-depth features of the same forward pass (``train_depths``, widths in
+    ``info['depth_dims']``) and, when asked, the caption features. Without multi-depth features the encoder
+    reads one depth, the pooled features, and the metrics say so."""
+    image = _checked(ctx, "image")
+    f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+    pooled = (f32(image["train"]), f32(image["test"]))
+    keys, notes = {"image": image.key}, []
+    dims = image.info.get("depth_dims") or []
+    if "train_depths" in image and dims:
+        depths = (f32(image["train_depths"]), f32(image["test_depths"]))
+    else:
+        depths, dims = pooled, [pooled[0].shape[1]]
+        notes.append("the image artifact has no multi-depth features (image.depth_features off): the seq2seq "
+                     "encoder and the attention read one depth, the pooled features")
+    cap = None
+    if caption:
+        found = _checked(ctx, "caption")
+        cap, keys["caption"] = (f32(found["train"]), f32(found["test"])), found.key
+    return Features(pooled, depths, [int(d) for d in dims], cap, keys, notes)
+
+
+def variant_inputs(feats: Features, v: Variant):
+    """(rep train, rep test, depths train, depths test, depth widths) of one decoder.
+
+    ``rep`` is the image representation I (pooled features; ``+caption``: pooled image and caption features side
+    by side); the depths are the encoder's sequence (``+caption``: the caption features are its last element),
+    zero-width for a decoder that reads none.
+    """
+    rep = list(feats.image)
+    dep, dims = list(feats.depths), list(feats.depth_dims)
+    if v.caption:
+        rep = [np.concatenate([r, c], 1) for r, c in zip(rep, feats.caption)]
+        dep = [np.concatenate([d, c], 1) for d, c in zip(dep, feats.caption)]
+        dims.append(feats.caption[0].shape[1])
+    if not v.uses_depths:
+        dep, dims = [np.zeros((len(r), 0), dtype=np.float32) for r in rep], []
+    return rep[0], rep[1], dep[0], dep[1], dims
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+class Decoders:
+    """Trains (or reuses) decoders on the stage's folds; holds the features and word vectors once."""
+
+    def __init__(self, ctx: base.StageContext, feats: Features, resume: bool):
+        self.ctx, self.feats, self.resume = ctx, feats, resume
+        self.ld = ctx.cfg.label_decoder
+        self.precision = training_precision(ctx.device, ctx.cfg.trainer.mixed_precision)
+        self._vectors = None
+        self.vectors_record: dict[str, Any] | None = None
+
+    def vectors(self):
+        if self._vectors is None:
+            asset = assets.word_vectors(self.ctx.cfg.caption, self.ctx.models_dir / "vectors")
+            self._vectors = (asset, assets.load_vectors(asset))
+            self.vectors_record = asset.record()
+        return self._vectors
+
+    def train(self, variant: str, k: int, fit_idx: np.ndarray, held_idx: np.ndarray) -> dict[str, Any]:
+        """One decoder on one fold: the model, its FitResult, the inputs it reads and what it is."""
+        ctx, ld = self.ctx, self.ld
+        v = Variant.parse(variant)
+        rep_tr, rep_te, dep_tr, dep_te, dims = variant_inputs(self.feats, v)
+        y = ctx.targets
+        inputs = {"image": self.feats.keys["image"]}
+        if v.caption:
+            inputs["caption"] = self.feats.keys["caption"]
+        shaping: dict[str, Any] = {"variant": v.name, **{key: ld[key] for key in WEIGHT_KEYS}, "inputs": inputs,
+                                   "depth_dims": dims, "version": VERSION, "fold": [k, len(ctx.folds)]}
+        embedding, embedding_info = None, {"init": "xavier"}
+        if v.embeddings == "word_vectors":
+            asset, vectors = self.vectors()
+            shaping["vectors"] = asset.identity
+            embedding, embedding_info = label_embedding_init(vectors, ld.embed, ctx.cfg.trainer.seed + k)
+            embedding_info = {"init": f"word vectors {asset.name}", **embedding_info}
+        run_dir = ctx.run_dir("label_decoder", shaping)
+        seed = ctx.cfg.trainer.seed + k
+        torch.manual_seed(seed)
+        model = LabelDecoder(v, rep_tr.shape[1], dims, embed=ld.embed, hidden=ld.hidden, proj_dropout=ld.proj_dropout,
+                             lstm_dropout=ld.lstm_dropout, rank=frequency_rank(y[fit_idx]), embedding_init=embedding)
+        model.fit_standardisation(rep_tr[fit_idx], dep_tr[fit_idx])
+        train_batches = FeatureBatches(rep_tr[fit_idx], dep_tr[fit_idx], y[fit_idx], ld.batch_size, shuffle=True,
+                                       seed=seed)
+        held_batches = FeatureBatches(rep_tr[held_idx], dep_tr[held_idx], y[held_idx], 1024)
+        device = ctx.device
+
+        def score(m: LabelDecoder) -> dict[str, float]:
+            """Mean-F1 of the decoded label sets of the held-out rows (what the paper selects on)."""
+            got = decode(m, rep_tr[held_idx], dep_tr[held_idx], ld.beam, max_labels=ld.max_labels, device=device)
+            prf = sample_prf(y[held_idx], got["sets"])
+            return {"score": prf["f1"], "val_loss": mean_loss(m, held_batches, device),
+                    "val_precision": prf["precision"], "val_recall": prf["recall"]}
+
+        optimizer = torch.optim.Adam(model.parameters(), lr=ld.lr, weight_decay=ld.weight_decay)
+        result = trainer.fit(
+            model, train_batches, held_batches, y[held_idx],
+            loss_fn=nn.CrossEntropyLoss(ignore_index=PAD),  # documentation only: the loss is LabelDecoder.loss
+            batch_loss=batch_loss, score_fn=score, optimizer=optimizer, run_dir=run_dir, epochs=ld.epochs,
+            patience=ld.patience, grad_clip=ld.grad_clip, device=device, precision=self.precision,
+            resume=self.resume, settings={**shaping, "embedding": embedding_info},
+            name=f"decoder {v.name} fold {k + 1}")
+        history = result.history
+        return {"model": model, "result": result, "variant": v, "run_dir": run_dir, "embedding": embedding_info,
+                "rep": (rep_tr, rep_te), "depths": (dep_tr, dep_te), "depth_dims": dims,
+                "train_seconds": round(float(history["seconds"].sum()), 1) if len(history) else 0.0,
+                "parameters": sum(p.numel() for p in model.parameters())}
+
+    def decode(self, trained: dict[str, Any], rows: np.ndarray | None, part: str = "train") -> dict[str, np.ndarray]:
+        rep, dep = trained["rep"][part == "test"], trained["depths"][part == "test"]
+        if rows is not None:
+            rep, dep = rep[rows], dep[rows]
+        return decode(trained["model"], rep, dep, self.ld.beam, max_labels=self.ld.max_labels, device=self.ctx.device)
+
+
+def cross_fit_decoder(ctx: base.StageContext, decoders: Decoders):
+    """The chosen decoder trained per fold: out-of-fold scores and decoded sets of every training record, test
+    scores and set votes averaged over the fold networks (one split: the fit rows get the in-sample ones)."""
+    ld = ctx.cfg.label_decoder
+    histories, in_sample, decode_seconds = [], {}, []
+
+    def fold(k, fit_idx, held_idx):
+        trained = decoders.train(ld.variant, k, fit_idx, held_idx)
+        t0 = time.time()
+        held, test = decoders.decode(trained, held_idx), decoders.decode(trained, None, "test")
+        decode_seconds.append(time.time() - t0)
+        if len(ctx.folds) == 1:
+            every = decoders.decode(trained, None)
+            in_sample.update(train=every["scores"], train_sets=every["sets"].astype(np.float32))
+        r = trained["result"]
+        histories.append(r.history.assign(fold=k))
+        return ({"train": held["scores"], "train_sets": held["sets"].astype(np.float32)},
+                {"test": test["scores"], "test_sets": test["sets"].astype(np.float32)},
+                {"best_epoch": r.best_epoch, "best_val_mean_f1": round(r.best_score, 4), "reused": r.reused,
+                 "run_dir": str(trained["run_dir"]), "train_seconds": trained["train_seconds"],
+                 "parameters": trained["parameters"], "embedding": trained["embedding"],
+                 "depth_dims": trained["depth_dims"]})
+
+    cf = base.cross_fit(ctx, fold)
+    arrays = {**cf.held, **cf.test}
+    for name, values in in_sample.items():
+        missing = np.isnan(arrays[name]).any(1)
+        arrays[name][missing] = values[missing]
+    import pandas as pd
+
+    return arrays, cf.folds, pd.concat(histories, ignore_index=True), float(np.sum(decode_seconds))
+
+
+# ----------------------------------------------------------------------------------------------- the table
+
+
+def _scores_f1(ctx: base.StageContext, probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """P/R/F1 at 0.5 and F1 with per-class thresholds tuned on the same rows (optimistic: for comparison only)."""
+    rule = ctx.cfg.thresholds.at_least_one
+    at_half = sample_prf(y, decide(probs, 0.5, at_least_one=rule))
+    _, tuned = tune_per_class(probs, y, rounds=ctx.cfg.thresholds.rounds, at_least_one=rule)
+    return {"scores_f1_at_0.5": round(at_half["f1"], 4), "scores_f1_tuned": round(tuned, 4)}
+
+
+def compare_decoders(ctx: base.StageContext, decoders: Decoders) -> list[dict[str, Any]]:
+    """Every decoder of ``compare`` (and the chosen one) on the first fold: P/R/F1 of the decoded sets."""
+    ld = ctx.cfg.label_decoder
+    fit_idx, held_idx = ctx.folds[0]
+    y = ctx.targets[held_idx]
+    rows = []
+    names = list(dict.fromkeys([Variant.parse(n).name for n in [ld.variant, *ld.compare]]))
+    for name in names:
+        trained = decoders.train(name, 0, fit_idx, held_idx)
+        t0 = time.time()
+        got = decoders.decode(trained, held_idx)
+        seconds = time.time() - t0
+        r = trained["result"]
+        prf = sample_prf(y, got["sets"])
+        rows.append({"model": name, "kind": "decoder", "features": "image + caption" if trained["variant"].caption
+                     else "image", "precision": round(prf["precision"], 4), "recall": round(prf["recall"], 4),
+                     "f1": round(prf["f1"], 4), **_scores_f1(ctx, got["scores"], y),
+                     "labels_per_image": round(float(got["sets"].sum(1).mean()), 3),
+                     "best_epoch": r.best_epoch, "epochs_run": int(len(r.history)), "train_seconds": trained["train_seconds"],
+                     "decode_seconds": round(seconds, 2), "parameters": trained["parameters"],
+                     "chosen": name == Variant.parse(ld.variant).name, "run_dir": str(trained["run_dir"])})
+    return rows
+
+
+def bce_baselines(ctx: base.StageContext, feats: Features, resume: bool) -> list[dict[str, Any]]:
+    """BCE heads on the same features and the same split (first fold): the project's MLP head (image stage
+    settings) on the pooled image features, a linear head on them, and the MLP head on image + caption."""
+    ci = ctx.cfg.image
+    fit_idx, held_idx = ctx.folds[0]
+    y = ctx.targets[held_idx]
+    rule = ctx.cfg.thresholds.at_least_one
+    setups = [("BCE MLP head", "image", ci.head_hidden), ("BCE linear head", "image", 0)]
+    if feats.caption is not None:
+        setups.append(("BCE MLP head", "image + caption", ci.head_hidden))
+    rows = []
+    for title, what, hidden in setups:
+        train_x, test_x = feats.image
+        if what != "image":
+            train_x, test_x = (np.concatenate([a, b], 1) for a, b in zip(feats.image, feats.caption))
+        hs = HeadSettings(hidden, ci.head_dropout, ci.head_lr, ci.head_batch_size, ci.head_epochs, ci.head_patience,
+                          ci.label1_weight)
+        settings = {"features": feats.keys if what != "image" else {"image": feats.keys["image"]}, "hidden": hidden,
+                    **{k: ci[k] for k in ("head_dropout", "head_lr", "head_batch_size", "label1_weight")}}
+        run_dir = ctx.run_dir("label_decoder_bce", {**settings, "fold": [0, len(ctx.folds)]})
+        model, result, held, _ = train_on_features(ctx, train_x, test_x, hs, fit_idx=fit_idx, held_idx=held_idx,
+                                                   run_dir=run_dir, name=f"{title} ({what})", settings=settings,
+                                                   resume=resume)
+        prf = sample_prf(y, decide(held, 0.5, at_least_one=rule))
+        rows.append({"model": title, "kind": "bce", "features": what,
+                     "precision": round(prf["precision"], 4), "recall": round(prf["recall"], 4),
+                     "f1": round(prf["f1"], 4), **_scores_f1(ctx, held, y),
+                     "labels_per_image": round(float(decide(held, 0.5, at_least_one=rule).sum(1).mean()), 3),
+                     "best_epoch": result.best_epoch, "epochs_run": int(len(result.history)),
+                     "train_seconds": round(float(result.history["seconds"].sum()), 1) if len(result.history) else 0.0,
+                     "decode_seconds": None, "parameters": sum(p.numel() for p in model.parameters()),
+                     "chosen": False, "run_dir": str(run_dir)})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- figures, doc
+
+
+def comparison_figure(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Horizontal bars: mean-F1 of each decoder's decoded sets and of each BCE head at 0.5 (first fold)."""
+    import matplotlib.pyplot as plt
+
+    from ..reports.figures import _save
+
+    labels = [f"{r['model']} ({r['features']})" if r["kind"] == "bce" or r["features"] != "image" else r["model"]
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.2))
+    colors = ["tab:gray" if r["kind"] == "bce" else "tab:blue" for r in rows]
+    ax.barh(range(len(rows)), [r["f1"] for r in rows], color=colors)
+    for i, r in enumerate(rows):
+        ax.text(r["f1"] + 0.002, i, f"{r['f1']:.3f}", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    low = min(r["f1"] for r in rows)
+    ax.set(xlim=(max(0.0, low - 0.05), 1.0), xlabel="mean F1 over samples (decoded sets; BCE heads at 0.5)",
+           title="Label decoders vs BCE heads on the same features (first fold)")
+    return _save(fig, path)
+
+
+def curves_figure(history, path: Path, title: str) -> Path:
+    """Sequence loss (train, held out) and mean-F1 of the decoded sets per epoch."""
+    import matplotlib.pyplot as plt
+
+    from ..reports.figures import _save
+
+    fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot(history["epoch"], history["train_loss"], label="train")
+    ax_loss.plot(history["epoch"], history["val_loss"], label="held out")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy per label token", title=f"{title}: loss")
+    ax_loss.legend()
+    for column, label in (("val_mean_f1", "F1"), ("val_precision", "precision"), ("val_recall", "recall")):
+        if column in history:
+            ax_f1.plot(history["epoch"], history[column], label=label)
+    ax_f1.set(xlabel="epoch", ylabel="mean over samples (decoded sets)", title=f"{title}: held out")
+    ax_f1.legend()
+    return _save(fig, path)
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.1f}"
+
+
+def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] | None = None) -> str:
+    """The page docs/RESULTS_label_decoder.md, written from the stage's metrics file (and fused-network runs)."""
+    rows = metrics["table"]
+    fold = metrics["table_split"]
+    out = [
+        "# Stage 05: recurrent label decoders on this data",
+        "",
+        f"Written by `python3 stages/05_label_decoder.py --data {metrics['data']} --results-doc "
+        "docs/RESULTS_label_decoder.md` from `output/metrics/label_decoder.json`; never edited by hand.",
+        "",
+        f"Machine: {metrics['machine']['cpu']} ({metrics['machine']['cpu_count']} cores), torch "
+        f"{metrics['machine']['torch']}. Features: {metrics['features']['backbone']} pooled "
+        f"({metrics['features']['pooled_dim']}-d) and pooled at {len(metrics['features']['depth_dims'])} depths "
+        f"({'+'.join(map(str, metrics['features']['depth_dims']))}) from the same forward pass; caption features "
+        f"{metrics['features'].get('caption_dim')}-d (stage 02, out of fold). "
+        + (" ".join(metrics["features"]["notes"]) + " " if metrics["features"]["notes"] else "")
+        + f"Split: the first of {metrics['folds']} folds ({fold['n_fit']} fit / {fold['n_held']} held out), the same for "
+          f"every row. Decoding: beam width {metrics['settings']['beam']}, END never first, no label twice.",
+        "",
+        "## The paper's table, on this data",
+        "",
+        "P / R / F1: precision, recall and F1 of each held-out image's predicted label set, averaged over the images "
+        "(F1 = the competition's mean F1). A decoder's set is its best beam (no threshold); a BCE head's set is its "
+        f"labels at probability >= 0.5 (and at least the top label). *Tuned*: F1 of the decoder's per-label scores "
+        "(or the head's probabilities) with per-class thresholds tuned on the same held-out rows (optimistic for all "
+        "rows alike; for comparison only). Times: training on 2 CPU cores, all epochs run.",
+        "",
+        "| model | features | P | R | F1 | F1 of scores @0.5 | tuned | labels/image | best epoch / run | train s | params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        star = " **(chosen)**" if r.get("chosen") else ""
+        out.append(f"| {r['model']}{star} | {r['features']} | {_pct(r['precision'])} | {_pct(r['recall'])} | "
+                   f"**{_pct(r['f1'])}** | {_pct(r['scores_f1_at_0.5'])} | {_pct(r['scores_f1_tuned'])} | "
+                   f"{r['labels_per_image']} | {r['best_epoch']} / {r['epochs_run']} | {r['train_seconds']} | "
+                   f"{r['parameters']:,} |")
+    truth = metrics["table_split"]["labels_per_image"]
+    out += ["", f"True labels per held-out image: {truth}.", "",
+            "Published (MS-COCO, VGG16 features, 80 labels):", "",
+            "| model | P | R | F1 |", "|---|---|---|---|"]
+    out += [f"| {r['model']} | {r['precision']} | {r['recall']} | {r['f1']} |" for r in PUBLISHED]
+    best_dec = max((r for r in rows if r["kind"] == "decoder" and r["features"] == "image"), key=lambda r: r["f1"])
+    bce = [r for r in rows if r["kind"] == "bce" and r["features"] == "image"]
+    best_bce = max(bce, key=lambda r: r["f1"]) if bce else None
+    out += ["", "## Reading", ""]
+    if best_bce:
+        gap = 100 * (best_dec["f1"] - best_bce["f1"])
+        out.append(f"Best decoder on the image features: `{best_dec['model']}`, F1 {_pct(best_dec['f1'])} against "
+                   f"{_pct(best_bce['f1'])} for the best BCE head at 0.5 ({best_bce['model']}): {gap:+.1f} points "
+                   f"(published: +6.2 on MS-COCO). With tuned thresholds: {_pct(best_dec['scores_f1_tuned'])} vs "
+                   f"{_pct(best_bce['scores_f1_tuned'])}.")
+    out += [metrics.get("closing_note", "")]
+    chosen = metrics["cross_fit"]
+    out += ["", "## The chosen decoder, per fold (the feature block and the submission)", "",
+            f"`{metrics['variant']}` trained on each of the {metrics['folds']} folds: out-of-fold decoded sets "
+            f"P/R/F1 {_pct(chosen['decoded']['precision'])} / {_pct(chosen['decoded']['recall'])} / "
+            f"{_pct(chosen['decoded']['f1'])}; its per-label scores give mean-F1 {metrics['val_mean_f1_at_0.5']:.4f} "
+            f"at 0.5 and {metrics['val_mean_f1_tuned']:.4f} with per-class thresholds"
+            + (f" ({metrics['mean_f1_threshold_cv']:.4f} with cross-fitted thresholds)" if "mean_f1_threshold_cv" in metrics
+               else "") + f"; training {chosen['train_seconds']} s over the folds, decoding {chosen['decode_seconds']} s.",
+            ""]
+    if fusion_runs:
+        out += ["## The fused network with and without the decoder's block", "",
+                "Stage 03 (`fusion.blocks`), same settings otherwise; out-of-fold figures.", "",
+                "| blocks | F1 @0.5 | tuned | cross-fitted thresholds | key |", "|---|---|---|---|---|"]
+        for m in fusion_runs:
+            out.append(f"| {', '.join(m.get('blocks', {}))} | {m['val_mean_f1_at_0.5']:.4f} | "
+                       f"{m['val_mean_f1_tuned']:.4f} | {m.get('mean_f1_threshold_cv', float('nan')):.4f} | "
+                       f"{m['artifact_key']} |")
+        out.append("")
+    out += [f"Stage wall time: {metrics['wall_seconds']} s (training runs reused where finished: "
+            f"{metrics['runs_reused']}).", ""]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+
+
+def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) -> dict[str, Any]:
+    """Cross-fit the chosen decoder (artifact: the block), train the comparison on the first fold, beside BCE heads
+    on the same features; submission, metrics (with the table) and figures."""
+    ctx = base.prepare(cfg, "label_decoder", demo_mode)
+    ld = cfg.label_decoder
+    names = [ld.variant, *ld.compare]
+    need_caption = any(Variant.parse(n).caption for n in names) or ld.bce_baseline
+    feats = load_features(ctx, need_caption)
+    decoders = Decoders(ctx, feats, resume)
+    import pandas as pd
+
+    with cpu_threads(ctx.device, ld.threads or torch.get_num_threads()):
+        found = ctx.store.load("label_decoder", ctx.key())
+        if found is None:
+            t0 = time.time()
+            arrays, folds, history, decode_seconds = cross_fit_decoder(ctx, decoders)
+            arrays.update(train_ids=ctx.data.train["ImageID"].to_numpy(str), test_ids=ctx.data.test["ImageID"].to_numpy(str))
+            info = {"variant": Variant.parse(ld.variant).name, "folds": folds, "history": base._records(history),
+                    "what": "per label: its highest probability over the best beam's steps (train: out of fold; "
+                            "test: mean over the fold networks); *_sets: the decoded sets (test: fraction of folds)",
+                    "cross_fit_seconds": round(time.time() - t0, 1), "decode_seconds": round(decode_seconds, 1)}
+            found = ctx.store.save("label_decoder", ctx.key(), ctx.spec(), arrays, info)
+            state = "computed"
+        else:
+            print(f"[label_decoder] reusing the decoder's block {found.dir}")
+            state = "reused"
+        t_table = time.time()
+        table = compare_decoders(ctx, decoders)
+        if ld.bce_baseline:
+            table += bce_baselines(ctx, feats, resume)
+        table_seconds = time.time() - t_table
+    info = found.info
+    y_eval = ctx.y_eval
+    decoded = sample_prf(y_eval, np.asarray(found["train_sets"])[ctx.eval_idx])
+    history = pd.DataFrame(info.get("history", []))
+    history0 = history[history["fold"] == 0] if len(history) else history
+    out = ctx.output_dir
+    figures = {"comparison": comparison_figure(table, out / "figures" / "label_decoder_comparison.png")}
+    if len(history0):
+        figures["training_curves"] = curves_figure(history0, out / "figures" / "label_decoder_training.png",
+                                                   f"decoder {info['variant']} (fold 1)")
+    image = ctx.require("image")
+    held = ctx.folds[0][1]
+    extra = {
+        "variant": info["variant"], "artifact": str(found.dir), "block": state,
+        "settings": {k: ld[k] for k in ld}, "vectors": decoders.vectors_record,
+        "features": {"backbone": image.info.get("backbone", {}).get("name"), "pooled_dim": int(feats.image[0].shape[1]),
+                     "depth_dims": feats.depth_dims, "caption_dim": None if feats.caption is None
+                     else int(feats.caption[0].shape[1]), "keys": feats.keys, "notes": feats.notes},
+        "cross_fit": {"decoded": {k: round(v, 4) for k, v in decoded.items()}, "folds": info["folds"],
+                      "train_seconds": round(sum(f["train_seconds"] for f in info["folds"]), 1),
+                      "decode_seconds": info.get("decode_seconds")},
+        "table": table, "table_split": {"fold": 0, "n_fit": int(len(ctx.folds[0][0])), "n_held": int(len(held)),
+                                        "labels_per_image": round(float(ctx.targets[held].sum(1).mean()), 3)},
+        "table_seconds": round(table_seconds, 1), "published": PUBLISHED,
+        "runs_reused": all(f["reused"] for f in info["folds"]),
+        "decoder_history": base._records(history0),
+        "label_order": [L.names()[i] for i in np.argsort(frequency_rank(ctx.targets[ctx.folds[0][0]]))],
+    }
+    extra["closing_note"] = closing_note(extra)
+    return base.finish(ctx, np.asarray(found["train"])[ctx.eval_idx], np.asarray(found["test"]), extra=extra,
+                       extra_figures=figures)
+
+
+def closing_note(extra: dict[str, Any]) -> str:
+    """What the table says, in one paragraph computed from it (so it never contradicts the numbers)."""
+    rows = extra["table"]
+    dec = [r for r in rows if r["kind"] == "decoder" and r["features"] == "image"]
+    bce = [r for r in rows if r["kind"] == "bce" and r["features"] == "image"]
+    if not dec or not bce:
+        return ""
+    best, base_row = max(dec, key=lambda r: r["f1"]), max(bce, key=lambda r: r["f1"])
+    gap = 100 * (best["f1"] - base_row["f1"])
+    tuned_gap = 100 * (best["scores_f1_tuned"] - base_row["scores_f1_tuned"])
+    verdict = "beats" if gap > 0 else "does not beat"
+    return (f"The best decoder on the image features ({best['model']}) {verdict} the best BCE head at 0.5 "
+            f"({base_row['model']}) by {gap:+.1f} F1 points on the decoded sets; with thresholds tuned on the same "
+            f"rows the gap is {tuned_gap:+.1f}.")
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def cli_arguments(parser) -> None:
+    parser.add_argument("--results-doc", type=Path, default=None,
+                        help="also write the markdown results page (e.g. docs/RESULTS_label_decoder.md)")
+    parser.add_argument("--fusion-metrics", type=Path, nargs="*", default=[],
+                        help="metrics files of stage 03 runs (with and without the block) for the page")
+
+
+def run_cli(cfg: Config, demo_mode: bool | str = False, resume: bool = False, args=None) -> dict[str, Any]:
+    metrics = run_stage(cfg, demo_mode=demo_mode, resume=resume)
+    if args is not None and args.results_doc is not None:
+        fusion = [json.loads(Path(p).read_text()) for p in args.fusion_metrics]
+        path = write_text(args.results_doc, results_markdown(metrics, fusion))
+        print(f"[label_decoder] wrote {path}")
+    return metrics
