@@ -182,7 +182,7 @@ def grid(hits: list[Hit], path: Path, title: str, query: np.ndarray | None = Non
     cells = ([("query", query)] if query is not None else []) + [(h, None) for h in hits]
     cols = min(len(cells), 5)
     rows = int(np.ceil(len(cells) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 3.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (hit, picture) in zip(axes.flat, cells):
@@ -191,7 +191,7 @@ def grid(hits: list[Hit], path: Path, title: str, query: np.ndarray | None = Non
             ax.set_title("query photo", fontsize=10, fontweight="bold")
             continue
         ax.imshow(read_rgb(hit.path))
-        labels = ", ".join(hit.labels) if hit.labels is not None else "(test: no labels)"
+        labels = ", ".join(hit.labels) if hit.labels is not None else "test record: no labels"
         caption = textwrap.fill(hit.caption, 34)
         head = f"#{hit.rank}  sim {hit.score:.2f}  {hit.image_id}" + ("  (its own caption)" if hit.own else "")
         ax.set_title(f"{head}\n{caption}\n[{labels}]", fontsize=7.5, loc="left",

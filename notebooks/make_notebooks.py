@@ -325,6 +325,12 @@ ABOUT = {
     "detector": "A COCO-pretrained YOLOv5 detects objects in every image; per-label detection scores give the "
                 "detector baseline `output/submission_detector.csv` and a feature block that stage 03 fuses with the "
                 "image and caption blocks. Much faster on a GPU.",
+    "label_decoder": "Recurrent label decoders (CNN-RNN joint embedding, CNN as initialisation, CNN sequence to sequence, "
+                     "with or without attention; order-free training; image and caption) predict each image's labels "
+                     "one at a time by beam search, trained on the cached features of stages 01 and 02 (minutes on a "
+                     "CPU). They are measured against BCE heads on the same features (the paper's table, with the "
+                     "published figures beside); the chosen decoder's per-label scores give "
+                     "`output/submission_label_decoder.csv` and a feature block stage 03 can fuse.",
     "joint_embedding": "A two-branch network maps each photo's CNN features and its caption into one space where a "
                        "matching pair lies close (bi-directional triplet ranking loss, negatives mined in the "
                        "mini-batch), measured by retrieval: R@1/5/10 in both directions on 1,000-pair sets of the "

@@ -112,4 +112,4 @@ def test_thresholds_are_tuned_on_every_out_of_fold_row_and_a_cross_fitted_figure
     assert m["mean_f1_threshold_cv"] > m["val_mean_f1_at_0.5"] - 0.05
     one = _Ctx(n, fold_indices(y, 1, 0.2, seed=0), targets=y)
     single = base.evaluate(one, probs[one.eval_idx])
-    assert single["n_eval"] == 120 and "mean_f1_threshold_cv" not in single
+    assert 100 < single["n_eval"] < 140 and "mean_f1_threshold_cv" not in single  # the 20 % validation part

@@ -67,13 +67,13 @@ def test_changed_settings_and_back_find_exactly_their_own_artifacts(tiny_data, t
     assert "reusing the features" in out and again["artifact_key"] == first_image["artifact_key"]
     assert again["val_mean_f1_tuned"] == first_image["val_mean_f1_tuned"]
     m = fusion.run_stage(_cfg(tiny_data, tmp_path, "fusion.blocks=[image, caption]"))
-    assert m["blocks"]["image"]["key"] == first_image["artifact_key"]
-    assert m["blocks"]["caption"]["key"] == first_caption["artifact_key"]
+    assert m["blocks"]["image"]["artifact_key"] == first_image["artifact_key"]
+    assert m["blocks"]["caption"]["artifact_key"] == first_caption["artifact_key"]
     # and with the other settings, fusion reads the other artifacts
     m2 = fusion.run_stage(_cfg(tiny_data, tmp_path, "fusion.blocks=[image, caption]", "image.image_size=48",
                                "caption.seq_len=6"))
-    assert m2["blocks"]["image"]["key"] == other_image["artifact_key"]
-    assert m2["blocks"]["caption"]["key"] == other_caption["artifact_key"]
+    assert m2["blocks"]["image"]["artifact_key"] == other_image["artifact_key"]
+    assert m2["blocks"]["caption"]["artifact_key"] == other_caption["artifact_key"]
 
 
 def test_raising_epochs_continues_the_run_and_never_overwrites_it(tiny_data, tmp_path):

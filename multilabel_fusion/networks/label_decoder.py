@@ -232,21 +232,30 @@ class LabelDecoder(nn.Module):
         END is computed (half the work at 1.55 labels per image); with attention (input feeding) step by step.
         """
         static, state = self.encode(rep, depths)
+        lengths = ((inputs != PAD) & (inputs != END)).sum(1).clamp_min(1)  # START + labels: the steps needed
         if not self.variant.attention:
             from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
             h, c, _ = state
-            lengths = ((inputs != PAD).sum(1) - (inputs == END).long()).clamp_min(1).cpu()
-            x = pack_padded_sequence(self.drop_lstm(self.embedding(inputs)), lengths, batch_first=True,
+            x = pack_padded_sequence(self.drop_lstm(self.embedding(inputs)), lengths.cpu(), batch_first=True,
                                      enforce_sorted=False)
             out, _ = self.rnn(x, (h[None].contiguous(), c[None].contiguous()))
             out, _ = pad_packed_sequence(out, batch_first=True, total_length=inputs.shape[1])
             return self.scores(self.drop_lstm(out), static)
+        # step by step over the rows still running: sorted by length, those are a prefix of the batch
+        order = lengths.argsort(descending=True)
+        static = {name: s[order] for name, s in static.items()}
+        state, inputs, running = tuple(s[order] for s in state), inputs[order], lengths[order]
         out = []
         for t in range(inputs.shape[1]):
-            logits, state = self.step(static, state, inputs[:, t])
-            out.append(logits)
-        return torch.stack(out, 1)
+            n = int((running > t).sum())
+            if n == 0:
+                out.append(out[-1].new_zeros(len(order), N_OUT))
+                continue
+            state = tuple(s[:n] for s in state)
+            logits, state = self.step({name: s[:n] for name, s in static.items()}, state, inputs[:n, t])
+            out.append(F.pad(logits, (0, 0, 0, len(order) - n)))
+        return torch.stack(out, 1)[order.argsort()]
 
     def loss(self, rep: torch.Tensor, depths: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy per label token (END included, PAD ignored): teacher forcing on the frequency order, or

@@ -71,7 +71,8 @@ def load_features(ctx: base.StageContext, names: list[str]) -> tuple[np.ndarray,
         train, test, key = base.block_arrays(ctx, name)
         train_parts.append(train)
         test_parts.append(test)
-        used[name] = {"key": key, "dim": int(train.shape[1]), "stage": registry.block_owner(name).name}
+        owner = registry.block_owner(name).name
+        used[name] = {"key": key, "dim": int(train.shape[1]), "stage": owner, "artifact_key": ctx.key(owner)}
     return np.concatenate(train_parts, 1), np.concatenate(test_parts, 1), used
 
 

@@ -265,7 +265,8 @@ def label_score_table(held: dict[str, np.ndarray], y: np.ndarray, ctx: base.Stag
 
 
 def mean_reports(reports: list[dict[str, float]]) -> dict[str, float]:
-    keys = [k for k in reports[0] if isinstance(reports[0][k], (int, float))]
+    """Mean of each figure over folds (set counts and sizes are not figures: summed elsewhere)."""
+    keys = [k for k in reports[0] if isinstance(reports[0][k], (int, float)) and k not in ("sets", "set_size")]
     return {k: round(float(np.mean([r[k] for r in reports])), 2) for k in keys}
 
 

@@ -438,11 +438,24 @@ def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] 
 # ----------------------------------------------------------------------------------------------- the stage
 
 
+def compute_missing_inputs(ctx: base.StageContext) -> None:
+    """Run stage 01 / 02 first when their artifact for the current settings is missing, as the main job would
+    (so this stage and its notebook run on their own); found artifacts are used as they are."""
+    missing = [name for name in ctx.stage.reads(ctx.cfg) if ctx.store.load(name, ctx.key(name), mmap=True) is None]
+    if missing:
+        from ..__main__ import run_all
+
+        print(f"[label_decoder] no {' / '.join(missing)} artifact for the current settings: running "
+              f"{', '.join(registry.get(m).label for m in missing)} first")
+        run_all(ctx.cfg, demo_mode=ctx.demo, stages=missing)
+
+
 def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) -> dict[str, Any]:
     """Cross-fit the chosen decoder (artifact: the block), train the comparison on the first fold, beside BCE heads
     on the same features; submission, metrics (with the table) and figures."""
     ctx = base.prepare(cfg, "label_decoder", demo_mode)
     ld = cfg.label_decoder
+    compute_missing_inputs(ctx)
     names = [ld.variant, *ld.compare]
     need_caption = any(Variant.parse(n).caption for n in names) or ld.bce_baseline
     feats = load_features(ctx, need_caption)
