@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import registry
 from .data import labels as L
 from .data import text
 from .networks import joint_embedding as J
@@ -73,8 +74,16 @@ class Retriever:
         """The retriever of the configuration's stage-06 artifact (MissingArtifact naming the stage otherwise)."""
         from .stages import base
 
+        from .engine.artifacts import MissingArtifact
+
         ctx = base.prepare(cfg, "joint_embedding", demo_mode)
-        return cls(ctx, ctx.require("joint_embedding"))
+        try:
+            return cls(ctx, ctx.require("joint_embedding"))
+        except MissingArtifact as err:
+            if ctx.store.load("image", ctx.key("image")) is None:  # say the whole way, not one step at a time
+                raise MissingArtifact(f"{err} (it needs the image features, missing too: run "
+                                      f"{registry.get('image').script} before it)") from None
+            raise
 
     # ------------------------------------------------------------------------------------------ queries
     def embed_text(self, query: str) -> tuple[np.ndarray, list[str], list[str]]:

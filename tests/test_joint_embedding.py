@@ -170,6 +170,11 @@ def test_one_real_training_step_with_the_shared_trainer_and_score_hook(tmp_path)
     assert reused.reused and reused.best_epoch == result.best_epoch
 
 
+def _rsum(model, feats, ids, lengths):
+    img, txt = J.embed(model, feats, ids, lengths)
+    return J.recall_report(img @ txt.T)["rsum"]
+
+
 def test_training_learns_to_retrieve_matching_pairs(tmp_path):
     feats, ids, lengths, vectors, topic = _pairs(n=192)
     torch.manual_seed(0)
@@ -178,8 +183,7 @@ def test_training_learns_to_retrieve_matching_pairs(tmp_path):
     batches = J.PairBatches(feats, ids, lengths, None, 32, shuffle=True, seed=0, drop_last=True)
     trainer.fit(model, batches, None, None, loss_fn=J.TripletRankingLoss("top1", 0.1, 0.1),
                 optimizer=torch.optim.Adam(model.parameters(), 5e-3), run_dir=tmp_path / "run", epochs=15, patience=15,
-                device=torch.device("cpu"), name="joint", score_fn=lambda m: J.recall_report(
-                    np.matmul(*[(e if i == 0 else e.T) for i, e in enumerate(J.embed(m, feats, ids, lengths))]))["rsum"])
+                device=torch.device("cpu"), name="joint", score_fn=lambda m: _rsum(m, feats, ids, lengths))
     img, txt = J.embed(model, feats, ids, lengths)
     sims = img @ txt.T
     same_topic = topic[:, None] == topic[None, :]
@@ -219,10 +223,11 @@ def _fake_image_artifact(cfg, demo_dir, tmp_path):
     return d
 
 
+@pytest.mark.slow
 def test_stage_and_retrieval_end_to_end_on_demo_data(demo_dir, tmp_path, capsys):
     cfg = _cfg(demo_dir, tmp_path)
     # no image features yet: one line naming the stage to run, from the stage and from the retrieval command
-    with pytest.raises(SystemExit, match="run stages/01_image_network.py"):
+    with pytest.raises(SystemExit, match=r"run stages/06_joint_embedding.py .* run stages/01_image_network.py"):
         retrieve.main(["--data", str(demo_dir), "--output", str(tmp_path / "out"), "--models", str(tmp_path / "models"),
                        *sum((["--set", s] for s in SMALL), []), "--text", "a dog"])
     d = _fake_image_artifact(cfg, demo_dir, tmp_path)
@@ -261,6 +266,7 @@ def test_stage_and_retrieval_end_to_end_on_demo_data(demo_dir, tmp_path, capsys)
     assert again["retrieval"] == saved["retrieval"]
 
 
+@pytest.mark.slow
 def test_a_new_photo_goes_through_the_backbone_like_the_extraction(demo_dir, tmp_path):
     """A photo outside the data: embedded through the image stage's backbone (EfficientNet-Lite0 offline weights)."""
     import shutil

@@ -1,6 +1,5 @@
 """The stage registry, artifacts found by key, the main job, and one-line errors on the command line."""
 
-import json
 import os
 import subprocess
 import sys

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from typing import Iterator
 
@@ -104,15 +103,6 @@ def make_optimizer(model: CaptionBiLSTM, lr: float, weight_decay: float) -> torc
     if vectors:
         groups.append({"params": vectors, "weight_decay": 0.0})
     return torch.optim.Adam(groups, lr=lr)
-
-
-def weights_digest(model: nn.Module) -> str:
-    """Short hash of the trained weights: a feature cache is reused only for the very same model."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 @contextlib.contextmanager

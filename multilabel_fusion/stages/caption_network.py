@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .. import assets, registry
@@ -122,8 +123,6 @@ def train_and_extract(ctx: base.StageContext, resume: bool) -> dict[str, Any]:
         for name, values in in_sample.items():
             missing = np.isnan(arrays[name]).any(1)
             arrays[name][missing] = values[missing]
-    import pandas as pd
-
     history = pd.concat(histories, ignore_index=True)
     epoch_seconds = history["seconds"] if len(history) else []
     info = {
@@ -165,8 +164,6 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
     else:
         print(f"[caption] reusing the features {found.dir}")
         state = "reused"
-    import pandas as pd
-
     info = dict(found.info)
     history = pd.DataFrame(info.pop("history", []))
     extra = {**info, "vectors_used": info["vectors"]["name"], "artifact": str(found.dir), "features": state}

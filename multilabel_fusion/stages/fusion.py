@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from .. import assets, registry
 from ..config import Config
@@ -156,8 +157,6 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
     ctx.store.save("fusion", ctx.key(), ctx.spec(), {
         "probs": probs, "test_probs": test_probs, "train_ids": ctx.data.train["ImageID"].to_numpy(str),
         "test_ids": ctx.data.test["ImageID"].to_numpy(str)}, {"folds": cross.folds, "blocks": used})
-    import pandas as pd
-
     history = pd.concat(histories, ignore_index=True)
     held_probs = probs[ctx.eval_idx]
     size = predictor_size_mb(ctx, used, sizes[0])

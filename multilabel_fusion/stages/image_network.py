@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .. import assets
@@ -184,8 +185,6 @@ def train_head(ctx: base.StageContext, block, resume: bool):
                                                         "head_size_mb": model_size_mb(head)}
 
     cf = base.cross_fit(ctx, fold)
-    import pandas as pd
-
     history = pd.concat(histories, ignore_index=True)
     return ctx.store.save("image_head", key, {"features": ctx.key(), **block_spec(ctx.cfg, "image_probs")},
                           {"probs": cf.held["probs"], "test_probs": cf.test["test_probs"]},
@@ -232,8 +231,6 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
     else:
         head = train_head(ctx, block, resume)
         held_probs, test_probs = np.asarray(head["probs"])[ctx.eval_idx], np.asarray(head["test_probs"])
-        import pandas as pd
-
         history = pd.DataFrame(head.info.get("history", []))
         history = history[history["fold"] == 0] if len(history) else history
         extra.update({"head_folds": head.info.get("folds"), "head_artifact": str(head.dir)})

@@ -25,8 +25,8 @@ def artifact_spec(cfg: Config) -> dict[str, Any]:
     return {"version": VERSION, "common": {"split": cfg.split.to_dict()}}
 
 
-def vectorise(captions: list[str], cfg_text) -> "scipy.sparse.csr_matrix":  # noqa: F821
-    """Sparse TF-IDF rows: word n-grams and character n-grams (within word boundaries) side by side."""
+def vectorise(captions: list[str], cfg_text):
+    """Sparse TF-IDF rows (a scipy CSR matrix): word n-grams and character n-grams (within word boundaries)."""
     from scipy.sparse import hstack
     from sklearn.feature_extraction.text import TfidfVectorizer
 
