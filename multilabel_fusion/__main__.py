@@ -43,17 +43,22 @@ def run_all(cfg: C.Config, demo_mode: bool | str = "auto", stages: list[str] | N
                 print(f"[{name}] SKIPPED: no {stage.optional_asset} can be had here ({err}).\n"
                       f"[{name}] The other stages go on; the fused network leaves out the '{name}' block.")
                 continue
-        if name not in asked:  # only read by an asked stage: run it only when its artifact is missing
+        if name not in asked:  # only read by an asked stage: run it only when what is read of it is missing
             fingerprint = fingerprint or D.load(data_dir, check_images=False).fingerprint()
-            key = registry.artifact_key(name, cfg, fingerprint)
-            if store.load(name, key, mmap=True) is not None:
-                print(f"[{name}] its artifact for the current settings exists ({store.dir(name, key)}): not re-run")
+            wanted = [registry.block_location(b, cfg, fingerprint) for b in _blocks_read(cfg, asked)
+                      if registry.block_owner(b).name == name] or [(name, registry.artifact_key(name, cfg, fingerprint))]
+            if all(store.load(kind, key, mmap=True) is not None for kind, key in wanted):
+                print(f"[{name}] what is read of it exists for the current settings: not re-run")
                 continue
         results[name] = stage.run(cfg, demo_mode=is_demo, resume=resume)
     print(f"\nAll stages done in {time.time() - started:.0f} s."
           + (f" Skipped: {', '.join(skipped)} (missing assets)." if skipped else ""))
     results["skipped"] = skipped
     return results
+
+
+def _blocks_read(cfg: C.Config, stages: list[str]) -> list[str]:
+    return [b for s in stages for b in registry.get(s).reads_blocks(cfg)]
 
 
 def main(argv: list[str] | None = None) -> int:

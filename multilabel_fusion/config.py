@@ -136,6 +136,7 @@ class ImageSection(Section):
     feature_dtype: Literal["float16", "float32"]
     depth_features: bool
     hflip_average: bool
+    head_input: Literal["pooled", "depths"]
     head_hidden: NonNegativeInt  # 0: a linear head
     head_dropout: Dropout
     head_lr: LearningRate
@@ -241,6 +242,7 @@ class LabelDecoderSection(Section):
 
     variant: DecoderVariant  # the decoder cross-fitted for the feature block and the submission
     compare: list[DecoderVariant]  # decoders trained on the first fold for the comparison table
+    caption_block: Literal["caption_probs", "caption"]  # what ``+caption`` reads beside the image
     bce_baseline: bool
     embed: PositiveInt
     hidden: PositiveInt
@@ -257,7 +259,7 @@ class LabelDecoderSection(Section):
     threads: PositiveInt | None
 
 
-MiningStrategy = Annotated[str, Field(pattern=r"^(all|hard|semi_hard|vsepp|top[1-9][0-9]*)$")]
+MiningStrategy = Annotated[str, Field(pattern=r"^(all|hard|semi_hard|vsepp|infonce|top[1-9][0-9]*)$")]
 CaptionEncoder = Literal["mean", "gru"]
 
 
@@ -268,6 +270,7 @@ class JointEmbeddingSection(Section):
     strategy: MiningStrategy
     margin: Number = Field(gt=0, le=2)
     reverse_weight: Weight
+    temperature: Number = Field(default=0.05, gt=0)
     lr: LearningRate
     lr_decay_epoch: PositiveInt | None
     batch_size: int = Field(ge=2)
@@ -281,6 +284,7 @@ class JointEmbeddingSection(Section):
     seq_len: PositiveInt
     train_embeddings: bool
     image_features: Literal["pooled", "depths"]
+    train_on_test_pairs: bool = False
     selection_size: PositiveInt
     knn: PositiveInt
     prompt: str = Field(pattern=r"\{\}")

@@ -176,3 +176,14 @@ def block_key(block: str, cfg: Config, data_fingerprint: str) -> str:
     module = owner.load()
     extra = module.block_spec(cfg, block) if hasattr(module, "block_spec") else None
     return digest({"block": block, "artifact": artifact_key(owner.name, cfg, data_fingerprint), "extra": extra})
+
+
+def block_location(block: str, cfg: Config, data_fingerprint: str) -> tuple[str, str]:
+    """(artifact kind, key) where block ``block`` is kept: its stage's artifact, unless the stage keeps it apart
+    (``block_artifact_kind(block)``, e.g. the image head's probabilities, kept under the block's own key)."""
+    owner = block_owner(block)
+    module = owner.load()
+    kind = module.block_artifact_kind(block) if hasattr(module, "block_artifact_kind") else None
+    if kind is None:
+        return owner.name, artifact_key(owner.name, cfg, data_fingerprint)
+    return kind, block_key(block, cfg, data_fingerprint)

@@ -21,7 +21,7 @@ def test_bench_on_demo_data_writes_results(tmp_path):
         assert r["cold"]["wall_s"] > 0 and r["warm"]["peak_mb"] > 0
         assert r["metrics"]["held_out"] == "out-of-fold (5 folds)"
         assert f"| {name} | {r['metrics']['val_mean_f1_at_0.5']:.4f} | {r['metrics']['val_mean_f1_tuned']:.4f} |" in text
-    assert results["stages"]["fusion"]["metrics"]["blocks"].keys() == {"image", "caption_probs", "text"}
+    assert results["stages"]["fusion"]["metrics"]["blocks"].keys() == {"image_probs", "caption_probs", "text"}
     assert set(results["k1"]) == {"image", "caption", "text", "fusion"}
     assert all(r["held_out"] == "validation split" for r in results["k1"].values())
     assert "Main job with K=5" in text

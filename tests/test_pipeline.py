@@ -127,7 +127,7 @@ def test_main_job_without_detector_weights_fuses_without_that_block(tiny_data, t
     assert "leaving out the 'detector' block" in out
     assert list(results) == ["image", "caption", "text", "fusion", "skipped"] and "detector" in results["skipped"]
     m = results["fusion"]
-    assert list(m["blocks"]) == ["image", "caption_probs", "text"] and "detector" in m["blocks_left_out"]
+    assert list(m["blocks"]) == ["image_probs", "caption_probs", "text"] and "detector" in m["blocks_left_out"]
     assert submission.validate_file(tmp_path / "output" / "predictions.csv", tiny_data / "test.csv") == 40
 
 
@@ -140,7 +140,7 @@ def test_main_job_on_demo_data_then_warm_rerun(tmp_path, capsys):
     predictions = tmp_path / "out" / "predictions.csv"
     assert submission.validate_file(predictions, tmp_path / "out" / "demo_data" / "test.csv") == 100
     assert list(results) == ["image", "caption", "detector", "text", "fusion", "skipped"]  # all before the fusion
-    assert results["fusion"]["blocks"].keys() == {"image", "caption_probs", "detector", "text"}
+    assert results["fusion"]["blocks"].keys() == {"image_probs", "caption_probs", "detector", "text"}
     assert results["fusion"]["held_out"] == "out-of-fold (5 folds)"
     first = predictions.read_text()
     start = time.time()

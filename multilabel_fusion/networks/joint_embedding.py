@@ -32,7 +32,8 @@ from ..data import labels as L
 from ..data import text
 
 #: Negative-mining strategies; ``top<K>`` (``top1``, ``top10`` …) keeps the K hardest negatives per anchor.
-STRATEGIES = ("all", "hard", "semi_hard", "vsepp")
+#: ``infonce`` is not a triplet loss: a softmax over every in-batch candidate (CLIP-style), for comparison.
+STRATEGIES = ("all", "hard", "semi_hard", "vsepp", "infonce")
 _TOPK = re.compile(r"top([1-9][0-9]*)")
 ENCODERS = ("mean", "gru")
 
@@ -40,7 +41,8 @@ ENCODERS = ("mean", "gru")
 def check_strategy(name: str) -> str:
     if name in STRATEGIES or _TOPK.fullmatch(name):
         return name
-    raise ValueError(f"unknown negative-mining strategy {name!r}: choose {', '.join(STRATEGIES)} or top<K> (top1, top10)")
+    raise ValueError(f"unknown negative-mining strategy {name!r}: choose {', '.join(STRATEGIES)} or top<K> "
+                     "(top1, top10)")
 
 
 def strategy_label(name: str) -> str:
@@ -49,7 +51,7 @@ def strategy_label(name: str) -> str:
     if m:
         return f"{m.group(1)} hardest (K = {m.group(1)})"
     return {"all": "hard + semi-hard", "hard": "hard only", "semi_hard": "semi-hard only",
-            "vsepp": "VSE++ (max violation)"}[name]
+            "vsepp": "VSE++ (max violation)", "infonce": "softmax over all (InfoNCE; not a triplet loss)"}[name]
 
 
 # -------------------------------------------------------------------------------------------------- loss
@@ -68,6 +70,8 @@ def pick_negatives(sims: torch.Tensor, strategy: str, margin: float) -> torch.Te
     pos = sims.diagonal().unsqueeze(1)
     hard = (sims > pos) & off
     semi = (sims <= pos) & (sims > pos - margin) & off
+    if strategy == "infonce":
+        return off  # every in-batch candidate, weighted by the softmax
     if strategy == "all":
         return hard | semi
     if strategy == "hard":
@@ -84,9 +88,12 @@ def pick_negatives(sims: torch.Tensor, strategy: str, margin: float) -> torch.Te
     return mask & (violation > 0)  # a picked negative that does not violate the margin costs nothing anyway
 
 
-def direction_loss(sims: torch.Tensor, strategy: str, margin: float) -> torch.Tensor:
+def direction_loss(sims: torch.Tensor, strategy: str, margin: float, temperature: float = 0.05) -> torch.Tensor:
     """One direction of the ranking loss, anchors in rows: the mean over the picked non-zero hinge terms
-    (VSE++: the sum over anchors of each one's largest violation)."""
+    (VSE++: the sum over anchors of each one's largest violation; InfoNCE: cross-entropy of the softmax over
+    each row at ``temperature``, the positive being the diagonal)."""
+    if strategy == "infonce":
+        return F.cross_entropy(sims / temperature, torch.arange(len(sims), device=sims.device))
     mask = pick_negatives(sims, strategy, margin)
     hinge = (margin - sims.diagonal().unsqueeze(1) + sims).clamp(min=0) * mask
     if strategy == "vsepp":
@@ -96,23 +103,27 @@ def direction_loss(sims: torch.Tensor, strategy: str, margin: float) -> torch.Te
 
 
 def ranking_loss(img: torch.Tensor, txt: torch.Tensor, strategy: str, margin: float,
-                 reverse_weight: float) -> torch.Tensor:
-    """Image-anchored term + ``reverse_weight`` × caption-anchored term (VSE++: both weighted 1)."""
+                 reverse_weight: float, temperature: float = 0.05) -> torch.Tensor:
+    """Image-anchored term + ``reverse_weight`` × caption-anchored term (VSE++ and InfoNCE: both weighted 1)."""
     sims = img @ txt.t()  # [images, captions]
-    weight = 1.0 if strategy == "vsepp" else reverse_weight
-    return direction_loss(sims, strategy, margin) + weight * direction_loss(sims.t(), strategy, margin)
+    weight = 1.0 if strategy in ("vsepp", "infonce") else reverse_weight
+    return (direction_loss(sims, strategy, margin, temperature)
+            + weight * direction_loss(sims.t(), strategy, margin, temperature))
 
 
 class TripletRankingLoss(nn.Module):
     """The trainer's ``loss_fn(outputs, targets)``: ``outputs`` are stacked embeddings [B, 2, D] (image,
     caption); ``targets`` (the labels) only count the batch."""
 
-    def __init__(self, strategy: str = "top1", margin: float = 0.1, reverse_weight: float = 0.1):
+    def __init__(self, strategy: str = "top1", margin: float = 0.1, reverse_weight: float = 0.1,
+                 temperature: float = 0.05):
         super().__init__()
         self.strategy, self.margin, self.reverse_weight = check_strategy(strategy), margin, reverse_weight
+        self.temperature = temperature
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        return ranking_loss(outputs[:, 0], outputs[:, 1], self.strategy, self.margin, self.reverse_weight)
+        return ranking_loss(outputs[:, 0], outputs[:, 1], self.strategy, self.margin, self.reverse_weight,
+                            self.temperature)
 
 
 # ------------------------------------------------------------------------------------------------ network

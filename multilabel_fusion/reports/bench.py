@@ -60,15 +60,16 @@ def _metrics(output: Path, stage: str) -> dict[str, Any]:
 
 IMAGE_BACKBONES = ("efficientnet_lite0", "resnet50", "vgg16")
 #: Fusion block sets compared with the default (each one block more or less), and the K=1 reference set.
-ABLATIONS = {
-    "without detector": ["image", "caption_probs", "text"],
-    "without text": ["image", "caption_probs", "detector"],
-    "without caption_probs": ["image", "detector", "text"],
-    "caption features instead of caption_probs": ["image", "caption", "detector", "text"],
-    "+ image_probs": ["image", "image_probs", "caption_probs", "detector", "text"],
-    "image_probs instead of image": ["image_probs", "caption_probs", "detector", "text"],
-    "+ detector_boxes": ["image", "caption_probs", "detector", "detector_boxes", "text"],
-    "image_depths instead of image": ["image_depths", "caption_probs", "detector", "text"],
+ABLATIONS = {  # name: (blocks, extra settings); each changes one thing of the default
+    "image features instead of image_probs": (["image", "caption_probs", "detector", "text"], []),
+    "+ image features": (["image", "image_probs", "caption_probs", "detector", "text"], []),
+    "image_depths instead of image_probs": (["image_depths", "caption_probs", "detector", "text"], []),
+    "image head on image_depths": (["image_probs", "caption_probs", "detector", "text"], ["image.head_input=depths"]),
+    "without detector": (["image_probs", "caption_probs", "text"], []),
+    "+ detector_boxes": (["image_probs", "caption_probs", "detector", "detector_boxes", "text"], []),
+    "without text": (["image_probs", "caption_probs", "detector"], []),
+    "without caption_probs": (["image_probs", "detector", "text"], []),
+    "caption features instead of caption_probs": (["image_probs", "caption", "detector", "text"], []),
 }
 K1_BLOCKS = ["image", "caption", "detector"]  # with one split only features blocks can be stacked
 
@@ -111,11 +112,11 @@ def run(data: Path, workdir: Path, seeds: int, with_detector: bool, sets: list[s
     results["main_job_cold_s"] = round(sum(r["cold"]["wall_s"] for r in results["stages"].values()), 1)
     results["main_job_warm"] = _run(base + _blocks(default_blocks), log)
     results["ablations"] = {}
-    for name, blocks in (ABLATIONS.items() if ablations else []):
+    for name, (blocks, extra) in (ABLATIONS.items() if ablations else []):
         blocks = [b for b in blocks if with_detector or not b.startswith("detector")]
         print(f"[bench] fusion {name}", flush=True)
-        timing = _run(base + ["--stages", "fusion"] + _blocks(blocks), log)
-        results["ablations"][name] = {**_summary(_metrics(output, "fusion")), "run": timing}
+        timing = _run(base + ["--stages", "fusion"] + _blocks(blocks) + [a for s in extra for a in ("--set", s)], log)
+        results["ablations"][name] = {**_summary(_metrics(output, "fusion")), "run": timing, "settings": extra}
     print("[bench] one split (split.folds=1)", flush=True)
     k1 = {}
     for stage in stages:
@@ -256,7 +257,8 @@ def render(results: dict[str, Any], data: Path, docs: Path) -> str:
                   f"{fused['val_mean_f1_tuned']:.4f} | {fused['mean_f1_threshold_cv']:.4f} | |"]
         for name, a in ablations.items():
             delta = a["mean_f1_threshold_cv"] - fused["mean_f1_threshold_cv"]
-            lines.append(f"| {name} | {', '.join(a['blocks'])} | {a['val_mean_f1_at_0.5']:.4f} | "
+            shown = ", ".join(a["blocks"]) + "".join(f" (`{x}`)" for x in a.get("settings", []))
+            lines.append(f"| {name} | {shown} | {a['val_mean_f1_at_0.5']:.4f} | "
                          f"{a['val_mean_f1_tuned']:.4f} | {a['mean_f1_threshold_cv']:.4f} | {delta:+.4f} |")
         if "fusion" in k1:
             f1 = k1["fusion"]

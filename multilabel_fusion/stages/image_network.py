@@ -29,7 +29,7 @@ from . import base
 
 PREPROCESSING_VERSION = 2  # bump when decoding/resizing changes, so old features are not reused
 FINE_TUNE_KEYS = ("lr", "batch_size", "epochs", "patience", "max_train_images", "augment", "label1_weight")
-HEAD_KEYS = ("head_hidden", "head_dropout", "head_lr", "head_batch_size", "label1_weight")  # head_epochs/patience: how long
+HEAD_KEYS = ("head_input", "head_hidden", "head_dropout", "head_lr", "head_batch_size", "label1_weight")  # head_epochs/patience: how long
 
 
 def artifact_spec(cfg: Config) -> dict[str, Any]:
@@ -140,6 +140,11 @@ def block_spec(cfg: Config, block: str) -> dict[str, Any] | None:
             "common": registry.common_settings(cfg)}
 
 
+def block_artifact_kind(block: str) -> str | None:
+    """The head's out-of-fold probabilities are kept apart from the features (other settings shape them)."""
+    return "image_head" if block == "image_probs" else None
+
+
 def block_arrays(ctx: base.StageContext, name: str) -> tuple[np.ndarray, np.ndarray]:
     """``image``: pooled features; ``image_depths``: every stage's pooled output; ``image_probs``: the head's
     out-of-fold probabilities."""
@@ -170,7 +175,10 @@ def train_head(ctx: base.StageContext, block, resume: bool):
         return found
     hs = HeadSettings(ci.head_hidden, ci.head_dropout, ci.head_lr, ci.head_batch_size, ci.head_epochs,
                       ci.head_patience, ci.label1_weight)
-    train_x, test_x = np.asarray(block["train"], dtype=np.float32), np.asarray(block["test"], dtype=np.float32)
+    parts = ("train", "test") if ci.head_input == "pooled" else ("train_depths", "test_depths")
+    if parts[0] not in block:
+        raise ValueError(f"{block.dir}: image.head_input=depths needs image.depth_features=true")
+    train_x, test_x = (np.asarray(block[part], dtype=np.float32) for part in parts)
     histories = []
 
     def fold(k, fit_idx, held_idx):

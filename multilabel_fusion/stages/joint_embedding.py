@@ -161,14 +161,21 @@ def train_run(ctx: base.StageContext, inp: Inputs, fold: int, fit_idx: np.ndarra
     train_rows, sel_rows = split_selection(ctx, fold, fit_idx)
     shaping = {k: v for k, v in je.to_dict().items() if k not in NOT_SHAPING + RESULT_ONLY}
     shaping.update(encoder=encoder, strategy=strategy)
+    if strategy != "infonce":
+        shaping.pop("temperature", None)  # only the softmax loss reads it
+    feats, ids, lengths = inp.image_train[train_rows], inp.ids_train[train_rows], inp.len_train[train_rows]
+    labels = ctx.targets[train_rows]
+    if je.train_on_test_pairs:  # the test records' photo-caption pairs too: no labels, never evaluated
+        feats, ids = np.concatenate([feats, inp.image_test]), np.concatenate([ids, inp.ids_test])
+        lengths = np.concatenate([lengths, inp.len_test])
+        labels = np.concatenate([labels, np.zeros((len(inp.image_test), labels.shape[1]), labels.dtype)])
     settings = {"image": inp.image_key, "vectors": inp.vectors.identity, "text_version": text.TEXT_VERSION,
                 "version": VERSION, "joint_embedding": shaping, "fold": [fold, len(ctx.folds)]}
     run_dir = ctx.run_dir("joint_embedding", settings)
     torch.manual_seed(cfg.trainer.seed + fold)
     model = J.JointEmbedding(inp.image_train.shape[1], inp.matrix, **model_kwargs(je, encoder))
-    model.fit_standardisation(inp.image_train[train_rows])
-    batches = J.PairBatches(inp.image_train[train_rows], inp.ids_train[train_rows], inp.len_train[train_rows],
-                            ctx.targets[train_rows], je.batch_size, shuffle=True, seed=cfg.trainer.seed + fold,
+    model.fit_standardisation(feats)
+    batches = J.PairBatches(feats, ids, lengths, labels, je.batch_size, shuffle=True, seed=cfg.trainer.seed + fold,
                             drop_last=True)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=je.lr)
     scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, step_size=je.lr_decay_epoch, gamma=0.1)
@@ -181,13 +188,13 @@ def train_run(ctx: base.StageContext, inp: Inputs, fold: int, fit_idx: np.ndarra
         return {"score": report["rsum"], **report}
 
     result = trainer.fit(
-        model, batches, None, None, loss_fn=J.TripletRankingLoss(strategy, je.margin, je.reverse_weight),
+        model, batches, None, None, loss_fn=J.TripletRankingLoss(strategy, je.margin, je.reverse_weight, je.temperature),
         optimizer=optimizer, scheduler=scheduler, run_dir=run_dir, epochs=je.epochs, patience=je.patience,
         device=ctx.device, precision=training_precision(ctx.device, cfg.trainer.mixed_precision), resume=resume,
-        settings={**settings, "n_train": len(train_rows), "n_selection": len(sel_rows)},
+        settings={**settings, "n_train": len(feats), "n_selection": len(sel_rows)},
         name=f"joint embedding {encoder}/{strategy} fold {fold + 1}", score_fn=score)
     model.eval()
-    return Run(model, result, run_dir, encoder, strategy, len(train_rows), len(sel_rows))
+    return Run(model, result, run_dir, encoder, strategy, len(feats), len(sel_rows))
 
 
 # ------------------------------------------------------------------------------------------------ measuring

@@ -84,6 +84,11 @@ class Features:
     caption: tuple[np.ndarray, np.ndarray] | None
     keys: dict[str, str]
     notes: list[str] = field(default_factory=list)
+    caption_block: str = "caption_probs"
+
+    @property
+    def caption_name(self) -> str:
+        return f"image + {self.caption_block}"
 
 
 def _checked(ctx: base.StageContext, name: str):
@@ -96,8 +101,8 @@ def _checked(ctx: base.StageContext, name: str):
 
 def load_features(ctx: base.StageContext, caption: bool) -> Features:
     """Pooled image features, the multi-depth features of the same forward pass (``train_depths``, widths in
-    ``info['depth_dims']``) and, when asked, the caption features. Without multi-depth features the encoder
-    reads one depth, the pooled features, and the metrics say so."""
+    ``info['depth_dims']``) and, when asked, the caption block ``label_decoder.caption_block`` (out of fold).
+    Without multi-depth features the encoder reads one depth, the pooled features, and the metrics say so."""
     image = _checked(ctx, "image")
     f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
     pooled = (f32(image["train"]), f32(image["test"]))
@@ -109,11 +114,11 @@ def load_features(ctx: base.StageContext, caption: bool) -> Features:
         depths, dims = pooled, [pooled[0].shape[1]]
         notes.append("the image artifact has no multi-depth features (image.depth_features off): the seq2seq "
                      "encoder and the attention read one depth, the pooled features")
-    cap = None
+    cap, block = None, ctx.cfg.label_decoder.caption_block
     if caption:
-        found = _checked(ctx, "caption")
-        cap, keys["caption"] = (f32(found["train"]), f32(found["test"])), found.key
-    return Features(pooled, depths, [int(d) for d in dims], cap, keys, notes)
+        train, test, keys[block] = base.block_arrays(ctx, block)
+        cap = (f32(train), f32(test))
+    return Features(pooled, depths, [int(d) for d in dims], cap, keys, notes, block)
 
 
 def variant_inputs(feats: Features, v: Variant):
@@ -162,7 +167,7 @@ class Decoders:
         y = ctx.targets
         inputs = {"image": self.feats.keys["image"]}
         if v.caption:
-            inputs["caption"] = self.feats.keys["caption"]
+            inputs["caption"] = self.feats.keys[self.feats.caption_block]
         shaping: dict[str, Any] = {"variant": v.name, **{key: ld[key] for key in WEIGHT_KEYS}, "inputs": inputs,
                                    "depth_dims": dims, "version": VERSION, "fold": [k, len(ctx.folds)]}
         embedding, embedding_info = None, {"init": "xavier"}
@@ -268,8 +273,8 @@ def compare_decoders(ctx: base.StageContext, decoders: Decoders) -> list[dict[st
         seconds = time.time() - t0
         r = trained["result"]
         prf = sample_prf(y, got["sets"])
-        rows.append({"model": name, "kind": "decoder", "features": "image + caption" if trained["variant"].caption
-                     else "image", "precision": round(prf["precision"], 4), "recall": round(prf["recall"], 4),
+        rows.append({"model": name, "kind": "decoder", "features": decoders.feats.caption_name
+                     if trained["variant"].caption else "image", "precision": round(prf["precision"], 4), "recall": round(prf["recall"], 4),
                      "f1": round(prf["f1"], 4), **_scores_f1(ctx, got["scores"], y),
                      "labels_per_image": round(float(got["sets"].sum(1).mean()), 3),
                      "best_epoch": r.best_epoch, "epochs_run": int(len(r.history)), "train_seconds": trained["train_seconds"],
@@ -287,7 +292,7 @@ def bce_baselines(ctx: base.StageContext, feats: Features, resume: bool) -> list
     rule = ctx.cfg.thresholds.at_least_one
     setups = [("BCE MLP head", "image", ci.head_hidden), ("BCE linear head", "image", 0)]
     if feats.caption is not None:
-        setups.append(("BCE MLP head", "image + caption", ci.head_hidden))
+        setups.append(("BCE MLP head", feats.caption_name, ci.head_hidden))
     rows = []
     for title, what, hidden in setups:
         train_x, test_x = feats.image
@@ -373,8 +378,9 @@ def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] 
         f"Machine: {metrics['machine']['cpu']} ({metrics['machine']['cpu_count']} cores), torch "
         f"{metrics['machine']['torch']}. Features: {metrics['features']['backbone']} pooled "
         f"({metrics['features']['pooled_dim']}-d) and pooled at {len(metrics['features']['depth_dims'])} depths "
-        f"({'+'.join(map(str, metrics['features']['depth_dims']))}) from the same forward pass; caption features "
-        f"{metrics['features'].get('caption_dim')}-d (stage 02, out of fold). "
+        f"({'+'.join(map(str, metrics['features']['depth_dims']))}) from the same forward pass; caption block "
+        f"`{metrics['features'].get('caption_block')}` ({metrics['features'].get('caption_dim')}-d, stage 02, out of "
+        "fold). "
         + (" ".join(metrics["features"]["notes"]) + " " if metrics["features"]["notes"] else "")
         + f"Split: the first of {metrics['folds']} folds ({fold['n_fit']} fit / {fold['n_held']} held out), the same for "
           f"every row. Decoding: beam width {metrics['settings']['beam']}, END never first, no label twice.",
@@ -498,7 +504,8 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
         "variant": info["variant"], "artifact": str(found.dir), "block": state,
         "settings": {k: ld[k] for k in ld}, "vectors": decoders.vectors_record,
         "features": {"backbone": image.info.get("backbone", {}).get("name"), "pooled_dim": int(feats.image[0].shape[1]),
-                     "depth_dims": feats.depth_dims, "caption_dim": None if feats.caption is None
+                     "depth_dims": feats.depth_dims, "caption_block": feats.caption_block,
+                     "caption_dim": None if feats.caption is None
                      else int(feats.caption[0].shape[1]), "keys": feats.keys, "notes": feats.notes},
         "cross_fit": {"decoded": {k: round(v, 4) for k, v in decoded.items()}, "folds": info["folds"],
                       "train_seconds": round(sum(f["train_seconds"] for f in info["folds"]), 1),
