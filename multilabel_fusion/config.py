@@ -244,6 +244,7 @@ class LabelDecoderSection(Section):
     compare: list[DecoderVariant]  # decoders trained on the first fold for the comparison table
     caption_block: Literal["caption_probs", "caption"]  # what ``+caption`` reads beside the image
     bce_baseline: bool
+    data_sizes: list[PositiveInt]  # fit-part subsets for the decoder-vs-BCE learning curve (empty: none)
     embed: PositiveInt
     hidden: PositiveInt
     proj_dropout: Dropout
@@ -290,6 +291,7 @@ class JointEmbeddingSection(Section):
     prompt: str = Field(pattern=r"\{\}")
     compare_strategies: list[MiningStrategy]
     compare_encoders: list[CaptionEncoder]
+    learning_curve: list[Annotated[Number, Field(gt=0, lt=1)]] = []
     retrieval_top: PositiveInt
 
 

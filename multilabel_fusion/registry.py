@@ -72,13 +72,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           not_shaping=("batch_size", "threads", "channels_last", "examples"), blocks=("detector", "detector_boxes"),
           optional_asset="COCO detector weights", writes="per-label detection scores, detector submission"),
     Stage("label_decoder", "05", "label decoder", "label_decoder", ("label_decoder",), blocks=("label_decoder",),
-          not_shaping=("compare", "bce_baseline", "threads"), reads=lambda cfg: ["image", "caption"],
+          not_shaping=("compare", "bce_baseline", "data_sizes", "threads"), reads=lambda cfg: ["image", "caption"],
           writes="out-of-fold per-label scores of a recurrent label decoder, decoder submission, decoders vs BCE table"),
     Stage("text", "07", "text n-grams", "text_ngrams", ("text",), blocks=("text",),
           writes="out-of-fold TF-IDF + logistic-regression probabilities, text-only submission"),
     Stage("joint_embedding", "06", "joint embedding", "joint_embedding", ("joint_embedding",),
-          not_shaping=("compare_strategies", "compare_encoders", "retrieval_top"), blocks=("joint_embedding",),
-          reads=lambda cfg: ["image"], writes="image-caption joint embedding, retrieval, zero-shot and neighbour label scores"),
+          not_shaping=("compare_strategies", "compare_encoders", "learning_curve", "retrieval_top"),
+          blocks=("joint_embedding",), reads=lambda cfg: ["image"],
+          writes="image-caption joint embedding, retrieval, zero-shot and neighbour label scores"),
 ]}
 
 #: Settings every trained result depends on besides its own sections.
@@ -154,7 +155,7 @@ def artifact_spec(name: str, cfg: Config, data_fingerprint: str) -> dict[str, An
     Computed recursively (a fused network's spec holds its blocks' keys); memoised per configuration,
     since resolving assets (hashing weights files) is not free.
     """
-    memo = digest({"name": name, "cfg": cfg.to_dict(), "data": data_fingerprint})
+    memo = digest({"name": name, "cfg": cfg.to_dict(), "data": data_fingerprint, "images": _image_state(cfg)})
     if memo not in _SPECS:
         stage = get(name)
         inputs = {dep: artifact_key(dep, cfg, data_fingerprint) for dep in stage.reads(cfg)}
@@ -163,6 +164,16 @@ def artifact_spec(name: str, cfg: Config, data_fingerprint: str) -> dict[str, An
         spec.update(stage.load().artifact_spec(cfg))  # a stage may narrow "settings" and add assets, versions
         _SPECS[memo] = spec
     return _SPECS[memo]
+
+
+def _image_state(cfg: Config):
+    """With grey stand-ins for bad images, which files are bad is part of what made an artifact: looked up
+    afresh each time (a repaired file must not find the memoised key of the broken one)."""
+    if cfg.data.bad_images != "replace":
+        return None
+    from .stages.base import replaced_images
+
+    return replaced_images(cfg)
 
 
 def artifact_key(name: str, cfg: Config, data_fingerprint: str) -> str:

@@ -17,7 +17,6 @@ import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -59,7 +58,8 @@ class Retriever:
         self.model.load_state_dict(saved["state"])
         self.model.eval()
         self.vocab = text.Vocabulary([str(t) for t in artifact["vocab"]])
-        self.images = np.concatenate([artifact["gallery_train_images"], artifact["gallery_test_images"]]).astype(np.float32)
+        self.images = np.concatenate([artifact["gallery_train_images"],
+                                      artifact["gallery_test_images"]]).astype(np.float32)
         self.captions = np.concatenate([artifact["gallery_train_captions"],
                                         artifact["gallery_test_captions"]]).astype(np.float32)
         data = ctx.data
@@ -134,8 +134,9 @@ class Retriever:
         top = top or self.ctx.cfg.joint_embedding.retrieval_top
         vector, tokens, unknown = self.embed_text(query)
         if not tokens or len(unknown) == len(tokens):
-            print(f"[retrieve] warning: no word of {query!r} is in the vocabulary ({', '.join(tokens) or 'nothing left after cleaning'}); "
-                  "the answer is close to arbitrary")
+            read = ", ".join(tokens) or "nothing left after cleaning"
+            print(f"[retrieve] warning: no word of {query!r} is in the vocabulary ({read}); the answer is close to "
+                  "arbitrary")
         elif unknown:
             print(f"[retrieve] words without a vector (read as unknown): {', '.join(unknown)}")
         hits = self._hits(self.images @ vector, top)
@@ -162,7 +163,8 @@ class Retriever:
         note = ""
         if own is not None:
             rank = int((scores >= scores[own]).sum())
-            note = f" (a photo of the data: its own caption ranks {rank} of {len(scores)}: \u201c{self.texts[own]}\u201d)"
+            note = (f" (a photo of the data: its own caption ranks {rank} of {len(scores)}: "
+                    f"\u201c{self.texts[own]}\u201d)")
         grid(hits, path, f"captions for the photo {image.name}{note}", query=read_rgb(image))
         return hits, path
 
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> list[Hit]:
     query = parser.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="a caption: show the photos that match it best")
     query.add_argument("--image", type=Path, help="a photo (any JPEG/PNG): show the captions that match it best")
-    parser.add_argument("--top", type=int, default=None, help="how many results (default joint_embedding.retrieval_top)")
+    parser.add_argument("--top", type=int, default=None,
+                        help="how many results (default: joint_embedding.retrieval_top)")
     parser.add_argument("--out", type=Path, default=None, help="PNG to write (default output/figures/retrieval/...)")
     args = parser.parse_args(argv)
     cfg = C.from_args(args)

@@ -427,8 +427,7 @@ def test_bad_images_replaced_when_asked_and_listed(tiny, tmp_path, monkeypatch):
 def test_repaired_images_are_not_served_from_the_replaced_artifact(tiny, tmp_path, monkeypatch):
     """Detections made on grey stand-ins must not be reused once the files are readable again.
 
-    FAILS until stages/detector.py is fixed (see the report): the artifact key hashes train.csv and test.csv
-    but not which images were replaced, so the repaired data finds the artifact made without them.
+    Found with a test written before the fix: the key hashed the CSVs only, not which images were replaced.
     """
     broken, bad = _broken_copy(tiny, tmp_path, "truncated")
     _fake_loader(monkeypatch)

@@ -349,9 +349,6 @@ def test_weight_resolution_order(tmp_path, monkeypatch, capsys):
     assert (found.source, found.identity, found.path) == ("asked for", "random", None)
 
     # the metrics file says where the weights came from: a download is a download.
-    # FAILS until assets.py is fixed: _backbone_weights' download() returns hub_cache(), whose source is
-    # "local copy", so a fresh download is recorded as a local copy (word vectors and detector weights say
-    # "download"). See the report.
     assert downloaded.source == "download"
 
 
@@ -487,8 +484,7 @@ def test_bad_images_replaced_when_asked_and_listed(mini, tmp_path):
 def test_repaired_images_are_not_served_from_the_replaced_artifact(mini, tmp_path):
     """Features made with grey stand-ins must not be reused once the files are readable again.
 
-    FAILS until stages/image_network.py is fixed (see the report): the artifact key hashes train.csv and
-    test.csv but not which images were replaced, so the repaired data finds the artifact with grey features.
+    Found with a test written before the fix: the key hashed the CSVs only, not which images were replaced.
     """
     broken, truncated = _broken_copy(mini, tmp_path, "truncated")
     first = image_network.run_stage(_cfg(broken, tmp_path, "data.bad_images=replace"))

@@ -52,6 +52,16 @@ def test_loss_value_is_the_mean_of_the_picked_hinge_terms(strategy):
     assert float(J.direction_loss(SIMS, strategy, M)) == pytest.approx(expected, abs=1e-6)
 
 
+def test_infonce_compares_with_every_candidate_through_a_softmax():
+    assert picked("infonce") == {(a, n) for a in range(4) for n in range(4) if a != n}
+    logits = SIMS / 0.05
+    expected = -torch.log_softmax(logits, 1).diagonal().mean()
+    assert float(J.direction_loss(SIMS, "infonce", M, 0.05)) == pytest.approx(float(expected), rel=1e-5)
+    img = torch.nn.functional.normalize(torch.randn(5, 4), dim=1)
+    both = J.ranking_loss(img, img, "infonce", M, 0.1, 0.05)  # both directions weighted 1, as CLIP
+    assert float(both) == pytest.approx(2 * float(J.direction_loss(img @ img.T, "infonce", M, 0.05)), rel=1e-5)
+
+
 def test_no_violation_costs_nothing_and_positives_are_never_negatives():
     easy = torch.eye(4) * 0.9  # every positive beats every negative by more than the margin
     for strategy in ("all", "hard", "semi_hard", "top1", "top10", "vsepp"):
@@ -197,7 +207,7 @@ SMALL = ["split.folds=2", "image.backbone=efficientnet_lite0", "image.image_size
          "joint_embedding.hidden=32", "joint_embedding.embed_dim=16", "joint_embedding.rnn_hidden=8",
          "joint_embedding.batch_size=16", "joint_embedding.selection_size=20", "joint_embedding.knn=5",
          "joint_embedding.compare_strategies=[top1]", "joint_embedding.compare_encoders=[mean, gru]",
-         "joint_embedding.retrieval_top=4"]
+         "joint_embedding.learning_curve=[0.5]", "joint_embedding.retrieval_top=4"]
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +216,8 @@ def demo_dir(tmp_path_factory):
 
 
 def _cfg(demo_dir, tmp_path, *extra):
-    return config.load(overrides=SMALL + list(extra), data=demo_dir, output=tmp_path / "out", models=tmp_path / "models")
+    return config.load(overrides=SMALL + list(extra), data=demo_dir, output=tmp_path / "out",
+                       models=tmp_path / "models")
 
 
 def _fake_image_artifact(cfg, demo_dir, tmp_path):
@@ -241,6 +252,14 @@ def test_stage_and_retrieval_end_to_end_on_demo_data(demo_dir, tmp_path, capsys)
     assert 0 <= r["i2t_r1"] <= r["i2t_r5"] <= r["i2t_r10"] <= 100 and r["t2i_medr"] >= 1
     assert [(row["encoder"], row["strategy"]) for row in saved["comparison"]] == [("mean", "top1"), ("gru", "top1")]
     assert {"recall_per_epoch", "retrieval_text_query", "retrieval_image_query"} <= set(saved["figures"])
+    curve = saved["learning_curve"]
+    assert [(r["fraction"], r["test_pairs"]) for r in curve] == [(0.5, False), (1.0, False), (1.0, True)]
+    assert curve[0]["training_pairs"] < curve[1]["training_pairs"] < curve[2]["training_pairs"]
+    assert curve[1]["protocol_1k"] == saved["retrieval"]["per_fold"][0]["protocol_1k"]  # the stage's own run
+    doc = stage.results_markdown(saved, [{"blocks": ["image", "joint_embedding"], "val_mean_f1_tuned": 0.5,
+                                          "mean_f1_threshold_cv": 0.49, "val_mean_f1_at_0.5": 0.4}])
+    assert "| 1K sets" in doc and "Learning curve" in doc and "image, joint_embedding | 0.5000" in doc
+    assert "One caption per image" in doc and saved["closing_note"] in doc
     assert (tmp_path / "out" / "submission_joint_embedding.csv").is_file()
     art = ArtifactStore(tmp_path / "out").load("joint_embedding", metrics["artifact_key"])
     assert art["train"].shape == (len(d.train), 73) and art["test"].shape == (len(d.test), 73)

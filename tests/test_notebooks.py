@@ -17,8 +17,8 @@ from multilabel_fusion.evaluation import submission
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 #: Execution order: 03 first on an empty output folder (it must compute the image and caption blocks itself),
 #: then the stages that reuse them, then the whole pipeline (everything cached).
-ORDER = ["03_fusion", "01_image_network", "02_caption_network", "04_detector", "05_label_decoder", "07_text_ngrams",
-         "00_full_pipeline"]
+ORDER = ["03_fusion", "01_image_network", "02_caption_network", "04_detector", "05_label_decoder",
+         "06_joint_embedding", "07_text_ngrams", "00_full_pipeline"]
 SMALL = ["image.image_size=64", "image.feature_batch_size=32", "image.head_epochs=3", "image.head_hidden=32",
          "trainer.num_workers=0", "caption.epochs=3", "fusion.epochs=3", "fusion.hidden=64",
          "detector.image_size=160"]

@@ -250,15 +250,16 @@ def embed(model: JointEmbedding, features: np.ndarray | None = None, ids: np.nda
     """Embeddings (float32) of images (``features``) and/or captions (``ids`` + ``lengths``), in eval mode."""
     model.eval()
     device = next(model.parameters()).device
+    empty = [np.zeros((0, model.embed_dim), np.float32)]
     img = txt = None
     if features is not None:
-        img = np.concatenate([model.embed_images(torch.as_tensor(np.asarray(features[s: s + batch_size],
-                                                                             dtype=np.float32)).to(device)).cpu().numpy()
-                              for s in range(0, len(features), batch_size)] or [np.zeros((0, model.embed_dim))])
+        img = np.concatenate([model.embed_images(torch.as_tensor(np.asarray(features[s: s + batch_size], np.float32))
+                                                 .to(device)).cpu().numpy()
+                              for s in range(0, len(features), batch_size)] or empty)
     if ids is not None:
         txt = np.concatenate([model.embed_captions(torch.as_tensor(ids[s: s + batch_size]).to(device),
                                                    torch.as_tensor(lengths[s: s + batch_size])).cpu().numpy()
-                              for s in range(0, len(ids), batch_size)] or [np.zeros((0, model.embed_dim))])
+                              for s in range(0, len(ids), batch_size)] or empty)
     return img, txt
 
 
