@@ -78,7 +78,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           writes="out-of-fold TF-IDF + logistic-regression probabilities, text-only submission"),
     Stage("joint_embedding", "06", "joint embedding", "joint_embedding", ("joint_embedding",),
           not_shaping=("compare_strategies", "compare_encoders", "learning_curve", "retrieval_top"),
-          blocks=("joint_embedding",), reads=lambda cfg: ["image"],
+          blocks=("joint_embedding", "joint_embedding_probs"), reads=lambda cfg: ["image"],
           writes="image-caption joint embedding, retrieval, zero-shot and neighbour label scores"),
 ]}
 
