@@ -359,7 +359,8 @@ from multilabel_fusion.__main__ import run_all
 
 # the stages whose blocks fusion.blocks names run first, exactly as in the main job: each finds its artifact by
 # key (quick once notebooks 01, 02 and 04 ran); one whose asset is missing (no detector weights) is skipped
-blocks_run = run_all(cfg, demo_mode=IS_DEMO, stages=list(cfg.fusion.blocks), resume=RESUME)
+owners = list(dict.fromkeys(registry.block_owner(block).name for block in cfg.fusion.blocks))
+blocks_run = run_all(cfg, demo_mode=IS_DEMO, stages=owners, resume=RESUME)
 '''
 
 COMPARISON = '''\

@@ -94,3 +94,19 @@ def throughput(results: Mapping[str, dict], path: str | Path) -> Path:
                  f"({results[names[0]].get('cpu_count', '?')} cores)")
     ax.legend(loc="upper right", fontsize=8)
     return _save(fig, path)
+
+
+def fold_scores(scores: list[float], cross_fitted: float | None, path: str | Path, title: str) -> Path:
+    """Mean-F1 of each fold's held-out records (tuned thresholds), with the out-of-fold figure to quote."""
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(scores), 3.2))
+    x = np.arange(1, len(scores) + 1)
+    ax.bar(x, scores, color="tab:blue", width=0.6)
+    for xi, v in zip(x, scores):
+        ax.annotate(f"{v:.4f}", (xi, v), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    if cross_fitted is not None:
+        ax.axhline(cross_fitted, color="tab:red", lw=1.2, label=f"out-of-fold, cross-fitted thresholds {cross_fitted:.4f}")
+        ax.legend(loc="lower right", fontsize=8)
+    low = min(scores + ([cross_fitted] if cross_fitted is not None else []))
+    ax.set(xticks=x, xlabel="fold", ylabel="mean F1 of its held-out records", ylim=(max(0.0, low - 0.05), 1.0),
+           title=title)
+    return _save(fig, path)

@@ -333,6 +333,10 @@ def finish(ctx: StageContext, held_probs: np.ndarray, test_probs: np.ndarray, *,
     if history is not None and len(history):
         figures["training_curves"] = str(reports.training_curves(
             history, out / "figures" / f"{stage}_training.png", title))
+    if len(ctx.folds) > 1:
+        figures["fold_scores"] = str(reports.fold_scores(
+            metrics["fold_mean_f1_tuned"], metrics.get("mean_f1_threshold_cv"), out / "figures" / f"{stage}_folds.png",
+            f"{title}: mean-F1 per fold"))
     figures["per_class_f1"] = str(reports.per_class_f1(
         {stage: metrics["per_class"]["f1"]}, out / "figures" / f"{stage}_per_class_f1.png",
         f"{title}: per-class validation F1"))
