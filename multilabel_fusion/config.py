@@ -245,6 +245,7 @@ class LabelDecoderSection(Section):
     caption_block: Literal["caption_probs", "caption"]  # what ``+caption`` reads beside the image
     bce_baseline: bool
     data_sizes: list[PositiveInt]  # fit-part subsets for the decoder-vs-BCE learning curve (empty: none)
+    curve_variant: DecoderVariant  # the decoder of that learning curve
     embed: PositiveInt
     hidden: PositiveInt
     proj_dropout: Dropout

@@ -72,7 +72,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           not_shaping=("batch_size", "threads", "channels_last", "examples"), blocks=("detector", "detector_boxes"),
           optional_asset="COCO detector weights", writes="per-label detection scores, detector submission"),
     Stage("label_decoder", "05", "label decoder", "label_decoder", ("label_decoder",), blocks=("label_decoder",),
-          not_shaping=("compare", "bce_baseline", "data_sizes", "threads"), reads=lambda cfg: ["image", "caption"],
+          not_shaping=("compare", "bce_baseline", "data_sizes", "curve_variant", "threads"), reads=lambda cfg: ["image", "caption"],
           writes="out-of-fold per-label scores of a recurrent label decoder, decoder submission, decoders vs BCE table"),
     Stage("text", "07", "text n-grams", "text_ngrams", ("text",), blocks=("text",),
           writes="out-of-fold TF-IDF + logistic-regression probabilities, text-only submission"),

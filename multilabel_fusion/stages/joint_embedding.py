@@ -7,11 +7,14 @@ measured by retrieval on the held-out fold: R@1/5/10, median and mean rank in bo
 (the 1K protocol, averaged) and on the whole held-out fold. A strategy × encoder table (first fold) compares the
 negative-mining strategies and the two caption encoders.
 
-What the fused network gets (block ``joint_embedding``, out-of-fold, 73 columns): zero-shot label scores of the
-image and of the caption (similarity to the embedded label prompts, standardised per label), the labels of the
-``knn`` fit-part captions nearest to the image and of the ``knn`` fit-part images nearest to the caption, and the
-similarity of the image to its own caption. The stage's submission uses the two neighbour votes. The first fold's
-network embeds every train and test image and caption for :mod:`multilabel_fusion.retrieve`.
+What the fused network gets (out-of-fold rows; test rows averaged over the fold networks): block
+``joint_embedding`` (73 columns: zero-shot label scores of the image and of the caption, i.e. similarity to the
+embedded label prompts standardised per label; the labels of the ``knn`` fit-part captions nearest to the image
+and of the ``knn`` fit-part images nearest to the caption; the similarity of the image to its own caption) and
+block ``joint_embedding_probs`` (18 columns: the two neighbour votes averaged, the stage's submission). Only
+derived scores are shared, not the embedding itself: each fold network has its own space, so raw embeddings from
+different folds would not line up. The first fold's network embeds every train and test image and caption for
+:mod:`multilabel_fusion.retrieve`.
 """
 
 from __future__ import annotations
@@ -467,6 +470,18 @@ def recall_figure(history: pd.DataFrame, compared: dict[str, pd.DataFrame], path
     return _save(fig, path)
 
 
+def compute_missing_inputs(ctx: base.StageContext) -> None:
+    """Run stage 01 first when its artifact for the current settings is missing, as the main job would (so this
+    stage and its notebook run on their own); a found artifact is used as it is."""
+    missing = [name for name in ctx.stage.reads(ctx.cfg) if ctx.store.load(name, ctx.key(name), mmap=True) is None]
+    if missing:
+        from ..__main__ import run_all
+
+        print(f"[joint_embedding] no {' / '.join(missing)} artifact for the current settings: running "
+              f"{', '.join(registry.get(m).label for m in missing)} first")
+        run_all(ctx.cfg, demo_mode=ctx.demo, stages=missing)
+
+
 def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) -> dict[str, Any]:
     """Train (or reuse) the joint embedding per fold, compare strategies × encoders, write the block, the
     retrieval figures, the submission and the metrics."""
@@ -476,6 +491,8 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
     je = cfg.joint_embedding
     t0 = time.time()
     found = ctx.store.load("joint_embedding", ctx.key(), mmap=True)
+    if found is None or (je.compare_strategies and je.compare_encoders) or je.learning_curve:
+        compute_missing_inputs(ctx)
     inp = None
     with cpu_threads(ctx.device):  # one thread: measured 4-10x faster per batch than two on a busy 2-core CPU
         if found is None:
