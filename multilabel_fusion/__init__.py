@@ -15,6 +15,19 @@ __version__ = "0.2.0"
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Outside a terminal (a log file, CI, a notebook's captured stream) a progress bar writes a new line at every
-# update: at most one every few seconds there, instead of one every batch (tqdm reads TQDM_* defaults).
+# update: at most one every few seconds there, instead of one every batch, and a bar that ends within that time
+# (an epoch's batches, a short extraction) writes nothing. tqdm reads its TQDM_* defaults once, when it is
+# imported; torch imports it, so when that happened before this package they are read again here.
 if not getattr(_sys.stderr, "isatty", lambda: False)():
     _os.environ.setdefault("TQDM_MININTERVAL", "5")
+    _os.environ.setdefault("TQDM_DELAY", "5")
+    if "tqdm.std" in _sys.modules:
+        import functools as _functools
+
+        import tqdm.std as _tqdm_std
+        from tqdm.utils import envwrap as _envwrap
+
+        _init = _tqdm_std.tqdm.__dict__.get("__init__")
+        if isinstance(_init, _functools.partialmethod):  # tqdm's own env wrapping (tqdm >= 4.66), applied again
+            _tqdm_std.tqdm.__init__ = _envwrap("tqdm", is_method=True, types={
+                "total": float, "ncols": int, "miniters": float, "position": int, "nrows": int})(_init.func)

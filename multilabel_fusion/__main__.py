@@ -5,7 +5,9 @@
     python -m multilabel_fusion --stages fusion          # runs exactly the stages whose artifacts fusion reads, first
 
 A stage whose pretrained asset cannot be had (the detector without COCO weights) is skipped, loudly; the fused
-network then goes on without its block and says so.
+network then goes on without its block and says so. Without competition data (or with ``--demo``) everything is
+written under ``output/demo/`` and ``models/demo/``. The console output is also kept in
+``output/logs/main-<time>.log``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ def run_all(cfg: C.Config, demo_mode: bool | str = "auto", stages: list[str] | N
     return results
 
 
+def run_stage(name: str, cfg: C.Config, demo_mode: bool | str = False, resume: bool = False) -> dict:
+    """Stage ``name`` as its script and its notebook run it: first the stages whose artifacts it reads, those missing
+    for the current settings (the registry says which: ``reads``, ``reads_blocks``), then the stage; its metrics."""
+    stage = registry.get(name)
+    if not stage.reads(cfg):
+        return stage.run(cfg, demo_mode=demo_mode, resume=resume)
+    return run_all(cfg, demo_mode=demo_mode, stages=[name], resume=resume)[name]
+
+
 def _blocks_read(cfg: C.Config, stages: list[str]) -> list[str]:
     return [b for s in stages for b in registry.get(s).reads_blocks(cfg)]
 
@@ -68,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue interrupted or extended training runs")
     args = parser.parse_args(argv)
     cfg = C.from_args(args)
-    with base.one_line_errors():
-        run_all(cfg, demo_mode=True if args.demo else "auto", stages=args.stages, resume=args.resume)
+    demo_mode = True if args.demo else "auto"
+    base.use_demo_layout(cfg, demo_mode)
+    with base.console_log(cfg.path("output"), "main"), base.one_line_errors():
+        run_all(cfg, demo_mode=demo_mode, stages=args.stages, resume=args.resume)
     return 0
 
 

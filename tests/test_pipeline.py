@@ -137,8 +137,9 @@ def test_main_job_on_demo_data_then_warm_rerun(tmp_path, capsys):
     results = run_all(cfg(), demo_mode="auto")
     out = capsys.readouterr().out
     assert "running on generated demo data" in out
-    predictions = tmp_path / "out" / "predictions.csv"
-    assert submission.validate_file(predictions, tmp_path / "out" / "demo_data" / "test.csv") == 100
+    predictions = tmp_path / "out" / "demo" / "predictions.csv"  # demo results: under their own folder
+    assert submission.validate_file(predictions, tmp_path / "out" / "demo" / "input" / "test.csv") == 100
+    assert not (tmp_path / "out" / "predictions.csv").exists()
     assert list(results) == ["image", "caption", "detector", "text", "fusion", "skipped"]  # all before the fusion
     assert results["fusion"]["blocks"].keys() == {"image_probs", "caption_probs", "detector", "text"}
     assert results["fusion"]["held_out"] == "out-of-fold (5 folds)"
@@ -154,7 +155,7 @@ def test_main_job_on_demo_data_then_warm_rerun(tmp_path, capsys):
 
 
 def _cli(*args, cwd=REPO):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -173,17 +174,19 @@ def test_bad_settings_are_one_line_errors_before_anything_runs(tmp_path, overrid
     assert not (tmp_path / "out").exists()  # nothing ran, nothing written
 
 
-def test_missing_artifact_and_missing_weights_are_one_line_errors(tiny_data, tmp_path):
-    result = _cli("stages/03_fusion.py", "--data", str(tiny_data), "--output", str(tmp_path / "out"),
-                  "--set", "fusion.blocks=[image, caption]")
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and len(lines) == 1, result.stderr
-    assert "no 'image' artifact for the current settings; run stages/01_image_network.py" in lines[0]
-    assert not (tmp_path / "out" / "predictions.csv").exists()
+def test_stage_03_runs_the_stages_of_missing_blocks_first_and_missing_weights_are_one_line_errors(tiny_data, tmp_path):
+    """Stage 03 on its own, as notebook 03 and the main job: the stages whose blocks are missing run first."""
+    small = [a for s in SMALL for a in ("--set", s)]
+    paths = ["--data", str(tiny_data), "--output", str(tmp_path / "out"), "--models", str(tmp_path / "models")]
+    result = _cli("stages/03_fusion.py", *paths, *small, "--set", "fusion.blocks=[image, caption]")
+    assert result.returncode == 0, result.stderr
+    assert "===== 01 image network =====" in result.stdout and "===== 02 caption network =====" in result.stdout
+    assert "===== 04" not in result.stdout  # only what the blocks need
+    assert submission.validate_file(tmp_path / "out" / "predictions.csv", tiny_data / "test.csv") == 40
     empty = tmp_path / "no_assets"
     empty.mkdir()
-    result = _cli("stages/04_detector.py", "--data", str(tiny_data), "--output", str(tmp_path / "out"),
-                  "--set", f"paths.assets={empty}", "--set", "detector.weights=missing_weights.pt")
+    result = _cli("stages/04_detector.py", *paths, "--set", f"paths.assets={empty}",
+                  "--set", "detector.weights=missing_weights.pt")
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and "no detector weights" in lines[0], result.stderr
     assert "Traceback" not in result.stderr

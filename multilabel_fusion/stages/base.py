@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
+import re
 import sys
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,18 +173,47 @@ def replaced_images(cfg: Config) -> list[str] | None:
     return sorted(p.name for p, _ in find_bad_images(sorted(folder.glob("*")))) if folder.is_dir() else []
 
 
-def resolve_data_dir(cfg: Config, demo_mode: bool | str = False) -> tuple[Path, bool]:
-    """The competition folder to use; ``demo_mode='auto'`` uses generated demo data when none is found."""
+#: A demo run writes under ``<output>/demo/`` (its generated data in ``<output>/demo/input/``) and ``<models>/demo/``:
+#: results made from real data are never overwritten by demo rows.
+DEMO_FOLDER = "demo"
+_DEMO_NOTES: dict[str, str] = {}  # output folder -> what to say once when the demo data is first used there
+
+
+def _in_demo_folders(cfg: Config) -> bool:
+    output = cfg.path("output")
+    return output.name == DEMO_FOLDER and cfg.path("data") == output / "input"
+
+
+def use_demo_layout(cfg: Config, demo_mode: bool | str = False) -> bool:
+    """Whether this run uses generated demo data (``demo_mode=True``, or ``'auto'`` without competition files in
+    ``paths.data``); if so ``cfg.paths`` now point at the demo folders. Idempotent, prints nothing."""
+    if _in_demo_folders(cfg):
+        return True
     data_dir = cfg.path("data")
     has_data = (data_dir / "train.csv").is_file() and (data_dir / "test.csv").is_file()
-    if demo_mode is True or (demo_mode == "auto" and not has_data):
-        demo_dir = cfg.path("output") / "demo_data"
-        if demo_mode == "auto":
-            print(f"No competition data in {data_dir}: running on generated demo data in {demo_dir}.\n"
-                  f"  (Put the Kaggle files in input/ or pass --data PATH to run on the real data.)")
-        demo.ensure(demo_dir)
-        return demo_dir, True
-    return data_dir, False
+    if not (demo_mode is True or (demo_mode == "auto" and not has_data)):
+        return False
+    output, models = cfg.path("output") / DEMO_FOLDER, cfg.path("models") / DEMO_FOLDER
+    why = f"No competition data in {data_dir}" if demo_mode == "auto" else "Demo run (--demo)"
+    _DEMO_NOTES[str(output)] = (
+        f"{why}: running on generated demo data in {output / 'input'}.\n"
+        f"  Demo results go to {output}/ and checkpoints to {models}/ (never over results from real data).\n"
+        f"  (Put the Kaggle files in input/ or pass --data PATH to run on the real data.)")
+    cfg.paths.update(output=str(output), models=str(models), data=str(output / "input"))
+    return True
+
+
+def resolve_data_dir(cfg: Config, demo_mode: bool | str = False) -> tuple[Path, bool]:
+    """The competition folder to use; ``demo_mode='auto'`` uses generated demo data when none is found.
+
+    A demo run writes under its own folders (:data:`DEMO_FOLDER`), set here in ``cfg.paths``, and says so once.
+    """
+    if not use_demo_layout(cfg, demo_mode):
+        return cfg.path("data"), False
+    note = _DEMO_NOTES.pop(str(cfg.path("output")), None)
+    if note:
+        print(note)
+    return demo.ensure(cfg.path("data")), True
 
 
 _LOADED: dict[tuple, tuple] = {}
@@ -377,14 +410,114 @@ def one_line_errors():
         raise
 
 
+# ----------------------------------------------------------------------------------------------- console logs
+
+#: Seconds between two in-place progress-bar updates kept in a log (the console still shows every one).
+LOG_BAR_INTERVAL = 5.0
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal control sequences (nested bars move the cursor)
+_BREAKS = re.compile(r"(\r|\n)")
+
+
+class _LogLines:
+    """One console stream as its log keeps it: whole lines; the in-place updates of a progress bar (text ended by
+    a carriage return rather than a newline) at most every :data:`LOG_BAR_INTERVAL` seconds, its last state always."""
+
+    def __init__(self, file, lock: threading.Lock):
+        self.file, self.lock, self.pending, self.last_update = file, lock, "", -math.inf
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            for part in _BREAKS.split(text):
+                if part == "\n":
+                    self.file.write(self.pending.rstrip() + "\n")
+                    self.pending = ""
+                elif part == "\r":
+                    if self.pending.strip() and time.monotonic() - self.last_update >= LOG_BAR_INTERVAL:
+                        self.file.write(self.pending.rstrip() + "\n")
+                        self.last_update = time.monotonic()
+                    self.pending = ""
+                else:
+                    self.pending += _CONTROL.sub("", part)
+
+    def close(self) -> None:
+        if self.pending.strip():
+            self.write("\n")
+
+
+class _Tee:
+    """A console stream that also feeds a log; to everything else (``isatty``, ``fileno``, ...) it is the console."""
+
+    def __init__(self, console, log: _LogLines):
+        self._console, self._log = console, log
+
+    def write(self, text: str) -> int:
+        written = self._console.write(text)
+        self._log.write(text)
+        return written
+
+    def flush(self) -> None:
+        self._console.flush()
+        self._log.file.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._console, name)
+
+
+def log_path(output_dir: Path, name: str) -> Path:
+    """``<output>/logs/<name>-<date>-<time>.log``, a new file for every run."""
+    folder = Path(output_dir) / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = folder / f"{name}-{stamp}.log", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{name}-{stamp}-{n}.log"
+    return path
+
+
+@contextlib.contextmanager
+def console_log(output_dir: Path, name: str):
+    """Everything this run prints (stdout and stderr) also goes to ``<output>/logs/<name>-<time>.log``; the console
+    is unchanged. The log ends with how the run ended: an ``error: …`` line, a traceback, or the exit status."""
+    path = log_path(output_dir, name)
+    lock = threading.Lock()
+    with open(path, "w", encoding="utf-8", buffering=1) as file:
+        file.write(f"# {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}\n# started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                   f" in {Path.cwd()}\n")
+        out, err = _LogLines(file, lock), _LogLines(file, lock)
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(saved[0], out), _Tee(saved[1], err)
+        status = "finished"
+        try:
+            yield path
+        except SystemExit as stop:
+            status = f"exit status {stop.code}" if not isinstance(stop.code, str) else stop.code
+            raise
+        except BaseException as exc:
+            status = "".join(traceback.format_exception(exc)).rstrip()
+            raise
+        finally:
+            sys.stdout, sys.stderr = saved
+            out.close()
+            err.close()
+            file.write(f"# {status} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+
+
+# ----------------------------------------------------------------------------------------------- stage scripts
+
+
 def stage_cli(name: str, argv: list[str] | None = None, extra_args=None, run=None) -> dict[str, Any]:
     """The command line every ``stages/*.py`` script shares: config, paths, --demo, --set, --resume.
 
-    Input and set-up problems end in one line (``error: …``, exit status 1), never a traceback.
+    A stage that reads other stages' artifacts first runs those whose artifact for the current settings is
+    missing, as the main job and the notebooks do (:func:`multilabel_fusion.__main__.run_stage`). Input and set-up
+    problems end in one line (``error: …``, exit status 1), never a traceback. The console output is also kept in
+    ``<output>/logs/<stage>-<time>.log``.
     """
     import argparse
 
     from .. import config as C
+    from ..__main__ import run_stage
 
     stage = registry.get(name)
     parser = C.add_arguments(argparse.ArgumentParser(description=f"Stage {stage.label}: {stage.writes}."))
@@ -393,7 +526,8 @@ def stage_cli(name: str, argv: list[str] | None = None, extra_args=None, run=Non
         extra_args(parser)
     args = parser.parse_args(argv)
     cfg = C.from_args(args)
-    with one_line_errors():
+    use_demo_layout(cfg, args.demo)
+    with console_log(cfg.path("output"), name), one_line_errors():
         if run is not None:
             return run(cfg, demo_mode=args.demo, resume=args.resume, args=args)
-        return stage.run(cfg, demo_mode=args.demo, resume=args.resume)
+        return run_stage(name, cfg, demo_mode=args.demo, resume=args.resume)
