@@ -7,7 +7,8 @@ packed away, so the final states are those of each caption's last real word) -> 
 linear layer to the 18 classes. Trained with the shared trainer (weighted BCE, Adam, StepLR,
 gradient clipping, early stopping on validation mean-F1). The 100-d features of every train
 and test record are an artifact (keyed by every caption setting, the vectors' identity, the split and
-the seed) that the fused network (stage 03) reads.
+the seed) that the fused network (stage 03) reads. The vocabulary (the token of each embedding row) is kept beside it
+(artifact ``caption_vocabulary``, same key), so a new caption is encoded exactly as the fold networks were trained.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..networks.caption_lstm import (FEATURE_DESCRIPTION, Batches, CaptionBiLSTM
 from . import base
 
 HOW_LONG = ("epochs", "patience")  # caption settings that only say how long to train
+VOCABULARY = "caption_vocabulary"  # artifact kind of the vocabulary (same key as the caption artifact)
 
 
 def artifact_spec(cfg: Config) -> dict[str, Any]:
@@ -56,6 +58,24 @@ def cleaned_tokens(ctx: base.StageContext) -> tuple[list[list[str]], list[list[s
     return parts[0], parts[1]
 
 
+def build_vocabulary(ctx: base.StageContext, train_tokens, test_tokens):
+    """The vocabulary of every cleaned caption word with a vector, its embedding rows, and the vectors' asset."""
+    vectors_asset = assets.word_vectors(ctx.cfg.caption, ctx.models_dir / "vectors")
+    vocab, matrix = text.build_vocabulary(train_tokens + test_tokens, assets.load_vectors(vectors_asset))
+    return vocab, matrix, vectors_asset
+
+
+def keep_vocabulary(ctx: base.StageContext, vocab: text.Vocabulary) -> None:
+    ctx.store.save(VOCABULARY, ctx.key(), ctx.spec(), {"tokens": np.array(vocab.tokens, dtype=str)},
+                   {"what": "the token of each row of the fold networks' embeddings"})
+
+
+def load_vocabulary(store, key: str) -> text.Vocabulary | None:
+    """The kept vocabulary of the caption artifact ``key``, or None."""
+    found = store.load(VOCABULARY, key)
+    return None if found is None else text.Vocabulary([str(t) for t in found["tokens"]])
+
+
 def train_and_extract(ctx: base.StageContext, resume: bool) -> dict[str, Any]:
     """Clean the captions, build the vocabulary, train (or continue) one Bi-LSTM per fold, and write the artifact:
     out-of-fold features and probabilities of every training record (each from the network that did not see
@@ -63,10 +83,7 @@ def train_and_extract(ctx: base.StageContext, resume: bool) -> dict[str, Any]:
     c, cfg = ctx.cfg.caption, ctx.cfg
     t_text = time.time()
     train_tokens, test_tokens = cleaned_tokens(ctx)
-    vectors_asset = assets.word_vectors(c, ctx.models_dir / "vectors")
-    vectors = assets.load_vectors(vectors_asset)
-    vocab, matrix = text.build_vocabulary(train_tokens + test_tokens, vectors)
-    del vectors  # only the corpus rows are kept
+    vocab, matrix, vectors_asset = build_vocabulary(ctx, train_tokens, test_tokens)  # only the corpus rows are kept
     oov = text.oov_report(train_tokens, vocab)
     train_ids, train_len = vocab.encode(train_tokens, c.seq_len)
     test_ids, test_len = vocab.encode(test_tokens, c.seq_len)
@@ -151,6 +168,7 @@ def train_and_extract(ctx: base.StageContext, resume: bool) -> dict[str, Any]:
         "checkpoint_mb": cf.folds[0]["checkpoint_mb"],
         "history": base._records(history),
     }
+    keep_vocabulary(ctx, vocab)
     return ctx.store.save("caption", ctx.key(), spec, arrays, info)
 
 
@@ -164,6 +182,13 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
     else:
         print(f"[caption] reusing the features {found.dir}")
         state = "reused"
+        if ctx.store.load(VOCABULARY, ctx.key(), mmap=True) is None:  # made before the vocabulary was kept
+            vocab, _, _ = build_vocabulary(ctx, *cleaned_tokens(ctx))
+            if len(vocab) != found.info["vocabulary_size"]:
+                raise ValueError(f"{found.dir}: the vocabulary built again has {len(vocab)} rows, the networks "
+                                 f"{found.info['vocabulary_size']}; delete that folder and run stage 02 again")
+            keep_vocabulary(ctx, vocab)
+            print(f"[caption] kept the vocabulary of those networks ({len(vocab):,} rows)")
     info = dict(found.info)
     history = pd.DataFrame(info.pop("history", []))
     extra = {**info, "vectors_used": info["vectors"]["name"], "artifact": str(found.dir), "features": state}

@@ -5,11 +5,16 @@ The captions name most of their photo's objects, so a linear model on n-grams is
 trainable stage: each training record's probabilities come from the model that did not see it, the test
 probabilities are averaged over the fold models. The TF-IDF vocabulary is fitted once on every caption (train
 and test: no label is used). The probabilities are the block ``text`` of the fused network.
+
+The fitted vectorisers and every fold's regressions are kept beside the probabilities (artifact ``text_models``,
+same key), so a new caption is scored by exactly the models behind the block (:mod:`multilabel_fusion.predict`).
 """
 
 from __future__ import annotations
 
+import pickle
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,62 +30,125 @@ def artifact_spec(cfg: Config) -> dict[str, Any]:
     return {"version": VERSION, "common": {"split": cfg.split.to_dict()}}
 
 
-def vectorise(captions: list[str], cfg_text):
-    """Sparse TF-IDF rows (a scipy CSR matrix): word n-grams and character n-grams (within word boundaries)."""
-    from scipy.sparse import hstack
+MODELS = "text_models"  # artifact kind of the fitted vectorisers and fold models (same key as the text artifact)
+
+
+def fit_vectorisers(captions: list[str], cfg_text) -> list:
+    """TF-IDF vectorisers fitted on ``captions``: word n-grams and character n-grams (within word boundaries)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    words = TfidfVectorizer(ngram_range=tuple(cfg_text.word_ngrams), min_df=cfg_text.min_df, sublinear_tf=True,
-                            lowercase=True, strip_accents="unicode")
-    parts = [words.fit_transform(captions)]
+    vectorisers = [TfidfVectorizer(ngram_range=tuple(cfg_text.word_ngrams), min_df=cfg_text.min_df, sublinear_tf=True,
+                                   lowercase=True, strip_accents="unicode")]
     if cfg_text.char_ngrams:
-        chars = TfidfVectorizer(analyzer="char_wb", ngram_range=tuple(cfg_text.char_ngrams), min_df=cfg_text.min_df,
-                                sublinear_tf=True, lowercase=True, strip_accents="unicode")
-        parts.append(chars.fit_transform(captions))
-    return hstack(parts).tocsr()
+        vectorisers.append(TfidfVectorizer(analyzer="char_wb", ngram_range=tuple(cfg_text.char_ngrams),
+                                           min_df=cfg_text.min_df, sublinear_tf=True, lowercase=True,
+                                           strip_accents="unicode"))
+    return [v.fit(captions) for v in vectorisers]
 
 
-def fit_predict(x_fit, y_fit: np.ndarray, x_pred: list, c: float) -> list[np.ndarray]:
-    """One logistic regression per label on ``x_fit``; probabilities of each matrix in ``x_pred``."""
+def vectorise(captions: list[str], vectorisers: list):
+    """Sparse TF-IDF rows (a scipy CSR matrix) of ``captions``; a caption's row does not depend on the others."""
+    from scipy.sparse import hstack
+
+    return hstack([v.transform(captions) for v in vectorisers]).tocsr()
+
+
+def fit_models(x_fit, y_fit: np.ndarray, c: float) -> list:
+    """One logistic regression per label on ``x_fit``; a label absent from (or everywhere in) the fit part is its
+    constant 0 or 1 instead."""
     from sklearn.linear_model import LogisticRegression
 
-    out = [np.zeros((m.shape[0], y_fit.shape[1]), dtype=np.float32) for m in x_pred]
+    models: list = []
     for j in range(y_fit.shape[1]):
-        if y_fit[:, j].min() == y_fit[:, j].max():  # a label absent from (or everywhere in) the fit part
-            for o in out:
-                o[:, j] = float(y_fit[0, j])
-            continue
-        model = LogisticRegression(C=c, solver="liblinear", max_iter=1000).fit(x_fit, y_fit[:, j])
-        for o, m in zip(out, x_pred):
-            o[:, j] = model.predict_proba(m)[:, 1]
+        if y_fit[:, j].min() == y_fit[:, j].max():
+            models.append(float(y_fit[0, j]))
+        else:
+            models.append(LogisticRegression(C=c, solver="liblinear", max_iter=1000).fit(x_fit, y_fit[:, j]))
+    return models
+
+
+def predict_models(models: list, x) -> np.ndarray:
+    """Probabilities (float32, one column per label) of the rows of ``x`` under one fold's models."""
+    out = np.zeros((x.shape[0], len(models)), dtype=np.float32)
+    for j, model in enumerate(models):
+        out[:, j] = model if isinstance(model, float) else model.predict_proba(x)[:, 1]
     return out
+
+
+@dataclass
+class TextModels:
+    """What scores a caption: the fitted vectorisers and each fold's per-label models."""
+
+    vectorisers: list
+    folds: list[list]
+
+    def fold_probs(self, captions: list[str]) -> list[np.ndarray]:
+        """Each fold's probabilities of ``captions`` (the stage averages them over the folds for test records)."""
+        x = vectorise(captions, self.vectorisers)
+        return [predict_models(models, x) for models in self.folds]
+
+    def to_bytes(self) -> bytes:
+        import sklearn
+
+        return pickle.dumps({"vectorisers": self.vectorisers, "folds": self.folds, "sklearn": sklearn.__version__},
+                            protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "TextModels":
+        """Models kept by this project (a pickle: load only files you made or trust)."""
+        import warnings
+
+        with warnings.catch_warnings():  # another scikit-learn version: the models are plain linear ones
+            warnings.filterwarnings("ignore", message=".*Trying to unpickle estimator.*")
+            state = pickle.loads(blob)
+        return cls(state["vectorisers"], state["folds"])
+
+
+def load_models(store, key: str):
+    """The kept vectorisers and fold models of the text artifact ``key``, or None."""
+    found = store.load(MODELS, key)
+    return None if found is None else TextModels.from_bytes(np.asarray(found["models"]).tobytes())
 
 
 def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) -> dict[str, Any]:
     """Out-of-fold TF-IDF + logistic-regression probabilities (an artifact), the text-only submission, metrics."""
     ctx = base.prepare(cfg, "text", demo_mode)
     found = ctx.store.load("text", ctx.key())
-    if found is None:
+    if found is None or ctx.store.load(MODELS, ctx.key(), mmap=True) is None:
         started = time.time()
-        captions = ctx.data.train["Caption"].tolist() + ctx.data.test["Caption"].tolist()
-        x = vectorise(captions, cfg.text)
-        x_train, x_test = x[: len(ctx.data.train)], x[len(ctx.data.train):]
-        print(f"[text] {x.shape[1]:,} n-gram features from {len(captions):,} captions")
+        train_captions, test_captions = ctx.data.train["Caption"].tolist(), ctx.data.test["Caption"].tolist()
+        vectorisers = fit_vectorisers(train_captions + test_captions, cfg.text)
+        x_train, x_test = vectorise(train_captions, vectorisers), vectorise(test_captions, vectorisers)
+        print(f"[text] {x_train.shape[1]:,} n-gram features from {len(train_captions) + len(test_captions):,} captions"
+              + ("" if found is None else f"; fitting the fold models again to keep them beside {found.dir}"))
         bar = tqdm(total=len(ctx.folds), desc="text folds", unit="fold")
+        fold_models = []
 
         def fold(k, fit_idx, held_idx):
-            held, test = fit_predict(x_train[fit_idx], ctx.targets[fit_idx], [x_train[held_idx], x_test],
-                                     cfg.text.C)
+            models = fit_models(x_train[fit_idx], ctx.targets[fit_idx], cfg.text.C)
+            fold_models.append(models)
             bar.update()
-            return {"probs": held}, {"test_probs": test}, {}
+            return {"probs": predict_models(models, x_train[held_idx])}, {"test_probs": predict_models(models, x_test)}, {}
 
         cf = base.cross_fit(ctx, fold)
         bar.close()
-        found = ctx.store.save("text", ctx.key(), ctx.spec(), {
-            "probs": cf.held["probs"], "test_probs": cf.test["test_probs"],
-            "train_ids": ctx.data.train["ImageID"].to_numpy(str), "test_ids": ctx.data.test["ImageID"].to_numpy(str)},
-            {"features": int(x.shape[1]), "seconds": round(time.time() - started, 1)})
-        state = "computed"
+        if found is None:
+            found = ctx.store.save("text", ctx.key(), ctx.spec(), {
+                "probs": cf.held["probs"], "test_probs": cf.test["test_probs"],
+                "train_ids": ctx.data.train["ImageID"].to_numpy(str), "test_ids": ctx.data.test["ImageID"].to_numpy(str)},
+                {"features": int(x_train.shape[1]), "seconds": round(time.time() - started, 1)})
+            state = "computed"
+        else:  # an artifact made before the models were kept: they must reproduce its probabilities
+            gap = float(np.abs(cf.test["test_probs"] - np.asarray(found["test_probs"])).max())
+            if gap > 1e-5:
+                raise ValueError(f"{found.dir}: fold models fitted again give test probabilities up to {gap:.2g} away "
+                                 "from the kept ones; delete that folder and run stages/07_text_ngrams.py again")
+            print(f"[text] the fold models reproduce the kept test probabilities (largest difference {gap:.1g})")
+            state = "reused"
+        blob = TextModels(vectorisers, fold_models).to_bytes()
+        ctx.store.save(MODELS, ctx.key(), ctx.spec(), {"models": np.frombuffer(blob, dtype=np.uint8)},
+                       {"what": "fitted TF-IDF vectorisers and each fold's logistic regressions (pickle)",
+                        "mb": round(len(blob) / 2**20, 1)})
     else:
         print(f"[text] reusing the out-of-fold probabilities {found.dir}")
         state = "reused"
