@@ -1,10 +1,11 @@
 """Writes the Colab notebooks of this folder from the cells defined once below, so they never drift apart.
 
-    python notebooks/make_notebooks.py           # (re)write notebooks/*.ipynb
-    python notebooks/make_notebooks.py --check   # exit 1 if a committed notebook differs from what this writes
+    python notebooks/make_notebooks.py           # (re)write notebooks/*.ipynb and README.md's table of notebooks
+    python notebooks/make_notebooks.py --check   # exit 1 if a committed notebook or that table differs
 
 Edit the cells here, never the .ipynb files: the test suite fails when they differ, and when a notebook is
-committed with outputs. A fork changes REPO_URL (and the badges in README.md) to its own address.
+committed with outputs. The repository's address is REPO_URL below and nowhere else: a fork changes that one line
+and runs this script (the notebooks' clone cell and README.md's "Open in Colab" badges are written from it).
 Every notebook: set-up -> optional Google Drive -> data -> parameters -> calls into the package -> inline
 results -> the stage's validated submission. No training logic lives in a notebook.
 """
@@ -21,10 +22,14 @@ from nbformat import v4
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from multilabel_fusion import registry  # noqa: E402  (the list of stages)
 
-#: The repository the notebooks clone in Colab. A fork replaces OWNER here and in README.md's badges.
+#: The repository the notebooks clone in Colab and README.md's badges open: a fork changes this line only.
 REPO_URL = "https://github.com/OWNER/multilabel-fusion"
 BRANCH = "main"
 HERE = Path(__file__).resolve().parent
+README = HERE.parent / "README.md"
+#: README.md's table of notebooks lies between these lines, written by :func:`build_readme`.
+TABLE_START = "<!-- table of notebooks: written by notebooks/make_notebooks.py from REPO_URL -->"
+TABLE_END = "<!-- end of the table of notebooks -->"
 
 
 def colab_url(name: str) -> str:
@@ -38,10 +43,10 @@ def badge(name: str) -> str:
 
 # ----------------------------------------------------------------------------------------------- shared cells
 SETUP_MD = """## Set-up
-In Colab this clones the repository (or updates it) into `/content/multilabel-fusion` and runs `setup.sh`, which
-installs the requirements **without replacing Colab's own torch**. Outside Colab it uses the checkout this notebook
-belongs to (set it up once with `./setup.sh`) and installs nothing. The pipeline uses a GPU when there is one
-(Colab: *Runtime → Change runtime type → GPU*)."""
+In Colab this clones the repository (or updates it) into `/content/multilabel-fusion`, on the runtime's local disk,
+and runs `setup.sh`, which installs the requirements **without replacing Colab's own torch**. Outside Colab it uses
+the checkout this notebook belongs to (set it up once with `./setup.sh`) and installs nothing. The pipeline uses a
+GPU when there is one (Colab: *Runtime → Change runtime type → GPU*)."""
 
 SETUP = '''\
 import importlib
@@ -50,8 +55,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_URL = "{repo_url}"  # a fork: change it in notebooks/make_notebooks.py
+REPO_URL = "{repo_url}"  # written by notebooks/make_notebooks.py (a fork changes REPO_URL there)
 IN_COLAB = "google.colab" in sys.modules
+COLAB_DIR = Path("/content")  # Colab's local disk: fast, and empty again in every new runtime
 
 
 def sh(*command, check=True):
@@ -66,7 +72,7 @@ def sh(*command, check=True):
 
 
 if IN_COLAB:
-    REPO = Path("/content/multilabel-fusion")
+    REPO = COLAB_DIR / "multilabel-fusion"
     if (REPO / ".git").is_dir():
         if sh("git", "-C", str(REPO), "pull", "--ff-only", check=False):
             print("(could not update the repository: using the copy already here)")
@@ -95,23 +101,25 @@ if IN_COLAB and device.type != "cuda":
     print("No GPU in this runtime: Runtime > Change runtime type > GPU makes image features and detection much faster.")
 '''.format(repo_url=REPO_URL, branch=BRANCH)
 
-DRIVE_MD = """## Keep the work on Google Drive (optional, Colab only)
-With `USE_DRIVE = True`, `input/`, `output/` and `models/` live in a Drive folder: a new runtime after a disconnect
-finds the data, the cached features and the checkpoints, and every stage resumes where it stopped (set
-`RESUME = True` below to continue an interrupted training run). Outside Colab this cell does nothing."""
+DRIVE_MD = """## Keep the results on Google Drive (optional, Colab only)
+With `USE_DRIVE = True`, `output/` (cached features, metrics, submissions) and `models/` (checkpoints) live in a Drive
+folder: a new runtime after a disconnect finds them, and every stage resumes where it stopped (set `RESUME = True`
+below to continue an interrupted training run). The competition files stay on the runtime's local disk (Drive reads
+40,000 small files slowly): the next cell unpacks them there each time a runtime starts, from a zip it keeps on Drive.
+Outside Colab this cell does nothing."""
 
 DRIVE = '''\
 USE_DRIVE = False
-DRIVE_FOLDER = "/content/drive/MyDrive/multilabel-fusion"
+DRIVE_FOLDER = COLAB_DIR / "drive" / "MyDrive" / "multilabel-fusion"  # output/, models/ and the competition zip
 
 if USE_DRIVE and IN_COLAB:
     import shutil
 
     from google.colab import drive
 
-    drive.mount("/content/drive")
-    for name in ("input", "output", "models"):
-        here, there = REPO / name, Path(DRIVE_FOLDER) / name
+    drive.mount(str(COLAB_DIR / "drive"))
+    for name in ("output", "models"):
+        here, there = REPO / name, DRIVE_FOLDER / name
         there.mkdir(parents=True, exist_ok=True)
         if here.is_symlink():
             here.unlink()
@@ -122,21 +130,27 @@ if USE_DRIVE and IN_COLAB:
             shutil.rmtree(here)
         here.symlink_to(there, target_is_directory=True)
         print(f"{name}/ -> {there}")
+    if (REPO / "input").is_symlink():  # input/ on Drive (older notebooks): the data goes to the local disk now
+        (REPO / "input").unlink()
 elif USE_DRIVE:
-    print("USE_DRIVE only applies in Colab: here input/, output/ and models/ are already on this disk.")
+    print("USE_DRIVE only applies in Colab: here output/ and models/ are already on this disk.")
 '''
 
 DATA_MD = """## Data
-The competition files go into `input/` (`train.csv`, `test.csv`, `data/*.jpg`), once. In Colab, when `input/` is
-empty: with `KAGGLE_COMPETITION` set, the Kaggle API downloads them (you are asked to upload your `kaggle.json`:
-kaggle.com → Settings → API → *Create New Token*); otherwise give `DATA_ZIP` (e.g. a zip on Drive) or upload the
-competition zip when asked. Outside Colab nothing is downloaded: put the files in `input/` or point `DATA` (next
-cell) at them; without data the pipeline runs on generated demo data and says so."""
+The competition files go into `input/` (`train.csv`, `test.csv`, `data/*.jpg`). In Colab `input/` is on the runtime's
+local disk, so each new runtime unpacks them again (a minute): from `DATA_ZIP` if you give one; else, with Drive on,
+from the copy of the zip this cell keeps on Drive; else with the Kaggle API when `KAGGLE_COMPETITION` is set (you are
+asked to upload your `kaggle.json`: kaggle.com → Settings → API → *Create New Token*); else upload the competition zip
+when asked. Outside Colab nothing is downloaded: put the files in `input/` or point `DATA` (next cell) at them;
+without data the pipeline runs on generated demo data (written under `output/demo/`) and says so."""
 
 DATA = '''\
-KAGGLE_COMPETITION = ""  # the competition's name in its address: kaggle.com/competitions/<name>
-DATA_ZIP = ""  # or a zip already at hand, e.g. "/content/drive/MyDrive/comp5329.zip"
-INPUT = REPO / "input"
+# The competition's name for the Kaggle API: the last part of its address, kaggle.com/competitions/<name> (the same
+# name is in the "kaggle competitions download -c <name>" line on the competition's Data tab).
+KAGGLE_COMPETITION = ""
+DATA_ZIP = ""  # or a zip of the competition files already at hand, e.g. "/content/drive/MyDrive/comp5329.zip"
+INPUT = REPO / "input"  # on the runtime's local disk
+KEPT_ZIP = DRIVE_FOLDER / "competition.zip"  # with Drive on: the zip kept for the next runtimes
 
 
 def unpack(zip_path, into):
@@ -159,11 +173,17 @@ def unpack(zip_path, into):
 if (INPUT / "train.csv").is_file():
     print(f"competition data found in {INPUT}")
 elif IN_COLAB:
+    import shutil
+
     from google.colab import files
 
     INPUT.mkdir(exist_ok=True)
+    fetched = False  # a download or an upload, removed once unpacked
     if DATA_ZIP:
         zip_path = Path(DATA_ZIP)
+    elif USE_DRIVE and KEPT_ZIP.is_file():
+        zip_path = KEPT_ZIP
+        print(f"unpacking the competition zip kept on Drive: {KEPT_ZIP}")
     elif KAGGLE_COMPETITION:
         token = Path.home() / ".kaggle" / "kaggle.json"
         if not token.is_file() and "KAGGLE_KEY" not in os.environ:
@@ -173,15 +193,21 @@ elif IN_COLAB:
             token.parent.mkdir(exist_ok=True)
             token.write_bytes(content)
             token.chmod(0o600)
-        sh("kaggle", "competitions", "download", "-c", KAGGLE_COMPETITION, "-p", "/content")
-        zip_path = Path("/content") / f"{KAGGLE_COMPETITION}.zip"
+        import kaggle  # the Kaggle API (preinstalled in Colab); it reads the token when imported
+
+        kaggle.api.competition_download_files(KAGGLE_COMPETITION, path=str(COLAB_DIR), quiet=False)
+        zip_path, fetched = COLAB_DIR / f"{KAGGLE_COMPETITION}.zip", True
     else:
         print("Upload the competition zip (train.csv, test.csv and the data/ folder of images):")
-        zip_path = Path.cwd() / next(iter(files.upload()))
+        zip_path, fetched = Path.cwd() / next(iter(files.upload())), True
     unpack(zip_path, INPUT)
-    if not DATA_ZIP:
-        zip_path.unlink()  # the download or upload: its content is in input/ now
-    print(f"competition data unpacked into {INPUT}")
+    if USE_DRIVE and zip_path != KEPT_ZIP and not KEPT_ZIP.is_file():
+        KEPT_ZIP.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(zip_path, KEPT_ZIP)
+        print(f"kept a copy of the zip on Drive for the next runtimes: {KEPT_ZIP}")
+    if fetched:
+        zip_path.unlink()  # its content is in input/ now
+    print(f"competition data unpacked into {INPUT} (the runtime's local disk)")
 else:
     print(f"no competition data in {INPUT}: put it there or set DATA below; without data the demo data is used")
 '''
@@ -205,8 +231,7 @@ from multilabel_fusion import config, registry
 from multilabel_fusion.stages import base
 
 cfg = config.load(overrides=OVERRIDES, data=DATA, output=OUTPUT, models=MODELS)
-data_dir, IS_DEMO = base.resolve_data_dir(cfg, DEMO)  # "auto": the demo data when DATA holds none
-cfg.paths["data"] = str(data_dir)
+data_dir, IS_DEMO = base.resolve_data_dir(cfg, DEMO)  # "auto": the demo data when DATA holds none (output/demo/)
 OUT = cfg.path("output")
 print(f"data: {data_dir}{' (generated demo data)' if IS_DEMO else ''}\\noutput: {OUT}\\nmodels: {cfg.path('models')}")
 if OVERRIDES:
@@ -339,6 +364,16 @@ ABOUT = {
                        "lets you search the data: `python3 -m multilabel_fusion.retrieve --text \"a dog asleep on a "
                        "couch\"` or `--image PATH` (first run notebook 01 for the image features).",
 }
+#: One line per notebook for README.md's table.
+SUMMARY = {
+    "image": "image features + CNN-only submission",
+    "caption": "caption features + caption-only submission",
+    "fusion": "`output/predictions.csv` (first runs 01, 02, 04 or 07 for any block not cached yet)",
+    "detector": "YOLOv5 baseline + detector block",
+    "label_decoder": "recurrent label decoders (CNN-RNN, seq2seq with attention) + their block",
+    "joint_embedding": "image-caption joint embedding, retrieval of photos and captions + its block",
+    "text": "TF-IDF n-grams + logistic regression, the out-of-fold `text` block",
+}
 STAGE_NOTEBOOKS = {f"{s.number}_{s.module}": {"stage": s.name, "title": f"Stage {s.number}: the {s.title}",
                                               "about": ABOUT[s.name]} for s in registry.STAGES.values()}
 
@@ -351,16 +386,11 @@ FULL_ABOUT = ("Runs every stage of `pipeline.stages` in `config.yaml` (image net
               "Each stage also has its own notebook (01–04).")
 
 RUN_STAGE = '''\
-metrics = registry.get("{stage}").run(cfg, demo_mode=IS_DEMO, resume=RESUME)
-'''
+from multilabel_fusion.__main__ import run_stage
 
-FUSION_BLOCKS = '''\
-from multilabel_fusion.__main__ import run_all
-
-# the stages whose blocks fusion.blocks names run first, exactly as in the main job: each finds its artifact by
-# key (quick once notebooks 01, 02 and 04 ran); one whose asset is missing (no detector weights) is skipped
-owners = list(dict.fromkeys(registry.block_owner(block).name for block in cfg.fusion.blocks))
-blocks_run = run_all(cfg, demo_mode=IS_DEMO, stages=owners, resume=RESUME)
+# as stages/{script} does: first the stages whose artifacts it reads, where missing for these settings (the registry
+# says which), then the stage itself
+metrics = run_stage("{stage}", cfg, demo_mode=IS_DEMO, resume=RESUME)
 '''
 
 COMPARISON = '''\
@@ -400,13 +430,11 @@ def tail(path: str, message: str) -> list:
 def stage_cells(name: str, spec: dict) -> list:
     stage = spec["stage"]
     cells = head(name, spec["title"], spec["about"]) + common()
-    if stage == "fusion":
-        cells += [md("## The feature blocks\nStage 03 reads the feature blocks the other stages cached "
-                     "(`fusion.blocks`); a block missing for this data is computed now by its own stage."),
-                  code(FUSION_BLOCKS)]
     cells += [md("## Run the stage\n"
                  "Cached work (features, finished training runs) is reused; any change of setting recomputes what "
-                 "depends on it."), code(RUN_STAGE.format(stage=stage))]
+                 "depends on it. A stage that reads other stages' artifacts runs those stages first where their "
+                 "artifacts are missing, exactly as its script does."),
+              code(RUN_STAGE.format(stage=stage, script=registry.get(stage).script.split("/")[1]))]
     cells += [md("## Results\nValidation figures (the held-out part of `train.csv`), per-class F1 and a few "
                  "validation samples."),
               code("show_figures(metrics)"), code("per_class_table(metrics)"),
@@ -479,17 +507,35 @@ def build() -> dict[str, str]:
     return out
 
 
+def readme_table() -> str:
+    """README.md's table of notebooks with their "Open in Colab" badges (from REPO_URL)."""
+    rows = [("00_full_pipeline", "every stage (01, 02, 04, 07, then 03), ending in `output/predictions.csv`")]
+    rows += [(name, f"stage {name[:2]}: {SUMMARY[spec['stage']]}") for name, spec in sorted(STAGE_NOTEBOOKS.items())]
+    lines = ["| notebook | what it runs | |", "|---|---|---|"]
+    lines += [f"| [`{name}`](notebooks/{name}.ipynb) | {what} | {badge(name)} |" for name, what in rows]
+    return "\n".join([TABLE_START, *lines, TABLE_END])
+
+
+def build_readme(text: str) -> str:
+    """``text`` (README.md) with its table of notebooks written anew."""
+    if text.count(TABLE_START) != 1 or text.count(TABLE_END) != 1:
+        raise ValueError(f"{README}: expected one table of notebooks between {TABLE_START!r} and {TABLE_END!r}")
+    before, rest = text.split(TABLE_START)
+    return before + readme_table() + rest.split(TABLE_END, 1)[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare with the files on disk")
     args = parser.parse_args(argv)
     stale = []
-    for file_name, text in build().items():
-        path = HERE / file_name
+    written = {HERE / name: text for name, text in build().items()}
+    written[README] = build_readme(README.read_text(encoding="utf-8"))
+    for path, text in written.items():
         if args.check:
             if not path.is_file() or path.read_text(encoding="utf-8") != text:
-                stale.append(file_name)
-        else:
+                stale.append(path.name)
+        elif not path.is_file() or path.read_text(encoding="utf-8") != text:
             path.write_text(text, encoding="utf-8")
             print(f"wrote {path}")
     if stale:
