@@ -209,7 +209,11 @@ def resolve_data_dir(cfg: Config, demo_mode: bool | str = False) -> tuple[Path, 
     A demo run writes under its own folders (:data:`DEMO_FOLDER`), set here in ``cfg.paths``, and says so once.
     """
     if not use_demo_layout(cfg, demo_mode):
-        return cfg.path("data"), False
+        data_dir = cfg.path("data")
+        if not ((data_dir / "train.csv").is_file() and (data_dir / "test.csv").is_file()):
+            raise D.DataError(f"{data_dir}: no competition data here (train.csv and test.csv); put the Kaggle files "
+                              "there, pass --data PATH, or run on generated demo data with --demo")
+        return data_dir, False
     note = _DEMO_NOTES.pop(str(cfg.path("output")), None)
     if note:
         print(note)
@@ -422,8 +426,8 @@ class _LogLines:
     """One console stream as its log keeps it: whole lines; the in-place updates of a progress bar (text ended by
     a carriage return rather than a newline) at most every :data:`LOG_BAR_INTERVAL` seconds, its last state always."""
 
-    def __init__(self, file, lock: threading.Lock):
-        self.file, self.lock, self.pending, self.last_update = file, lock, "", -math.inf
+    def __init__(self, file, lock: threading.Lock, clock=time.monotonic):
+        self.file, self.lock, self.clock, self.pending, self.last_update = file, lock, clock, "", -math.inf
 
     def write(self, text: str) -> None:
         with self.lock:
@@ -432,9 +436,10 @@ class _LogLines:
                     self.file.write(self.pending.rstrip() + "\n")
                     self.pending = ""
                 elif part == "\r":
-                    if self.pending.strip() and time.monotonic() - self.last_update >= LOG_BAR_INTERVAL:
+                    now = self.clock()
+                    if self.pending.strip() and now - self.last_update >= LOG_BAR_INTERVAL:
                         self.file.write(self.pending.rstrip() + "\n")
-                        self.last_update = time.monotonic()
+                        self.last_update = now
                     self.pending = ""
                 else:
                     self.pending += _CONTROL.sub("", part)
