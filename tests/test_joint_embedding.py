@@ -246,6 +246,9 @@ def test_stage_and_retrieval_end_to_end_on_demo_data(demo_dir, tmp_path, capsys)
         retrieve.main(["--data", str(demo_dir), "--output", str(tmp_path / "out"), "--models", str(tmp_path / "models"),
                        *sum((["--set", s] for s in SMALL), []), "--text", "a dog"])
     metrics = stage.run_stage(cfg)
+    said = capsys.readouterr()  # the selection score is the R-sum of retrieval, and is called so
+    assert "best selection R-sum" in said.out and "best val mean-F1" not in said.out
+    assert "selection_R_sum=" in said.err and "val_f1=" not in said.err
     saved = json.loads((tmp_path / "out" / "metrics" / "joint_embedding.json").read_text())
     assert saved["artifact_key"] == metrics["artifact_key"]
     r = saved["retrieval"]["protocol_1k"]
@@ -258,8 +261,21 @@ def test_stage_and_retrieval_end_to_end_on_demo_data(demo_dir, tmp_path, capsys)
     assert curve[1]["protocol_1k"] == saved["retrieval"]["per_fold"][0]["protocol_1k"]  # the stage's own run
     doc = stage.results_markdown(saved, [{"blocks": ["image", "joint_embedding"], "val_mean_f1_tuned": 0.5,
                                           "mean_f1_threshold_cv": 0.49, "val_mean_f1_at_0.5": 0.4}])
-    assert "| 1K sets" in doc and "Learning curve" in doc and "image, joint_embedding | 0.5000" in doc
+    assert "| 1K sets" in doc and "Learning curve" in doc and "| image, joint_embedding | 0.4000 | 0.5000 | 0.4900 |" in doc
     assert "One caption per image" in doc and saved["closing_note"] in doc
+    # its section of docs/RESULTS.md, refreshed alone from the metrics file, with its figures
+    from multilabel_fusion.reports import bench
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "RESULTS.md").write_text("# Results\n")
+    assert bench.main(["--docs", str(docs), "--stage-sections", "--stage", "joint_embedding",
+                       str(tmp_path / "out" / "metrics" / "joint_embedding.json")]) == 0
+    page = (docs / "RESULTS.md").read_text()
+    assert page.startswith("# Results\n") and "## Stage 06: image–caption joint embedding" in page
+    assert "### Strategies × caption encoders" in page and "| gru | 1 hardest (K = 1) |" in page
+    for name in ("joint_embedding_comparison.png", "joint_embedding_recall.png", "joint_embedding_text_query.png"):
+        assert f"](figures/{name})" in page and (docs / "figures" / name).is_file()
     assert (tmp_path / "out" / "submission_joint_embedding.csv").is_file()
     art = ArtifactStore(tmp_path / "out").load("joint_embedding", metrics["artifact_key"])
     assert art["train"].shape == (len(d.train), 73) and art["test"].shape == (len(d.test), 73)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,12 +292,13 @@ def test_stage_on_demo_data_block_table_and_fusion(tmp_path):
     small = ["image.image_size=64", "image.feature_batch_size=32", "image.head_epochs=2", "image.head_hidden=16",
              "trainer.num_workers=0", "caption.epochs=2", "label_decoder.epochs=2", "label_decoder.hidden=16",
              "label_decoder.embed=8", "label_decoder.compare=[joint+attention, init_input+pla, seq2seq+caption]",
+             "label_decoder.data_sizes=[60, 120]",
              "fusion.epochs=2", "fusion.hidden=16", "fusion.blocks=[image, caption, label_decoder]"]
     cfg = C.load(overrides=small, output=tmp_path / "output", models=tmp_path / "models", data=tmp_path / "none")
     results = run_all(cfg, demo_mode=True, stages=["fusion"])
     m = results["label_decoder"]
-    out = tmp_path / "output"
-    assert m["demo_data"] and submission.validate_file(m["submission"], out / "demo_data" / "test.csv") > 0
+    out = tmp_path / "output" / "demo"  # --demo results go to output/demo/, the generated data to output/demo/input/
+    assert m["demo_data"] and submission.validate_file(m["submission"], out / "input" / "test.csv") > 0
     models = [r["model"] for r in m["table"]]
     assert models[:4] == ["seq2seq", "joint+attention", "init_input+pla", "seq2seq+caption"]
     assert {"BCE MLP head", "BCE linear head"} <= set(models)
@@ -308,3 +310,66 @@ def test_stage_on_demo_data_block_table_and_fusion(tmp_path):
     again = run_all(cfg, demo_mode=True, stages=["label_decoder"])["label_decoder"]  # everything reused
     assert again["block"] == "reused"
     assert [(r["model"], r["f1"]) for r in again["table"]] == [(r["model"], r["f1"]) for r in m["table"]]
+    # the learning curve: nested subsets, then the whole fit part (the table's own rows)
+    sizes = m["data_sizes"]
+    assert [r["n_fit"] for r in sizes] == [60, 120, m["table_split"]["n_fit"]]
+    whole = next(r for r in m["table"] if r["model"] == "seq2seq")
+    assert sizes[-1]["decoder_f1"] == whole["f1"] and all(r["gap"] == round(r["decoder_f1"] - r["bce_f1"], 4)
+                                                          for r in sizes)
+    assert Path(m["figures"]["data_sizes"]).is_file()
+    assert [(r["n_fit"], r["decoder_f1"]) for r in again["data_sizes"]] == [(r["n_fit"], r["decoder_f1"]) for r in sizes]
+
+
+@pytest.mark.slow
+def test_results_section_in_results_md_survives_and_refreshes_alone(tmp_path):
+    """The stage's section of docs/RESULTS.md: rendered from a snapshot of a real (demo) run with the fused runs
+    without / with the block, figures copied, refreshed alone without touching the rest of the page, and part of
+    what the benchmark renders."""
+    from multilabel_fusion.__main__ import run_all
+    from multilabel_fusion.reports import bench, stage_results
+
+    small = ["image.image_size=64", "image.feature_batch_size=32", "image.head_epochs=2", "image.head_hidden=16",
+             "trainer.num_workers=0", "caption.epochs=2", "label_decoder.epochs=1", "label_decoder.hidden=16",
+             "label_decoder.embed=8", "label_decoder.compare=[joint]", "label_decoder.data_sizes=[]",
+             "fusion.epochs=2", "fusion.hidden=16", "fusion.blocks=[image, caption]"]
+    out = tmp_path / "output"
+    cfg = C.load(overrides=small, output=out, models=tmp_path / "models", data=tmp_path / "none")
+    metrics = out / "demo" / "metrics"  # --demo results go to output/demo/
+    without = run_all(cfg, demo_mode=True, stages=["label_decoder", "fusion"])["fusion"]
+    (tmp_path / "without.json").write_text((metrics / "fusion.json").read_text())
+    with_block = C.load(overrides=small + ["fusion.blocks=[image, caption, label_decoder]"], output=out,
+                        models=tmp_path / "models", data=tmp_path / "none")
+    run_all(with_block, demo_mode=True, stages=["fusion"])
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    page = docs / "RESULTS.md"
+    page.write_text("# Results\n\nbench tables\n")
+    # bad input: one line naming what is wrong
+    with pytest.raises(SystemExit, match="no file .*nowhere.json"):
+        bench.main(["--docs", str(docs), "--stage-sections", "--stage", "label_decoder", str(tmp_path / "nowhere.json")])
+    with pytest.raises(SystemExit, match="is the metrics file of 'fusion'"):
+        bench.main(["--docs", str(docs), "--stage-sections", "--stage", "label_decoder", str(tmp_path / "without.json")])
+    assert bench.main(["--docs", str(docs), "--stage-sections", "--stage", "label_decoder",
+                       str(metrics / "label_decoder.json"), str(tmp_path / "without.json"),
+                       str(metrics / "fusion.json")]) == 0
+    text = page.read_text()
+    assert text.startswith("# Results\n\nbench tables\n")
+    assert "## Stage 05: recurrent label decoders" in text and "### The paper's table, on this data" in text
+    assert "| BCE MLP head | image |" in text and "| seq2seq | 71.1 | 68.0 | 69.5 |" in text  # ours beside published
+    assert f"| {', '.join(without['blocks'])} | {without['val_mean_f1_at_0.5']:.4f} |" in text
+    assert "| image, caption, label_decoder |" in text
+    for link in ("figures/label_decoder_comparison.png", "figures/label_decoder_training.png"):
+        assert f"]({link})" in text and (docs / link).is_file()
+    # refreshed alone: the rest of the page is kept byte for byte, the section is replaced, not added twice
+    page.write_text(text.replace("bench tables", "bench tables, edited") + "\ntrailing bench text\n")
+    stage_results.refresh(docs)
+    again = page.read_text()
+    assert again.count("## Stage 05: recurrent label decoders") == 1
+    assert "bench tables, edited" in again and again.endswith("trailing bench text\n")
+    # and make bench renders it from the snapshot too
+    fused = json.loads((metrics / "fusion.json").read_text())
+    timing = {"wall_s": 1.0, "peak_mb": 1.0}
+    rendered = bench.render({"stages": {"fusion": {"cold": timing, "warm": timing, "metrics": fused}},
+                             "default_blocks": fused["blocks"]}, tmp_path / "none", docs)
+    assert "## Out-of-fold mean-F1 per stage" in rendered and stage_results.section(docs, "label_decoder") in rendered
+

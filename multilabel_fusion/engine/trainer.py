@@ -303,6 +303,7 @@ def fit(
     on_epoch_end: Callable[[int, dict], None] | None = None,
     score_fn: Callable[[nn.Module], float | dict] | None = None,
     batch_loss: Callable[[nn.Module, Any, torch.Tensor], torch.Tensor] | None = None,
+    score_name: str = "val mean-F1",
 ) -> FitResult:
     """Train ``model`` with early stopping on validation mean-F1; ``model`` ends with its best weights.
 
@@ -319,7 +320,8 @@ def fit(
     ``batch_loss(model, inputs, targets)`` (optional) returns a training batch's loss instead of
     ``loss_fn(model(inputs), targets)`` (inputs and targets already on the device, called under the
     autocast), for networks whose loss is not a function of one forward pass's logits (e.g. a label
-    sequence decoder trained with teacher forcing, which builds its target sequences itself). Raises
+    sequence decoder trained with teacher forcing, which builds its target sequences itself). ``score_name``:
+    what the selection score is, in the progress bar and the messages (e.g. ``selection R-sum``). Raises
     :class:`ResumeRequired` when a run that can go further exists and ``resume`` is False.
     """
     device = torch.device(device) if device is not None else select_device()
@@ -338,7 +340,7 @@ def fit(
                   f"(see {run_dir / 'settings.json'}); the run folder is what counts")
         stop = _stop_epoch(state["history"], epochs, patience)
         if stop is not None:
-            return _reuse(model, state, best_path, train_loader, run_dir, name, stop, epochs)
+            return _reuse(model, state, best_path, train_loader, run_dir, name, stop, epochs, score_name)
         if not resume:
             raise ResumeRequired(f"{run_dir}: {_describe(state)} exists{_asked(state, epochs, patience)}; "
                                  "pass --resume to continue it, or delete the folder to start over")
@@ -427,7 +429,8 @@ def fit(
         if improved:  # after last.pt: a kill in between is repaired from last.pt (see _repair_best)
             save_torch({"model": model.state_dict(), "epoch": epoch, "score": score}, best_path)
         write_text(run_dir / "history.csv", pd.DataFrame(rows).to_csv(index=False))
-        bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_f1=f"{score:.4f}", best=f"{best_score:.4f}")
+        bar.set_postfix({"loss": f"{row['train_loss']:.4f}", _postfix_key(score_name): f"{score:.4f}",
+                         "best": f"{best_score:.4f}"})
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
         if finished:
@@ -436,14 +439,20 @@ def fit(
     _load_best(model, best_path)
     seconds = time.time() - t0
     stopped_early = bad_epochs >= patience
-    print(f"[{name}] best val mean-F1 {best_score:.4f} at epoch {best_epoch} ({seconds:.1f} s"
+    print(f"[{name}] best {score_name} {best_score:.4f} at epoch {best_epoch} ({seconds:.1f} s"
           f"{', stopped early' if stopped_early else ''})")
     return FitResult(pd.DataFrame(rows), best_score, best_epoch, seconds, resumed_from,
                      extra={"stopped_early": stopped_early})
 
 
+def _postfix_key(score_name: str) -> str:
+    """``val mean-F1`` -> ``val_f1`` (the progress bar's label of the selection score), ``selection R-sum`` ->
+    ``selection_R_sum``."""
+    return "val_f1" if score_name == "val mean-F1" else "_".join(score_name.replace("-", " ").split())
+
+
 def _reuse(model: nn.Module, state: dict, best_path: Path, train_loader: Any, run_dir: Path, name: str,
-           stop: int, epochs: int) -> FitResult:
+           stop: int, epochs: int, score_name: str = "val mean-F1") -> FitResult:
     """Load a run's best weights instead of training; the random-number states are set as the run left
     them, so what follows draws the same numbers as after training."""
     _repair_best(state, best_path)
@@ -452,7 +461,7 @@ def _reuse(model: nn.Module, state: dict, best_path: Path, train_loader: Any, ru
         _restore_rng(state["rng"], train_loader, name)
     trained = state["epoch"]
     beyond = stop < trained
-    print(f"[{name}] reusing the run in {run_dir}: best val mean-F1 {state['best_score']:.4f} at epoch "
+    print(f"[{name}] reusing the run in {run_dir}: best {score_name} {state['best_score']:.4f} at epoch "
           f"{state['best_epoch']} of {trained}")
     if beyond:
         print(f"[{name}] warning: {run_dir} trained {trained} epochs, more than this request "

@@ -5,6 +5,14 @@
 Each stage runs as its own process (``python -m multilabel_fusion --stages X``) so that its wall time and
 peak memory are measured alone. Everything in the document comes from the metrics files those runs
 write, except the published reference figures, which are marked as such with their source.
+
+The sections of the comparison stages (05 label decoders, 06 joint embedding) are rendered from their snapshots in
+``docs/stage_results/`` (:mod:`.stage_results`); to take a new stage run into them, and refresh only them, without
+re-running the benchmark:
+
+    python -m multilabel_fusion.reports.bench --stage-sections \\
+        --stage label_decoder OUT/metrics/label_decoder.json [FUSION_WITHOUT.json FUSION_WITH.json ...] \\
+        --stage joint_embedding OUT/metrics/joint_embedding.json [FUSION_*.json ...]
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from ..config import ROOT
 from ..data import labels as L
 from ..engine.atomic import write_text
 from . import figures as reports
+from . import stage_results
 
 PUBLISHED = [
     ("Three-network report (ResNet50 + Bi-LSTM + fused MLP)", "validation 0.927, Kaggle test 0.877",
@@ -299,6 +308,9 @@ def render(results: dict[str, Any], data: Path, docs: Path) -> str:
     lines += ["", "Their models (ImageNet ResNet50, GloVe-twitter-100, YOLOv5 s–x) were trained on all 30,000 "
               "training records; the figures above come from the weights and vectors that could be had on the "
               "benchmark machine (the stages record which in the table) and the data in `" + str(data) + "`.", ""]
+    extra = stage_results.sections(docs)  # stages 05 and 06, from their snapshots (not run by the benchmark)
+    if extra:
+        lines += [extra, ""]
     return "\n".join(lines)
 
 
@@ -314,8 +326,33 @@ def main(argv: list[str] | None = None) -> int:
                         help="images per backbone in the extraction benchmark (all: the whole data set)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="config override passed to every stage (e.g. smaller settings for a quick run)")
+    parser.add_argument("--stage-sections", action="store_true",
+                        help="only refresh the sections of stages 05 and 06 in RESULTS.md from their snapshots "
+                             "(updated first from --stage), without running the benchmark")
+    parser.add_argument("--stage", dest="stage_runs", action="append", nargs="+", default=[],
+                        metavar="STAGE METRICS [FUSION_METRICS]",
+                        help="with --stage-sections: a stage (label_decoder | joint_embedding), its metrics file and "
+                             "the stage-03 metrics files of fused runs without / with its block (first row: the "
+                             "reference)")
     args = parser.parse_args(argv)
     data, docs = Path(args.data).resolve(), Path(args.docs)
+    if args.stage_runs and not args.stage_sections:
+        parser.error("--stage goes with --stage-sections")
+    if args.stage_sections:
+        for stage, *paths in args.stage_runs:
+            if not paths:
+                parser.error(f"--stage {stage}: give its metrics file")
+            try:
+                saved = stage_results.snapshot(docs, stage, Path(paths[0]), [Path(p) for p in paths[1:]])
+            except (OSError, ValueError) as err:
+                raise SystemExit(f"error: {err}") from None
+            print(f"[bench] {stage}: snapshot {saved}")
+        try:
+            page = stage_results.refresh(docs)
+        except FileNotFoundError as err:
+            raise SystemExit(f"error: {err}") from None
+        print(f"[bench] refreshed the stage sections of {page}")
+        return 0
     results = run(data, Path(args.workdir), args.seeds, not args.no_detector, args.sets, args.image_bench,
                   not args.no_ablations)
     text = render(results, data, docs)

@@ -19,6 +19,7 @@ different folds would not line up. The first fold's network embeds every train a
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from ..evaluation.metrics import mean_f1
 from ..evaluation.thresholds import decide, tune_per_class
 from ..networks import joint_embedding as J
 from ..networks.caption_lstm import cpu_threads
+from ..reports.stage_results import figure, fusion_rows, fusion_summary
 from . import base
 
 VERSION = 1  # bump when training or the block's columns change, so old artifacts are not reused
@@ -207,7 +209,8 @@ def train_run(ctx: base.StageContext, inp: Inputs, fold: int, fit_idx: np.ndarra
         optimizer=optimizer, scheduler=scheduler, run_dir=run_dir, epochs=je.epochs, patience=je.patience,
         device=ctx.device, precision=training_precision(ctx.device, cfg.trainer.mixed_precision), resume=resume,
         settings={**settings, "n_train": len(feats), "n_selection": len(sel_rows)},
-        name=f"joint embedding {encoder}/{strategy} fold {fold + 1}", score_fn=score)
+        name=f"joint embedding {encoder}/{strategy} fold {fold + 1}", score_fn=score,
+        score_name="selection R-sum")
     model.eval()
     return Run(model, result, run_dir, encoder, strategy, len(feats), len(sel_rows))
 
@@ -407,6 +410,11 @@ def learning_curve(ctx: base.StageContext, inp: Inputs, resume: bool) -> list[di
     return rows
 
 
+def _round2(x: float) -> float:
+    """Two significant figures (an extrapolation is no more precise than that)."""
+    return float(f"{x:.2g}")
+
+
 def closing_note(metrics: dict[str, Any]) -> str:
     """What limits recall here, from the measurements: the target, the best compared run, the learning curve."""
     p = metrics["retrieval"]["protocol_1k"]
@@ -418,8 +426,14 @@ def closing_note(metrics: dict[str, Any]) -> str:
     if metrics.get("comparison"):
         best = max(metrics["comparison"], key=lambda r: r["protocol_1k"]["rsum"])
         b = best["protocol_1k"]
+        same = next((r for r in metrics["comparison"] if (r["encoder"], r["strategy"]) == (metrics["encoder"],
+                                                                                          metrics["strategy"])), None)
         parts.append(f"The best compared run ({best['encoder']}, {best['label']}) reaches {b['i2t_r10']:.1f} / "
-                     f"{b['t2i_r10']:.1f} on the first fold.")
+                     f"{b['t2i_r10']:.1f} on the first fold"
+                     + (f" (the stage's configuration there: {same['protocol_1k']['i2t_r10']:.1f} / "
+                        f"{same['protocol_1k']['t2i_r10']:.1f})" if same else "")
+                     + "; the paper's two-branch network on ResNet50 features reached 51.3 / 45.1 trained on MS-COCO "
+                       "(five captions per image).")
     curve = metrics.get("learning_curve") or []
     if len(curve) >= 2:
         pts = [(r["training_pairs"], (r["protocol_1k"]["i2t_r10"] + r["protocol_1k"]["t2i_r10"]) / 2) for r in curve]
@@ -433,8 +447,9 @@ def closing_note(metrics: dict[str, Any]) -> str:
         if slope > 0:
             full = [q for q, r in zip(pts, curve) if r["fraction"] == 1.0 and not r["test_pairs"]][0]
             need = full[0] * 2 ** ((71.0 - full[1]) / slope)
-            parts.append(f"At that rate, about {need:,.0f} pairs would be needed for an R@10 near 71 (MS-COCO's "
-                         "training split has 113,287 images with five captions each, about 566,000 pairs).")
+            parts.append(f"A log-linear extrapolation of these few points (rough) puts an R@10 near 71 at about "
+                         f"{_round2(need):,.0f} pairs (MS-COCO's training split has 113,287 images with five "
+                         "captions each, about 566,000 pairs).")
     parts.append(f"Image features: {metrics['image_dim']}-d from stage 01 (on machines without internet the "
                  "EfficientNet-Lite0 offline fallback, not the published VGG19 / ResNet50); word vectors: "
                  f"{metrics['vectors']['name']}. {ONE_CAPTION_NOTE}")
@@ -467,6 +482,30 @@ def recall_figure(history: pd.DataFrame, compared: dict[str, pd.DataFrame], path
                    title=f"{'image -> caption' if direction == 'i2t' else 'caption -> image'} R@10 per epoch\n"
                          "(encoder/strategy; dotted: mean vectors, solid: GRU)")
             ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+def comparison_figure(rows: list[dict[str, Any]], path: Path) -> Path:
+    """1K-protocol R@10 of every compared run (strategy x encoder, first fold) in both directions, with the
+    target lines (the paper's best MS-COCO figures)."""
+    import matplotlib.pyplot as plt
+
+    from ..reports.figures import _save
+
+    names = [f"{r['encoder']} / {r['strategy']}" for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.62 * len(rows) + 2), 4))
+    for shift, direction, colour, target, what in ((-0.2, "i2t", "tab:blue", 72.5, "image -> caption"),
+                                                   (0.2, "t2i", "tab:orange", 69.2, "caption -> image")):
+        values = [r["protocol_1k"][f"{direction}_r10"] for r in rows]
+        ax.bar(x + shift, values, 0.4, color=colour, label=f"{what} R@10")
+        ax.axhline(target, color=colour, ls="--", lw=1, label=f"target {what} ({target})")
+        for xi, v in zip(x + shift, values):
+            ax.text(xi, v + 0.8, f"{v:.0f}", ha="center", fontsize=7)
+    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    ax.set(ylabel="R@10 (%), 1K protocol", ylim=(0, 100),
+           title="Mining strategies x caption encoders (first fold, held-out 1K sets; one caption per image)")
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
     return _save(fig, path)
 
 
@@ -515,6 +554,8 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
     figures_dir = ctx.output_dir / "figures"
     figures = {"recall_per_epoch": recall_figure(history, compared, figures_dir / "joint_embedding_recall.png",
                                                  f"joint embedding ({je.encoder}, {je.strategy})")}
+    if comparison:
+        figures["comparison"] = comparison_figure(comparison, figures_dir / "joint_embedding_comparison.png")
     finder = retrieve.Retriever(ctx, found)
     _, figures["retrieval_text_query"] = finder.by_text(EXAMPLE_QUERY,
                                                         out=figures_dir / "joint_embedding_text_query.png")
@@ -523,7 +564,7 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
         ctx.data.image_paths("train")[held], features=np.asarray(image_features(ctx)[0][held]),
         out=figures_dir / "joint_embedding_image_query.png")
     extra = {**info, "artifact": str(found.dir), "embedding": state, "comparison": comparison, "learning_curve": curve,
-             "published": PUBLISHED, "one_caption_note": ONE_CAPTION_NOTE,
+             "published": PUBLISHED, "one_caption_note": ONE_CAPTION_NOTE, "settings": je.to_dict(),
              "stage_seconds": round(time.time() - t0, 1),
              "history": base._records(history.drop(columns=["val_mean_f1", "val_loss"], errors="ignore"))}
     extra["closing_note"] = closing_note({**extra, "retrieval": info["retrieval"]})
@@ -544,25 +585,34 @@ def _recalls(r: dict[str, Any] | None, direction: str) -> str:
     return " / ".join(f"{r[f'{direction}_r{k}']:.1f}" for k in (1, 5, 10)) if r else "–"
 
 
-def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] | None = None) -> str:
-    """The results document (docs/RESULTS_joint_embedding.md), written from the stage's metrics file."""
+def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] | None = None,
+                     figures: dict[str, str] | None = None, source: str | None = None) -> str:
+    """The stage's results page, written from its metrics file and stage-03 runs with and without its blocks (as
+    :func:`..reports.stage_results.fusion_summary` gives them). ``figures``: figure name -> link (relative to the
+    page); ``source``: the sentence saying how the page is regenerated."""
     ret = metrics["retrieval"]
     p1k, whole = ret["protocol_1k"], ret["whole_held_out"]
+    source = source or ("Regenerate with `python3 stages/06_joint_embedding.py --data ... --results-doc "
+                        "docs/RESULTS_joint_embedding.md`.")
+    machine = metrics.get("machine", {})
+    where = (f"{machine.get('cpu')}, {machine.get('cpu_count')} cores"
+             f"{', GPU ' + machine['gpu'] if machine.get('gpu') else ', no GPU'}")
+    settings = metrics.get("settings") or {}
     lines = [
         "# Stage 06: image–caption joint embedding — results",
         "",
         f"Written from `output/metrics/joint_embedding.json` (data: `{metrics['data']}`, {metrics['n_eval']} training "
         f"records, {metrics['folds']} folds; caption encoder `{metrics['encoder']}`, strategy `{metrics['strategy']}`; "
-        f"word vectors {metrics['vectors']['name']}; image features: {metrics['image_dim']}-d from stage 01). "
-        "Regenerate with `python3 stages/06_joint_embedding.py --data ... --results-doc "
-        "docs/RESULTS_joint_embedding.md`.",
+        f"word vectors {metrics['vectors']['name']}; image features: {metrics['image_dim']}-d from stage 01; "
+        f"machine: {where}). {source}",
         "",
         "## Retrieval on held-out folds",
         "",
         f"Each fold's network is measured on its held-out fold, never trained on (the epoch is chosen on "
         f"{metrics['retrieval']['per_fold'][0].get('n_selection', 'separate')} selection pairs of the fit part). "
         f"1K protocol: {ret['sets_1k']} disjoint sets of 1,000 image–caption pairs, mean over the sets; whole: all "
-        f"~{int(whole['pairs'])} pairs of a held-out fold at once (mean over the folds).",
+        f"~{int(whole['pairs'])} pairs of a held-out fold at once (mean over the folds). Target (the paper's best "
+        "MS-COCO figures): 1K R@10 above 72.5 image→caption and 69.2 caption→image.",
         "",
         "| protocol | image→caption R@1 / 5 / 10 | medr | meanr | caption→image R@1 / 5 / 10 | medr | meanr |",
         "|---|---|---|---|---|---|---|",
@@ -574,27 +624,37 @@ def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] 
         f"**One caption per image.** {ONE_CAPTION_NOTE}",
         "",
     ]
+    lines += figure(figures, "recall_per_epoch", "recall per epoch")
     if metrics.get("comparison"):
+        budget = (f"each run up to {settings['epochs']} epochs, patience {settings['patience']} on the selection "
+                  "pairs' R-sum" if settings.get("epochs") else "")
         lines += ["## Strategies × caption encoders (first fold, 1K protocol on its held-out fold)", "",
+                  f"Every other setting as the stage's ({budget}; Adam lr {settings.get('lr')}, batch "
+                  f"{settings.get('batch_size')}, margin {settings.get('margin')}, λ {settings.get('reverse_weight')}). "
+                  "R@K in percent; medr / meanr: median / mean rank of the match among 1,000 (one caption per image, "
+                  "so stricter than MS-COCO's five: see above).", "",
                   "| encoder | negatives | image→caption R@1 / 5 / 10 | caption→image R@1 / 5 / 10 | R-sum | "
-                  "medr i→c / c→i | whole fold R@10 i→c / c→i | best epoch | s / epoch |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "medr i→c / c→i | meanr i→c / c→i | whole fold R@10 i→c / c→i | best epoch / run | s / epoch |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for row in metrics["comparison"]:
             p, w = row["protocol_1k"], row["whole"]
             lines.append(f"| {row['encoder']} | {row['label']} | {_recalls(p, 'i2t')} | {_recalls(p, 't2i')} | "
-                         f"{p['rsum']:.1f} | {p['i2t_medr']:g} / {p['t2i_medr']:g} | {w['i2t_r10']:.1f} / "
-                         f"{w['t2i_r10']:.1f} | {row['best_epoch']} of {row['epochs_run']} | "
+                         f"{p['rsum']:.1f} | {p['i2t_medr']:g} / {p['t2i_medr']:g} | "
+                         f"{p['i2t_meanr']:.1f} / {p['t2i_meanr']:.1f} | {w['i2t_r10']:.1f} / "
+                         f"{w['t2i_r10']:.1f} | {row['best_epoch']} / {row['epochs_run']} | "
                          f"{row['seconds_per_epoch']} |")
         lines.append("")
+        lines += figure(figures, "comparison", "strategies x encoders")
     if metrics.get("learning_curve"):
         lines += [f"## Learning curve ({metrics['encoder']}, {metrics['strategy']}; first fold, 1K protocol)", "",
-                  "| training pairs | image→caption R@1 / 5 / 10 | caption→image R@1 / 5 / 10 | R-sum |",
-                  "|---|---|---|---|"]
+                  "| training pairs | image→caption R@1 / 5 / 10 | caption→image R@1 / 5 / 10 | R-sum | best epoch / run |",
+                  "|---|---|---|---|---|"]
         for row in metrics["learning_curve"]:
             p = row["protocol_1k"]
             what = f"{row['training_pairs']:,}" + (" (fit part + the test records' pairs, unlabelled)" if row["test_pairs"]
                                                     else f" ({row['fraction']:.0%} of the fit part)")
-            lines.append(f"| {what} | {_recalls(p, 'i2t')} | {_recalls(p, 't2i')} | {p['rsum']:.1f} |")
+            lines.append(f"| {what} | {_recalls(p, 'i2t')} | {_recalls(p, 't2i')} | {p['rsum']:.1f} | "
+                         f"{row['best_epoch']} / {row['epochs_run']} |")
         lines.append("")
     lines += ["## Published figures (MS-COCO, five captions per image, 1K test images)", "",
               "| model | image→sentence R@1 / 5 / 10 | sentence→image R@1 / 5 / 10 |", "|---|---|---|"]
@@ -612,23 +672,25 @@ def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] 
               + (f", {metrics['mean_f1_threshold_cv']:.4f} with cross-fitted thresholds" if
                  'mean_f1_threshold_cv' in metrics else "") + ".", ""]
     if fusion_runs:
-        lines += ["## The fused network with and without the joint-embedding block", "",
-                  "| fusion.blocks | held-out mean-F1 (tuned) | cross-fitted thresholds | at 0.5 |",
-                  "|---|---|---|---|"]
-        for run in fusion_runs:
-            cv = run.get("mean_f1_threshold_cv")
-            lines.append(f"| {', '.join(run['blocks'])} | {run['val_mean_f1_tuned']:.4f} | "
-                         f"{cv:.4f} | {run['val_mean_f1_at_0.5']:.4f} |" if cv is not None else
-                         f"| {', '.join(run['blocks'])} | {run['val_mean_f1_tuned']:.4f} | – | "
-                         f"{run['val_mean_f1_at_0.5']:.4f} |")
-        lines.append("")
+        lines += ["## The fused network with and without the joint-embedding blocks", "",
+                  f"Stage 03, same settings otherwise; out-of-fold figures. `joint_embedding`: the "
+                  f"{metrics['block']['dim']}-column block (zero-shot and neighbour label scores, agreement); "
+                  "`joint_embedding_probs`: the 18 neighbour-vote probabilities.", ""]
+        lines += fusion_rows(fusion_runs) + [""]
+    examples = figure(figures, "retrieval_text_query", f"photos for {EXAMPLE_QUERY!r}") + \
+        figure(figures, "retrieval_image_query", "captions for a held-out photo")
+    if examples:
+        lines += ["## Retrieval examples (`python3 -m multilabel_fusion.retrieve`)", ""] + examples
     timing = [f"{metrics['training_seconds']:.0f} s training the {metrics['folds']} fold networks"]
     if metrics.get("comparison"):
         timing.append(f"{sum(r['training_seconds'] for r in metrics['comparison']):.0f} s for the "
                       f"{len(metrics['comparison'])} compared runs")
-    machine = metrics.get("machine", {})
-    lines += ["## Wall time", "", f"{'; '.join(timing)} ({machine.get('cpu')}, {machine.get('cpu_count')} cores"
-              f"{', GPU ' + machine['gpu'] if machine.get('gpu') else ''}).", ""]
+    if metrics.get("learning_curve"):
+        timing.append(f"{sum(r['training_seconds'] for r in metrics['learning_curve']):.0f} s for the "
+                      f"{len(metrics['learning_curve'])} learning-curve runs")
+    lines += ["## Wall times", "", f"{'; '.join(timing)} (training times of the runs when they trained; finished "
+              f"runs are reused by key), on {where}. This stage run: {metrics.get('stage_seconds', 0):.0f} s (the "
+              f"embedding {metrics.get('embedding')}).", ""]
     if metrics.get("closing_note"):
         lines += ["## What limits it", "", metrics["closing_note"], ""]
     return "\n".join(lines)
@@ -648,11 +710,9 @@ def run_cli(cfg: Config, demo_mode: bool | str, resume: bool, args) -> dict[str,
 
     metrics = run_stage(cfg, demo_mode=demo_mode, resume=resume)
     if args.results_doc:
-        fusion_runs = []
-        for path in args.fusion_metrics:
-            m = json.loads(Path(path).read_text())
-            fusion_runs.append({"blocks": list(m["blocks"]), **{k: m.get(k) for k in (
-                "val_mean_f1_tuned", "mean_f1_threshold_cv", "val_mean_f1_at_0.5")}})
-        write_text(args.results_doc, results_markdown(metrics, fusion_runs))
+        fusion_runs = [fusion_summary(json.loads(Path(path).read_text())) for path in args.fusion_metrics]
+        doc = Path(args.results_doc)
+        links = {name: os.path.relpath(path, doc.resolve().parent) for name, path in metrics["figures"].items()}
+        write_text(doc, results_markdown(metrics, fusion_runs, links))
         print(f"[joint_embedding] wrote {args.results_doc}")
     return metrics

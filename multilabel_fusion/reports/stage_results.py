@@ -1,0 +1,126 @@
+"""Results sections of the comparison stages (05 label decoders, 06 joint embedding) in docs/RESULTS.md.
+
+Each section is rendered by the stage's own ``results_markdown`` from a snapshot kept in ``docs/stage_results/<stage>.json``:
+the stage's metrics file and the summaries of the stage-03 runs with and without its block. Its figures are copied
+to ``docs/figures/``. In docs/RESULTS.md a section lies between two marker lines, so that it can be refreshed
+alone (``python3 -m multilabel_fusion.reports.bench --stage-sections``) and survives ``make bench``, which renders
+the sections again from the snapshots.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..engine.atomic import write_text
+
+#: the stages with a results section, in the order of the document
+STAGES = ("label_decoder", "joint_embedding")
+SNAPSHOTS = "stage_results"
+BEGIN = "<!-- section {stage}: rendered from docs/stage_results/{stage}.json, do not edit -->"
+END = "<!-- end of section {stage} -->"
+
+
+def fusion_summary(m: dict[str, Any]) -> dict[str, Any]:
+    """What a results page reads of a stage-03 metrics file (a fused run with or without a block)."""
+    return {"blocks": list(m.get("blocks", {})), "artifact_key": m.get("artifact_key"),
+            **{k: m.get(k) for k in ("val_mean_f1_at_0.5", "val_mean_f1_tuned", "mean_f1_threshold_cv",
+                                     "wall_seconds")}}
+
+
+def fusion_rows(fusion_runs: list[dict[str, Any]]) -> list[str]:
+    """Fused runs (:func:`fusion_summary`) as a markdown table, each against the first row (cross-fitted
+    thresholds)."""
+    out = ["| fusion.blocks | F1 @ 0.5 | F1 tuned | F1 cross-fitted thresholds | vs first row (cross-fitted) | wall s |",
+           "|---|---|---|---|---|---|"]
+    ref = fusion_runs[0].get("mean_f1_threshold_cv")
+    for i, m in enumerate(fusion_runs):
+        cv = m.get("mean_f1_threshold_cv")
+        delta = f"{cv - ref:+.4f}" if i and cv is not None and ref is not None else ""
+        out.append(f"| {', '.join(m['blocks'])} | {m['val_mean_f1_at_0.5']:.4f} | {m['val_mean_f1_tuned']:.4f} | "
+                   f"{'–' if cv is None else f'{cv:.4f}'} | {delta} | {m.get('wall_seconds') or ''} |")
+    return out
+
+
+def figure(figures: dict[str, str] | None, name: str, alt: str) -> list[str]:
+    """A markdown image line (and a blank one) when ``figures`` links ``name``; nothing otherwise."""
+    return [f"![{alt}]({figures[name]})", ""] if figures and figures.get(name) else []
+
+
+# ------------------------------------------------------------------------------------------------ snapshots
+
+
+def snapshot(docs: Path, stage: str, metrics_path: Path, fusion_paths: list[Path]) -> Path:
+    """Keep a stage's metrics file and its fused runs in ``docs/stage_results/<stage>.json``, its figures copied to
+    ``docs/figures/`` (links relative to docs/)."""
+    if stage not in STAGES:
+        raise ValueError(f"--stage: {stage!r} has no results section (one of {', '.join(STAGES)})")
+    for path in [metrics_path, *fusion_paths]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--stage {stage}: no file {path}")
+    metrics = json.loads(Path(metrics_path).read_text())
+    if metrics.get("stage") != stage:
+        raise ValueError(f"--stage {stage}: {metrics_path} is the metrics file of {metrics.get('stage')!r}")
+    fusion = []
+    for path in fusion_paths:
+        m = json.loads(Path(path).read_text())
+        if m.get("stage") != "fusion":
+            raise ValueError(f"--stage {stage}: {path} is not a stage-03 (fusion) metrics file")
+        fusion.append(fusion_summary(m))
+    links = {}
+    for name, path in (metrics.get("figures") or {}).items():
+        if Path(path).is_file():
+            target = docs / "figures" / Path(path).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            links[name] = f"figures/{target.name}"
+    record = {"stage": stage, "metrics_file": str(metrics_path), "fusion_files": [str(p) for p in fusion_paths],
+              "figures": links, "fusion_runs": fusion, "metrics": metrics}
+    return write_text(docs / SNAPSHOTS / f"{stage}.json", json.dumps(record, indent=1, default=str) + "\n")
+
+
+def section(docs: Path, stage: str) -> str | None:
+    """The stage's section (between its markers) from its snapshot; None without one. Headings one level down
+    (the page's own title becomes a ``##`` section of RESULTS.md)."""
+    path = docs / SNAPSHOTS / f"{stage}.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    from .. import registry
+
+    module = registry.get(stage).load()
+    how = ("Refresh this section alone from a stage run with `python3 -m multilabel_fusion.reports.bench "
+           f"--stage-sections --stage {stage} OUTPUT/metrics/{stage}.json [FUSION_METRICS.json ...]` "
+           f"(snapshot: `docs/{SNAPSHOTS}/{stage}.json`, from `{record['metrics_file']}`).")
+    text = module.results_markdown(record["metrics"], record["fusion_runs"] or None, figures=record["figures"],
+                                   source=how)
+    text = re.sub(r"(?m)^(#+) ", r"#\1 ", text).strip("\n")
+    return "\n".join([BEGIN.format(stage=stage), text, END.format(stage=stage)])
+
+
+def sections(docs: Path) -> str:
+    """Every stage section that has a snapshot, one after the other ('' when none has)."""
+    return "\n\n".join(s for s in (section(docs, stage) for stage in STAGES) if s)
+
+
+def refresh(docs: Path) -> Path:
+    """Replace the stage sections of docs/RESULTS.md by fresh renderings of their snapshots; a section not yet
+    in the document is added at its end. Nothing else of the document changes."""
+    page = docs / "RESULTS.md"
+    if not page.is_file():
+        raise FileNotFoundError(f"{page}: no results page to refresh; run make bench first")
+    text = page.read_text()
+    for stage in STAGES:
+        fresh = section(docs, stage)
+        if fresh is None:
+            continue
+        pattern = re.compile(re.escape(BEGIN.format(stage=stage)) + r".*?" + re.escape(END.format(stage=stage)),
+                             re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda _: fresh, text, count=1)
+        else:
+            text = text.rstrip("\n") + "\n\n" + fresh + "\n"
+    return write_text(page, text)
