@@ -43,7 +43,8 @@ class Hit:
     def describe(self) -> str:
         labels = ", ".join(self.labels) if self.labels is not None else "test record: no labels"
         mine = "  <- the photo's own caption" if self.own else ""
-        return f"{self.rank:2d}. {self.score:.3f}  {self.part} {self.image_id}  [{labels}]  {self.caption}{mine}"
+        caption = " ".join(self.caption.split())  # a raw caption may span lines: one line per hit
+        return f"{self.rank:2d}. {self.score:.3f}  {self.part} {self.image_id}  [{labels}]  {caption}{mine}"
 
 
 class Retriever:

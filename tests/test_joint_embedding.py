@@ -301,6 +301,13 @@ def test_stage_and_retrieval_end_to_end_on_demo_data(demo_dir, tmp_path, capsys)
     assert again["retrieval"] == saved["retrieval"]
 
 
+def test_a_hit_is_listed_on_one_line_even_when_its_caption_spans_lines(tmp_path):
+    hit = retrieve.Hit(1, 0.5, "train", "3.jpg", tmp_path / "3.jpg", "Close up of a person\nand a car ", ["person"],
+                       own=True)
+    line = hit.describe()
+    assert "\n" not in line and "Close up of a person and a car  <- the photo's own caption" in line
+
+
 @pytest.mark.slow
 def test_a_new_photo_goes_through_the_backbone_like_the_extraction(demo_dir, tmp_path):
     """A photo outside the data: embedded through the image stage's backbone (EfficientNet-Lite0 offline weights)."""

@@ -11,7 +11,7 @@ The sections of the comparison stages (05 label decoders, 06 joint embedding) ar
 re-running the benchmark:
 
     python -m multilabel_fusion.reports.bench --stage-sections \\
-        --stage label_decoder OUT/metrics/label_decoder.json [FUSION_WITHOUT.json FUSION_WITH.json ...] \\
+        --stage label_decoder OUT/metrics/label_decoder.json [FUSION_WITHOUT.json FUSION_WITH.json[=LABEL] ...] \\
         --stage joint_embedding OUT/metrics/joint_embedding.json [FUSION_*.json ...]
 """
 
@@ -330,10 +330,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="only refresh the sections of stages 05 and 06 in RESULTS.md from their snapshots "
                              "(updated first from --stage), without running the benchmark")
     parser.add_argument("--stage", dest="stage_runs", action="append", nargs="+", default=[],
-                        metavar="STAGE METRICS [FUSION_METRICS]",
+                        metavar="STAGE METRICS [FUSION_METRICS[=LABEL]]",
                         help="with --stage-sections: a stage (label_decoder | joint_embedding), its metrics file and "
-                             "the stage-03 metrics files of fused runs without / with its block (first row: the "
-                             "reference)")
+                             "the stage-03 metrics files of fused runs without / with its block (the first: the "
+                             "reference), each optionally =LABEL saying what tells it apart")
     args = parser.parse_args(argv)
     data, docs = Path(args.data).resolve(), Path(args.docs)
     if args.stage_runs and not args.stage_sections:
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             if not paths:
                 parser.error(f"--stage {stage}: give its metrics file")
             try:
-                saved = stage_results.snapshot(docs, stage, Path(paths[0]), [Path(p) for p in paths[1:]])
+                saved = stage_results.snapshot(docs, stage, Path(paths[0]), paths[1:])
             except (OSError, ValueError) as err:
                 raise SystemExit(f"error: {err}") from None
             print(f"[bench] {stage}: snapshot {saved}")

@@ -24,11 +24,21 @@ BEGIN = "<!-- section {stage}: rendered from docs/stage_results/{stage}.json, do
 END = "<!-- end of section {stage} -->"
 
 
-def fusion_summary(m: dict[str, Any]) -> dict[str, Any]:
-    """What a results page reads of a stage-03 metrics file (a fused run with or without a block)."""
-    return {"blocks": list(m.get("blocks", {})), "artifact_key": m.get("artifact_key"),
+def fusion_summary(m: dict[str, Any], label: str | None = None) -> dict[str, Any]:
+    """What a results page reads of a stage-03 metrics file (a fused run with or without a block); ``label``: what
+    else tells the run apart (e.g. which decoder made the block)."""
+    return {"blocks": list(m.get("blocks", {})), "artifact_key": m.get("artifact_key"), "label": label,
+            "block_artifacts": {b: v.get("artifact_key") for b, v in (m.get("blocks") or {}).items()},
             **{k: m.get(k) for k in ("val_mean_f1_at_0.5", "val_mean_f1_tuned", "mean_f1_threshold_cv",
                                      "wall_seconds")}}
+
+
+def fusion_argument(text: str) -> tuple[Path, str | None]:
+    """``PATH`` or ``PATH=LABEL`` (a fused run's metrics file, and what tells it apart in the table)."""
+    path, sep, label = text.partition("=")
+    if sep and Path(path).is_file():
+        return Path(path), label.strip() or None
+    return Path(text), None
 
 
 def fusion_rows(fusion_runs: list[dict[str, Any]]) -> list[str]:
@@ -40,7 +50,8 @@ def fusion_rows(fusion_runs: list[dict[str, Any]]) -> list[str]:
     for i, m in enumerate(fusion_runs):
         cv = m.get("mean_f1_threshold_cv")
         delta = f"{cv - ref:+.4f}" if i and cv is not None and ref is not None else ""
-        out.append(f"| {', '.join(m['blocks'])} | {m['val_mean_f1_at_0.5']:.4f} | {m['val_mean_f1_tuned']:.4f} | "
+        what = ", ".join(m["blocks"]) + (f" ({m['label']})" if m.get("label") else "")
+        out.append(f"| {what} | {m['val_mean_f1_at_0.5']:.4f} | {m['val_mean_f1_tuned']:.4f} | "
                    f"{'–' if cv is None else f'{cv:.4f}'} | {delta} | {m.get('wall_seconds') or ''} |")
     return out
 
@@ -53,9 +64,11 @@ def figure(figures: dict[str, str] | None, name: str, alt: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------ snapshots
 
 
-def snapshot(docs: Path, stage: str, metrics_path: Path, fusion_paths: list[Path]) -> Path:
-    """Keep a stage's metrics file and its fused runs in ``docs/stage_results/<stage>.json``, its figures copied to
+def snapshot(docs: Path, stage: str, metrics_path: Path, fusion_args: list[str]) -> Path:
+    """Keep a stage's metrics file and its fused runs (``PATH`` or ``PATH=LABEL``, the first one the reference) in
+    ``docs/stage_results/<stage>.json``, the figures its page shows (the stage's ``RESULT_FIGURES``) copied to
     ``docs/figures/`` (links relative to docs/)."""
+    fusion_paths, labels = zip(*[fusion_argument(str(a)) for a in fusion_args]) if fusion_args else ((), ())
     if stage not in STAGES:
         raise ValueError(f"--stage: {stage!r} has no results section (one of {', '.join(STAGES)})")
     for path in [metrics_path, *fusion_paths]:
@@ -65,14 +78,17 @@ def snapshot(docs: Path, stage: str, metrics_path: Path, fusion_paths: list[Path
     if metrics.get("stage") != stage:
         raise ValueError(f"--stage {stage}: {metrics_path} is the metrics file of {metrics.get('stage')!r}")
     fusion = []
-    for path in fusion_paths:
+    for path, label in zip(fusion_paths, labels):
         m = json.loads(Path(path).read_text())
         if m.get("stage") != "fusion":
             raise ValueError(f"--stage {stage}: {path} is not a stage-03 (fusion) metrics file")
-        fusion.append(fusion_summary(m))
+        fusion.append(fusion_summary(m, label))
+    from .. import registry
+
+    shown = getattr(registry.get(stage).load(), "RESULT_FIGURES", None)
     links = {}
     for name, path in (metrics.get("figures") or {}).items():
-        if Path(path).is_file():
+        if Path(path).is_file() and (shown is None or name in shown):
             target = docs / "figures" / Path(path).name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
@@ -93,7 +109,7 @@ def section(docs: Path, stage: str) -> str | None:
 
     module = registry.get(stage).load()
     how = ("Refresh this section alone from a stage run with `python3 -m multilabel_fusion.reports.bench "
-           f"--stage-sections --stage {stage} OUTPUT/metrics/{stage}.json [FUSION_METRICS.json ...]` "
+           f"--stage-sections --stage {stage} OUTPUT/metrics/{stage}.json [FUSION_METRICS.json[=LABEL] ...]` "
            f"(snapshot: `docs/{SNAPSHOTS}/{stage}.json`, from `{record['metrics_file']}`).")
     text = module.results_markdown(record["metrics"], record["fusion_runs"] or None, figures=record["figures"],
                                    source=how)

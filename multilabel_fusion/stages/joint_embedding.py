@@ -442,7 +442,7 @@ def closing_note(metrics: dict[str, Any]) -> str:
         listing = "; ".join(f"{n:,} pairs{' (with the test pairs)' if r['test_pairs'] else ''}: "
                             f"{r['protocol_1k']['i2t_r10']:.1f} / {r['protocol_1k']['t2i_r10']:.1f}"
                             for (n, _), r in zip(pts, curve))
-        parts.append(f"Training pairs are the first limit: R@10 (image->caption / caption->image, first fold) with "
+        parts.append(f"More training pairs help: R@10 (image->caption / caption->image, first fold) with "
                      f"{listing}, about {slope:+.1f} points per doubling of the pairs.")
         if slope > 0:
             full = [q for q, r in zip(pts, curve) if r["fraction"] == 1.0 and not r["test_pairs"]][0]
@@ -583,6 +583,10 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
 
 def _recalls(r: dict[str, Any] | None, direction: str) -> str:
     return " / ".join(f"{r[f'{direction}_r{k}']:.1f}" for k in (1, 5, 10)) if r else "–"
+
+
+#: the figures the results page shows (names in ``metrics["figures"]``)
+RESULT_FIGURES = ("recall_per_epoch", "comparison", "retrieval_text_query", "retrieval_image_query")
 
 
 def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] | None = None,

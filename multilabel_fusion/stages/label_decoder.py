@@ -455,6 +455,10 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}"
 
 
+#: the figures the results page shows (names in ``metrics["figures"]``)
+RESULT_FIGURES = ("comparison", "data_sizes", "training_curves")
+
+
 def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] | None = None,
                      figures: dict[str, str] | None = None, source: str | None = None) -> str:
     """The stage's results page, written from its metrics file and stage-03 runs with and without its block (as
@@ -509,18 +513,11 @@ def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] 
     out += ["Published (MS-COCO, VGG16 features, 80 labels, ~82,000 training images):", "",
             "| model | P | R | F1 |", "|---|---|---|---|"]
     out += [f"| {r['model']} | {r['precision']} | {r['recall']} | {r['f1']} |" for r in PUBLISHED]
-    best_dec = max((r for r in rows if r["kind"] == "decoder" and r["features"] == "image"), key=lambda r: r["f1"])
-    bce = [r for r in rows if r["kind"] == "bce" and r["features"] == "image"]
-    best_bce = max(bce, key=lambda r: r["f1"]) if bce else None
     out += ["", "## Reading", ""]
-    if best_bce:
-        gap = 100 * (best_dec["f1"] - best_bce["f1"])
-        out.append(f"Best decoder on the image features: `{best_dec['model']}`, F1 {_pct(best_dec['f1'])} against "
-                   f"{_pct(best_bce['f1'])} for the best BCE head at 0.5 ({best_bce['model']}): {gap:+.1f} points "
-                   f"(published: +6.2 on MS-COCO). With tuned thresholds: {_pct(best_dec['scores_f1_tuned'])} vs "
-                   f"{_pct(best_bce['scores_f1_tuned'])}.")
+    if metrics.get("closing_note"):
+        out += [metrics["closing_note"], ""]
     if metrics.get("data_sizes"):
-        out += ["", "### Does the gap move with more training data?", "",
+        out += ["### Does the gap move with more training data?", "",
                 f"`{metrics['settings']['curve_variant']}` and the BCE MLP head on the same features, on nested "
                 "random subsets of the first fold's fit part, "
                 "scored on the same held-out rows (the paper trained on ~82,000 MS-COCO images; each fold here has "
@@ -531,9 +528,8 @@ def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] 
                 f"{r['decoder_best_epoch']} / {r['bce_best_epoch']} |" for r in metrics["data_sizes"]]
         out.append("")
         out += figure(figures, "data_sizes", "decoder vs BCE by training-set size")
-    out += ["", metrics.get("closing_note", "")]
     chosen = metrics["cross_fit"]
-    out += ["", "## The chosen decoder, per fold (the feature block and the submission)", "",
+    out += ["## The chosen decoder, per fold (the feature block and the submission)", "",
             f"`{metrics['variant']}` trained on each of the {metrics['folds']} folds: out-of-fold decoded sets "
             f"P/R/F1 {_pct(chosen['decoded']['precision'])} / {_pct(chosen['decoded']['recall'])} / "
             f"{_pct(chosen['decoded']['f1'])}; its per-label scores give mean-F1 {metrics['val_mean_f1_at_0.5']:.4f} "
@@ -672,8 +668,8 @@ def closing_note(extra: dict[str, Any]) -> str:
         first, last = sizes[0], sizes[-1]
         note += (" Gap by training-set size (first fold, same held-out rows): "
                  + ", ".join(f"{r['n_fit']:,}: {100 * r['gap']:+.1f}" for r in sizes)
-                 + f"; over a {last['n_fit'] / first['n_fit']:.0f}-fold increase of the fit records it moves "
-                 f"{100 * (last['gap'] - first['gap']):+.1f} points")
+                 + f"; from {first['n_fit']:,} to {last['n_fit']:,} fit records ({last['n_fit'] / first['n_fit']:.0f}x) "
+                 f"it moves {100 * (last['gap'] - first['gap']):+.1f} points")
         if len(sizes) > 2:
             prev = sizes[-2]
             note += f" ({100 * (last['gap'] - prev['gap']):+.1f} over the last {last['n_fit'] / prev['n_fit']:.1f}x)"
