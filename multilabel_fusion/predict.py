@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import os
@@ -154,8 +155,11 @@ class Predictor:
 
     @classmethod
     def load(cls, cfg: C.Config | None = None, *, bundle: str | Path | None = None, demo_mode: bool | str = False,
-             device: str | None = None) -> "Predictor":
-        """From the artifacts of ``cfg`` (default: ``config.yaml``), or from a bundle written by :meth:`export`."""
+             device: str | None = None, warm_up: bool = True) -> "Predictor":
+        """From the artifacts of ``cfg`` (default: ``config.yaml``), or from a bundle written by :meth:`export`.
+
+        ``warm_up``: label one grey photo once, so that the first real prediction does not pay for the kernels the
+        libraries prepare on their first call (about 3 s on a CPU)."""
         started = time.perf_counter()
         if bundle is not None:
             predictor = cls._from_bundle(Path(bundle), select_device(device or "auto"))
@@ -163,6 +167,8 @@ class Predictor:
             cfg = C.Config.wrap((cfg if cfg is not None else C.load()).to_dict())  # the caller's stays as it was
             predictor = cls._from_artifacts(cfg, demo_mode, select_device(device or cfg.trainer.device))
         predictor._prepare()
+        if warm_up:
+            predictor._warm_up()
         predictor.load_seconds = time.perf_counter() - started
         return predictor
 
@@ -243,8 +249,9 @@ class Predictor:
                                    "vectors": caption.info["vectors"]["name"], "text_version": text.TEXT_VERSION}
             manifest["source"]["keys"]["caption"] = caption.key
             out.vocabulary = vocabulary
+            runs = caption.info.get("fold_runs") or caption.info["folds"]  # the name in artifacts made before 0.2
             out.caption_networks = [_caption_network(_weights(f["run_dir"], models, "caption"), manifest["caption"])
-                                    for f in caption.info["fold_runs"]]
+                                    for f in runs]
             rows = out.caption_networks[0].embedding.num_embeddings
             if rows != len(vocabulary):
                 raise MissingArtifact(f"{store.dir(caption_network.VOCABULARY, caption.key)}: {len(vocabulary)} words for "
@@ -289,6 +296,15 @@ class Predictor:
 
             self.detector = load_detector(self.detector_file, self.device,
                                           channels_last=bool(self.manifest["detector"]["channels_last"]))
+
+    def _warm_up(self) -> None:
+        from PIL import Image
+
+        with tempfile.TemporaryDirectory(prefix="mlf-warm-up-") as folder:
+            photo = Path(folder) / "grey.jpg"
+            Image.new("RGB", (320, 240), (128, 128, 128)).save(photo)
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # no progress bars for it
+                self.predict([photo], ["a photo"])
 
     # ------------------------------------------------------------------------------------------- predicting
 
@@ -394,9 +410,9 @@ class Predictor:
             files[name] = (part, buffer.getvalue())
 
         k = len(self.fusion_heads)
-        if self.backbone is not None:
+        if self.backbone is not None:  # the whole module (whatever its architecture: one network or several)
             tensors("image/backbone.pt", f"image backbone ({self.manifest['image']['backbone']})",
-                    self.backbone.state_dict())
+                    copy.deepcopy(self.backbone).cpu())
             for i, head in enumerate(self.image_heads):
                 tensors(f"image/head_{i}.pt", f"image heads ({k} folds)", head.state_dict())
         if self.caption_networks:
@@ -458,10 +474,8 @@ class Predictor:
             out.fusion_heads = [_head(tensors(f"fusion/network_{i}.pt"), f["hidden"], f["dropout"]) for i in range(k)]
             if manifest.get("image"):
                 m = manifest["image"]
-                shell = assets.Asset("backbone weights", m["backbone"], "bundle", "bundle", None,
-                                     extra={"description": m["weights_used"]})
-                out.backbone = build_backbone(shell)  # the architecture; its weights come from the bundle
-                out.backbone.load_state_dict(tensors("image/backbone.pt"))
+                out.backbone = torch.load(io.BytesIO(archive.read("image/backbone.pt")), map_location="cpu",
+                                          weights_only=False)  # a pickled module: load only bundles you trust
                 out.image_heads = [_head(tensors(f"image/head_{i}.pt"), m["head_hidden"], m["head_dropout"])
                                    for i in range(k) if f"image/head_{i}.pt" in names]
             if manifest.get("caption"):
@@ -507,9 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.image or args.csv or args.export):
         parser.error("nothing to do: give --image and --caption, --csv and --images, or --export FILE")
     cfg = None if args.bundle else C.from_args(args)
-    with base.one_line_errors(), _predictor_errors():
+    with base.one_line_errors(PredictorError):
         with contextlib.redirect_stdout(sys.stderr):  # what loading says goes to stderr: stdout holds the answer
-            predictor = Predictor.load(cfg, bundle=args.bundle, demo_mode=args.demo, device=args.device)
+            predictor = Predictor.load(cfg, bundle=args.bundle, demo_mode=args.demo, device=args.device,
+                                       warm_up=bool(args.image))  # a batch or an export pays no warm-up
         source = args.bundle or predictor.manifest["source"]["output"]
         print(f"predictor: blocks {', '.join(predictor.manifest['blocks'])} x {predictor.manifest['folds']} folds from "
               f"{source}; loaded in {predictor.load_seconds:.1f} s on {predictor.device}")
@@ -530,14 +545,6 @@ def main(argv: list[str] | None = None) -> int:
             predictor.predict_csv(args.csv, args.images, out)
             print(f"wrote {out} (validated: one row per record of {args.csv}) in {time.perf_counter() - started:.1f} s")
     return 0
-
-
-@contextlib.contextmanager
-def _predictor_errors():
-    try:
-        yield
-    except PredictorError as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -402,11 +402,12 @@ def load_metrics(output_dir: Path, stage: str) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def one_line_errors():
-    """Input and set-up problems end the command with one line (``error: …``, exit status 1), never a traceback."""
+def one_line_errors(*more: type[Exception]):
+    """Input and set-up problems (:data:`USER_ERRORS`, and ``more`` of a command's own) end the command with one line
+    (``error: …``, exit status 1), never a traceback."""
     try:
         yield
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, *more) as err:
         raise SystemExit(f"error: {err}") from None
     except ValueError as err:  # a setting refused after loading (e.g. a block name)
         if str(err).startswith("config:"):
