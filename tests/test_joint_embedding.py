@@ -301,6 +301,21 @@ def test_stage_and_retrieval_end_to_end_on_demo_data(demo_dir, tmp_path, capsys)
     assert again["retrieval"] == saved["retrieval"]
 
 
+@pytest.mark.slow
+def test_stage_command_line_runs_stage_01_first_and_writes_its_results_page(demo_dir, tmp_path):
+    from multilabel_fusion.stages import base
+
+    page = tmp_path / "RESULTS_joint_embedding.md"
+    args = ["--data", str(demo_dir), "--output", str(tmp_path / "out"), "--models", str(tmp_path / "models"),
+            *sum((["--set", x] for x in SMALL + ["joint_embedding.compare_strategies=[]", "joint_embedding.learning_curve=[]",
+                                                 "image.head_epochs=1"]), []), "--results-doc", str(page)]
+    m = base.stage_cli("joint_embedding", args, extra_args=stage.extra_args, run=stage.run_cli)
+    assert (tmp_path / "out" / "metrics" / "image.json").is_file()  # stage 01 ran first: no features were there
+    assert m["embedding"] == "computed" and m["image_dim"] == 1280
+    text = page.read_text()
+    assert text.startswith("# Stage 06") and "| 1K sets" in text and "](out/figures/joint_embedding_recall.png)" in text
+
+
 def test_a_hit_is_listed_on_one_line_even_when_its_caption_spans_lines(tmp_path):
     hit = retrieve.Hit(1, 0.5, "train", "3.jpg", tmp_path / "3.jpg", "Close up of a person\nand a car ", ["person"],
                        own=True)

@@ -321,24 +321,35 @@ def test_stage_on_demo_data_block_table_and_fusion(tmp_path):
 
 
 @pytest.mark.slow
-def test_results_section_in_results_md_survives_and_refreshes_alone(tmp_path):
-    """The stage's section of docs/RESULTS.md: rendered from a snapshot of a real (demo) run with the fused runs
-    without / with the block, figures copied, refreshed alone without touching the rest of the page, and part of
-    what the benchmark renders."""
+def test_stage_command_line_and_its_section_of_results_md(tmp_path):
+    """``stages/05_label_decoder.py`` on an empty output folder (stages 01 and 02 run first) with ``--results-doc``;
+    then the stage's section of docs/RESULTS.md from a snapshot of that run with the fused runs without / with the
+    block: figures copied, refreshed alone without touching the rest of the page, and part of what the benchmark
+    renders."""
     from multilabel_fusion.__main__ import run_all
     from multilabel_fusion.reports import bench, stage_results
+    from multilabel_fusion.stages import base, label_decoder as stage
 
     small = ["image.image_size=64", "image.feature_batch_size=32", "image.head_epochs=2", "image.head_hidden=16",
              "trainer.num_workers=0", "caption.epochs=2", "label_decoder.epochs=1", "label_decoder.hidden=16",
              "label_decoder.embed=8", "label_decoder.compare=[joint]", "label_decoder.data_sizes=[]",
              "fusion.epochs=2", "fusion.hidden=16", "fusion.blocks=[image, caption]"]
-    out = tmp_path / "output"
-    cfg = C.load(overrides=small, output=out, models=tmp_path / "models", data=tmp_path / "none")
+    out, models = tmp_path / "output", tmp_path / "models"
+    page_05 = tmp_path / "page" / "RESULTS_label_decoder.md"
+    m = base.stage_cli("label_decoder", ["--demo", "--output", str(out), "--models", str(models),
+                                         *sum((["--set", x] for x in small), []), "--results-doc", str(page_05)],
+                       extra_args=stage.cli_arguments, run=stage.run_cli)
     metrics = out / "demo" / "metrics"  # --demo results go to output/demo/
-    without = run_all(cfg, demo_mode=True, stages=["label_decoder", "fusion"])["fusion"]
+    assert {"image.json", "caption.json", "label_decoder.json"} <= {p.name for p in metrics.iterdir()}
+    text = page_05.read_text()
+    assert text.startswith("# Stage 05") and f"| joint | image | {100 * m['table'][1]['precision']:.1f} |" in text
+    assert "](../output/demo/figures/label_decoder_comparison.png)" in text  # links relative to the page
+
+    cfg = C.load(overrides=small, output=out, models=models, data=tmp_path / "none")
+    without = run_all(cfg, demo_mode=True, stages=["fusion"])["fusion"]
     (tmp_path / "without.json").write_text((metrics / "fusion.json").read_text())
     with_block = C.load(overrides=small + ["fusion.blocks=[image, caption, label_decoder]"], output=out,
-                        models=tmp_path / "models", data=tmp_path / "none")
+                        models=models, data=tmp_path / "none")
     run_all(with_block, demo_mode=True, stages=["fusion"])
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -351,15 +362,16 @@ def test_results_section_in_results_md_survives_and_refreshes_alone(tmp_path):
         bench.main(["--docs", str(docs), "--stage-sections", "--stage", "label_decoder", str(tmp_path / "without.json")])
     assert bench.main(["--docs", str(docs), "--stage-sections", "--stage", "label_decoder",
                        str(metrics / "label_decoder.json"), str(tmp_path / "without.json"),
-                       str(metrics / "fusion.json")]) == 0
+                       f"{metrics / 'fusion.json'}=with the seq2seq block"]) == 0
     text = page.read_text()
     assert text.startswith("# Results\n\nbench tables\n")
     assert "## Stage 05: recurrent label decoders" in text and "### The paper's table, on this data" in text
     assert "| BCE MLP head | image |" in text and "| seq2seq | 71.1 | 68.0 | 69.5 |" in text  # ours beside published
     assert f"| {', '.join(without['blocks'])} | {without['val_mean_f1_at_0.5']:.4f} |" in text
-    assert "| image, caption, label_decoder |" in text
+    assert "| image, caption, label_decoder (with the seq2seq block) |" in text
     for link in ("figures/label_decoder_comparison.png", "figures/label_decoder_training.png"):
         assert f"]({link})" in text and (docs / link).is_file()
+    assert not (docs / "figures" / "label_decoder_per_class_f1.png").exists()  # only what the section shows
     # refreshed alone: the rest of the page is kept byte for byte, the section is replaced, not added twice
     page.write_text(text.replace("bench tables", "bench tables, edited") + "\ntrailing bench text\n")
     stage_results.refresh(docs)
@@ -372,4 +384,3 @@ def test_results_section_in_results_md_survives_and_refreshes_alone(tmp_path):
     rendered = bench.render({"stages": {"fusion": {"cold": timing, "warm": timing, "metrics": fused}},
                              "default_blocks": fused["blocks"]}, tmp_path / "none", docs)
     assert "## Out-of-fold mean-F1 per stage" in rendered and stage_results.section(docs, "label_decoder") in rendered
-

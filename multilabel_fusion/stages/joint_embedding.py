@@ -40,7 +40,7 @@ from ..evaluation.metrics import mean_f1
 from ..evaluation.thresholds import decide, tune_per_class
 from ..networks import joint_embedding as J
 from ..networks.caption_lstm import cpu_threads
-from ..reports.stage_results import figure, fusion_rows, fusion_summary
+from ..reports.stage_results import figure, fusion_argument, fusion_rows, fusion_summary
 from . import base
 
 VERSION = 1  # bump when training or the block's columns change, so old artifacts are not reused
@@ -509,18 +509,6 @@ def comparison_figure(rows: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def compute_missing_inputs(ctx: base.StageContext) -> None:
-    """Run stage 01 first when its artifact for the current settings is missing, as the main job would (so this
-    stage and its notebook run on their own); a found artifact is used as it is."""
-    missing = [name for name in ctx.stage.reads(ctx.cfg) if ctx.store.load(name, ctx.key(name), mmap=True) is None]
-    if missing:
-        from ..__main__ import run_all
-
-        print(f"[joint_embedding] no {' / '.join(missing)} artifact for the current settings: running "
-              f"{', '.join(registry.get(m).label for m in missing)} first")
-        run_all(ctx.cfg, demo_mode=ctx.demo, stages=missing)
-
-
 def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) -> dict[str, Any]:
     """Train (or reuse) the joint embedding per fold, compare strategies × encoders, write the block, the
     retrieval figures, the submission and the metrics."""
@@ -530,8 +518,6 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
     je = cfg.joint_embedding
     t0 = time.time()
     found = ctx.store.load("joint_embedding", ctx.key(), mmap=True)
-    if found is None or (je.compare_strategies and je.compare_encoders) or je.learning_curve:
-        compute_missing_inputs(ctx)
     inp = None
     with cpu_threads(ctx.device):  # one thread: measured 4-10x faster per batch than two on a busy 2-core CPU
         if found is None:
@@ -704,7 +690,7 @@ def extra_args(parser) -> None:
     """Options of ``stages/06_joint_embedding.py`` beyond the shared ones."""
     parser.add_argument("--results-doc", type=Path, help="also write the results document here "
                         "(docs/RESULTS_joint_embedding.md)")
-    parser.add_argument("--fusion-metrics", type=Path, nargs="*", default=[],
+    parser.add_argument("--fusion-metrics", nargs="*", default=[], metavar="FUSION_JSON[=LABEL]",
                         help="fusion.json files (e.g. with and without the joint_embedding block) for that document")
 
 
@@ -712,9 +698,12 @@ def run_cli(cfg: Config, demo_mode: bool | str, resume: bool, args) -> dict[str,
     """The stage, then (``--results-doc``) the results document from its metrics."""
     import json
 
-    metrics = run_stage(cfg, demo_mode=demo_mode, resume=resume)
+    from ..__main__ import run_stage as with_inputs
+
+    metrics = with_inputs("joint_embedding", cfg, demo_mode=demo_mode, resume=resume)  # stage 01 first where missing
     if args.results_doc:
-        fusion_runs = [fusion_summary(json.loads(Path(path).read_text())) for path in args.fusion_metrics]
+        fusion_runs = [fusion_summary(json.loads(path.read_text()), label)
+                       for path, label in map(fusion_argument, args.fusion_metrics)]
         doc = Path(args.results_doc)
         links = {name: os.path.relpath(path, doc.resolve().parent) for name, path in metrics["figures"].items()}
         write_text(doc, results_markdown(metrics, fusion_runs, links))

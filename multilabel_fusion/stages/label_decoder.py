@@ -42,7 +42,7 @@ from ..engine.precision import training_precision
 from ..evaluation.metrics import sample_f1
 from ..evaluation.thresholds import decide, tune_per_class
 from ..networks.caption_lstm import cpu_threads
-from ..reports.stage_results import figure, fusion_rows, fusion_summary
+from ..reports.stage_results import figure, fusion_argument, fusion_rows, fusion_summary
 from ..networks.heads import HeadSettings, train_on_features
 from ..networks.label_decoder import (PAD, FeatureBatches, LabelDecoder, Variant, batch_loss, decode,
                                       frequency_rank, label_embedding_init, mean_loss, sample_prf)
@@ -554,24 +554,11 @@ def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] 
 # ----------------------------------------------------------------------------------------------- the stage
 
 
-def compute_missing_inputs(ctx: base.StageContext) -> None:
-    """Run stage 01 / 02 first when their artifact for the current settings is missing, as the main job would
-    (so this stage and its notebook run on their own); found artifacts are used as they are."""
-    missing = [name for name in ctx.stage.reads(ctx.cfg) if ctx.store.load(name, ctx.key(name), mmap=True) is None]
-    if missing:
-        from ..__main__ import run_all
-
-        print(f"[label_decoder] no {' / '.join(missing)} artifact for the current settings: running "
-              f"{', '.join(registry.get(m).label for m in missing)} first")
-        run_all(ctx.cfg, demo_mode=ctx.demo, stages=missing)
-
-
 def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) -> dict[str, Any]:
     """Cross-fit the chosen decoder (artifact: the block), train the comparison on the first fold, beside BCE heads
     on the same features; submission, metrics (with the table) and figures."""
     ctx = base.prepare(cfg, "label_decoder", demo_mode)
     ld = cfg.label_decoder
-    compute_missing_inputs(ctx)
     names = [ld.variant, ld.curve_variant, *ld.compare]
     need_caption = any(Variant.parse(n).caption for n in names) or ld.bce_baseline
     feats = load_features(ctx, need_caption)
@@ -687,14 +674,17 @@ def closing_note(extra: dict[str, Any]) -> str:
 def cli_arguments(parser) -> None:
     parser.add_argument("--results-doc", type=Path, default=None,
                         help="also write the markdown results page (e.g. docs/RESULTS_label_decoder.md)")
-    parser.add_argument("--fusion-metrics", type=Path, nargs="*", default=[],
+    parser.add_argument("--fusion-metrics", nargs="*", default=[], metavar="FUSION_JSON[=LABEL]",
                         help="metrics files of stage 03 runs (with and without the block) for the page")
 
 
 def run_cli(cfg: Config, demo_mode: bool | str = False, resume: bool = False, args=None) -> dict[str, Any]:
-    metrics = run_stage(cfg, demo_mode=demo_mode, resume=resume)
+    from ..__main__ import run_stage as with_inputs
+
+    metrics = with_inputs("label_decoder", cfg, demo_mode=demo_mode, resume=resume)  # stages 01, 02 first where missing
     if args is not None and args.results_doc is not None:
-        fusion = [fusion_summary(json.loads(Path(p).read_text())) for p in args.fusion_metrics]
+        fusion = [fusion_summary(json.loads(path.read_text()), label)
+                  for path, label in map(fusion_argument, args.fusion_metrics)]
         doc = Path(args.results_doc)
         links = {name: os.path.relpath(path, doc.resolve().parent) for name, path in metrics["figures"].items()}
         path = write_text(doc, results_markdown(metrics, fusion, links))
