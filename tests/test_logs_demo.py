@@ -58,16 +58,24 @@ def test_a_stage_script_error_ends_its_log_and_the_console_stays_one_line(tmp_pa
 
 def test_progress_bars_outside_a_terminal_write_at_most_every_few_seconds_even_after_torch(tmp_path):
     """torch imports tqdm before this package sets its defaults; nested bars that end quickly write nothing."""
-    script = ("import time, torch, multilabel_fusion\n"
+    script = ("import sys, time, torch, multilabel_fusion\n"
               "from tqdm.auto import tqdm\n"
+              "from torch.utils.data import DataLoader, TensorDataset\n"
+              "from multilabel_fusion.engine import trainer\n"
               "for epoch in tqdm(range(3), desc='outer'):\n"
               "    for batch in tqdm(range(40), desc=f'epoch {epoch}', leave=False):\n"
               "        time.sleep(0.005)\n"
+              "x, y = torch.randn(480, 4), (torch.rand(480, 18) < 0.3).float()\n"  # the trainer's epoch bars
+              "model = torch.nn.Linear(4, 18)\n"
+              "trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True,\n"
+              "            generator=torch.Generator().manual_seed(0)), DataLoader(TensorDataset(x, y), batch_size=480),\n"
+              "            y.numpy(), loss_fn=torch.nn.BCEWithLogitsLoss(), run_dir=sys.argv[1], epochs=25, patience=99,\n"
+              "            optimizer=torch.optim.SGD(model.parameters(), lr=0.1), device=torch.device('cpu'))\n"
               "with tqdm(total=400, desc='long') as bar:\n"
               "    for i in range(400):\n"
               "        time.sleep(0.015)\n"
               "        bar.update()\n")
-    result = _run("-c", script, cwd=tmp_path)
+    result = _run("-c", script, str(tmp_path / "run"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     updates = [u for u in result.stderr.replace("\n", "\r").split("\r") if u.strip()]
     assert all(u.startswith("long") for u in updates), updates  # the short bars: nothing

@@ -430,7 +430,7 @@ def fit(
             save_torch({"model": model.state_dict(), "epoch": epoch, "score": score}, best_path)
         write_text(run_dir / "history.csv", pd.DataFrame(rows).to_csv(index=False))
         bar.set_postfix({"loss": f"{row['train_loss']:.4f}", _postfix_key(score_name): f"{score:.4f}",
-                         "best": f"{best_score:.4f}"})
+                         "best": f"{best_score:.4f}"}, refresh=False)  # shown at the bar's next update, as rare
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
         if finished:
