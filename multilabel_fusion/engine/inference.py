@@ -96,6 +96,11 @@ def _fold_batch_norm(net: nn.Module) -> tuple[nn.Module, str]:
     """An inference copy of ``net`` with every conv+batch-norm pair folded into one conv (torch.fx)."""
     from torch.fx.experimental.optimization import fuse
 
+    from ..networks.backbones import EnsembleNet
+
+    if isinstance(net, EnsembleNet):  # each member on its own (the ensemble's own forward is not traceable)
+        folded = [_fold_batch_norm(member) for member in net.nets]
+        return net.replaced(nets=[f[0] for f in folded]), "; ".join(sorted({f[1] for f in folded}))
     try:
         return fuse(net.eval(), inplace=False), "conv+batch-norm folded (torch.fx)"
     except Exception as err:  # an architecture torch.fx cannot trace: run it as it is
@@ -148,7 +153,7 @@ def prepare_inference(backbone: Backbone, cfg_image: dict, device: torch.device,
         net = depth_extractor(backbone, net)
     net = net.to(device=device, memory_format=fmt)
     batch = feature_batch_size(cfg_image.get("feature_batch_size", "auto"), device)
-    size = int(cfg_image["image_size"])
+    size = int(backbone.input_size or cfg_image["image_size"])  # an ensemble: its largest member's side
     choices: dict[str, Any] = {"conv_bn": folded, "channels_last": fmt == torch.channels_last, "batch_size": batch}
     choices.update(multi_depth=depths, hflip_average=hflip)
     plan = InferencePlan(backbone, net, device, "fp32", batch, size, fmt, choices, depths, hflip)

@@ -1,4 +1,5 @@
-"""ImageNet CNN backbones (ResNet50, VGG16, EfficientNet-Lite0) as pooled-feature extractors, and the
+"""ImageNet CNN backbones (ResNet50, VGG16, EfficientNet-Lite0/-Lite2) as pooled-feature extractors, ensembles of
+them (``name@size+name@size``: each member sees the image at its own size, features concatenated), and the
 fine-tunable classifier built on one. Weights come from :mod:`multilabel_fusion.assets`."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from torch import nn
 from ..assets import Asset, backbone_weights
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-FEATURE_DIMS = {"resnet50": 2048, "vgg16": 4096, "efficientnet_lite0": 1280}
+FEATURE_DIMS = {"resnet50": 2048, "vgg16": 4096, "efficientnet_lite0": 1280, "efficientnet_lite2": 1280}
 
 #: The last module of each resolution stage ("after each pooling stage"), whose outputs are pooled into the
 #: multi-depth features; the final pooled vector comes after them.
@@ -19,15 +20,36 @@ DEPTH_MODULES = {
     "resnet50": ["layer1", "layer2", "layer3"],
     "vgg16": ["features.4", "features.9", "features.16", "features.23", "features.30"],
     "efficientnet_lite0": ["_blocks.0", "_blocks.2", "_blocks.4", "_blocks.10", "_blocks.15"],
+    "efficientnet_lite2": ["_blocks.0", "_blocks.3", "_blocks.6", "_blocks.14", "_blocks.20"],
 }
+
+
+def parse_backbone(spec: str) -> list[tuple[str, int | None]]:
+    """``"efficientnet_lite0@320+efficientnet_lite2@260"`` -> [(name, size), ...]; a size left out is
+    ``image.image_size``. ValueError for an unknown name or a bad size."""
+    members = []
+    for part in str(spec).split("+"):
+        name, _, size = part.strip().partition("@")
+        if name not in FEATURE_DIMS:
+            import difflib
+
+            near = difflib.get_close_matches(name, FEATURE_DIMS, n=1)
+            raise ValueError(f"unknown backbone {name!r}{f' (did you mean {near[0]}?)' if near else ''}: choose from "
+                             f"{', '.join(FEATURE_DIMS)}, as name[@size], several joined by +")
+        if size and (not size.isdigit() or int(size) < 32):
+            raise ValueError(f"backbone {part!r}: the size after @ must be a whole number of pixels >= 32")
+        members.append((name, int(size) if size else None))
+    return members
 
 
 class Backbone(nn.Module):
     """A CNN that maps normalised images [B, 3, S, S] to pooled features [B, dim]."""
 
-    def __init__(self, net: nn.Module, dim: int, mean, std, name: str, weights_used: str):
+    def __init__(self, net: nn.Module, dim: int, mean, std, name: str, weights_used: str,
+                 input_size: int | None = None):
         super().__init__()
         self.net, self.dim, self.name, self.weights_used = net, dim, name, weights_used
+        self.input_size = input_size  # side of the square input it was asked to see (None: image.image_size)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
 
@@ -41,11 +63,60 @@ class Backbone(nn.Module):
         return self.net(images).flatten(1)
 
 
+class EnsembleNet(nn.Module):
+    """The members' networks on one batch of raw (0-255) images: each member resizes it to its own side
+    (antialiased), normalises it with its own statistics and pools; the features are concatenated. With
+    ``depth_net`` (the first member's multi-depth extractor) it returns that member's stage outputs and the
+    concatenated final features, as :func:`depth_extractor` does for one network."""
+
+    def __init__(self, nets: list[nn.Module], sizes: list[int], means: list[torch.Tensor], stds: list[torch.Tensor],
+                 depth_net: nn.Module | None = None):
+        super().__init__()
+        self.nets, self.sizes, self.depth_net = nn.ModuleList(nets), list(sizes), depth_net
+        for i, (mean, std) in enumerate(zip(means, stds)):
+            self.register_buffer(f"mean{i}", mean.clone())
+            self.register_buffer(f"std{i}", std.clone())
+
+    def forward(self, images: torch.Tensor):
+        finals, depths = [], None
+        for i, net in enumerate(self.nets):
+            x = images
+            if x.shape[-1] != self.sizes[i] or x.shape[-2] != self.sizes[i]:
+                x = nn.functional.interpolate(x, size=(self.sizes[i], self.sizes[i]), mode="bilinear",
+                                              antialias=True, align_corners=False)
+            x = (x - getattr(self, f"mean{i}")) / getattr(self, f"std{i}")
+            if i == 0 and self.depth_net is not None:
+                depths = self.depth_net(x)
+                finals.append(depths.pop("final").flatten(1))
+            else:
+                finals.append(net(x).flatten(1))
+        final = torch.cat(finals, 1)
+        return final if depths is None else {**depths, "final": final}
+
+    def replaced(self, nets: list[nn.Module] | None = None, depth_net: nn.Module | None = None) -> "EnsembleNet":
+        """The same ensemble with other member networks (e.g. batch-norm-folded copies) or a depth extractor."""
+        means = [getattr(self, f"mean{i}") for i in range(len(self.nets))]
+        stds = [getattr(self, f"std{i}") for i in range(len(self.nets))]
+        return EnsembleNet(list(nets or self.nets), self.sizes, means, stds, depth_net)
+
+
+class BackboneEnsemble(Backbone):
+    """Several backbones as one: the loader gives images at the largest member's side, :class:`EnsembleNet` runs
+    every member at its own; ``dim`` is the sum. Only frozen feature extraction (fine-tuning takes one CNN)."""
+
+    def __init__(self, members: list[Backbone], name: str):
+        sizes = [int(m.input_size) for m in members]
+        net = EnsembleNet([m.net for m in members], sizes, [m.mean for m in members], [m.std for m in members])
+        super().__init__(net, sum(m.dim for m in members), (0.0, 0.0, 0.0), (1 / 255,) * 3, name,
+                         "; ".join(f"{m.name}@{m.input_size}: {m.weights_used}" for m in members), max(sizes))
+        self.member_names = [m.name for m in members]
+
+
 def _architecture(name: str) -> nn.Module:
-    if name == "efficientnet_lite0":
+    if name.startswith("efficientnet_lite"):
         from efficientnet_lite_pytorch import EfficientNet
 
-        return EfficientNet.from_name("efficientnet-lite0")
+        return EfficientNet.from_name(name.replace("_", "-"))
     from torchvision import models
 
     return models.resnet50() if name == "resnet50" else models.vgg16()
@@ -66,22 +137,28 @@ def _load_state_dict_file(path: Path) -> dict:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def build_backbone(weights: Asset) -> Backbone:
-    """The backbone ``weights.name`` with the resolved weights (:func:`multilabel_fusion.assets.backbone_weights`)."""
-    name = weights.name
+def build_backbone(weights: Asset, image_size: int | None = None) -> Backbone:
+    """The backbone ``weights.name`` with the resolved weights (:func:`multilabel_fusion.assets.backbone_weights`);
+    an ensemble when the asset has ``members`` (each member at its ``@size``, else ``image_size``)."""
+    if weights.extra.get("members"):
+        members = [build_backbone(m, image_size) for m in weights.extra["members"]]
+        return members[0] if len(members) == 1 else BackboneEnsemble(members, weights.name)
+    name, _, size = weights.name.partition("@")
     if name not in FEATURE_DIMS:
         raise ValueError(f"image.backbone {name!r}: choose one of {sorted(FEATURE_DIMS)}")
     net = _architecture(name)
     if weights.path is not None:
         net.load_state_dict(_load_state_dict_file(weights.path))
-    mean, std = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) if name == "efficientnet_lite0" else (IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) if name.startswith("efficientnet_lite") else (IMAGENET_MEAN, IMAGENET_STD)
     used = weights.extra.get("description") or weights.describe()
-    return Backbone(_strip_classifier(name, net), FEATURE_DIMS[name], mean, std, name, used)
+    return Backbone(_strip_classifier(name, net), FEATURE_DIMS[name], mean, std, name, used,
+                    int(size) if size else image_size)
 
 
 def load_backbone(image_cfg) -> Backbone:
     """Resolve the configured backbone's weights (falling back offline, saying so) and build it."""
-    return build_backbone(backbone_weights(image_cfg))
+    size = image_cfg.get("image_size")
+    return build_backbone(backbone_weights(image_cfg), int(size) if size else None)
 
 
 class ImageClassifier(nn.Module):
@@ -106,6 +183,9 @@ def depth_extractor(backbone: Backbone, net: nn.Module | None = None) -> nn.Modu
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
     net = (backbone.net if net is None else net).eval()
+    if isinstance(net, EnsembleNet):  # the first member's stages, every member's final features
+        first = Backbone(net.nets[0], 0, (0.0,) * 3, (1.0,) * 3, backbone.member_names[0], "")
+        return net.replaced(depth_net=depth_extractor(first, net.nets[0]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         train_names, eval_names = get_graph_node_names(net)

@@ -23,7 +23,7 @@ from ..engine import trainer
 from ..engine.inference import extract, prepare_inference
 from ..engine.precision import training_precision
 from ..engine.trainer import model_size_mb
-from ..networks.backbones import Backbone, ImageClassifier, build_backbone
+from ..networks.backbones import Backbone, BackboneEnsemble, ImageClassifier, build_backbone
 from ..networks.heads import HeadSettings, train_on_features
 from . import base
 
@@ -53,6 +53,9 @@ def artifact_spec(cfg: Config) -> dict[str, Any]:
 def fine_tune(ctx: base.StageContext, backbone: Backbone, resume: bool, workers: int):
     """Train backbone + head end to end on the fit part; returns (classifier, FitResult)."""
     ci = ctx.cfg.image
+    if isinstance(backbone, BackboneEnsemble):
+        raise ValueError(f"image.fine_tune: {backbone.name} is an ensemble of backbones; fine-tuning trains one "
+                         "(set image.backbone / image.offline_fallback to a single network, or fine_tune: false)")
     fit_idx = ctx.train_idx
     if ci.max_train_images:
         fit_idx = np.random.default_rng(ctx.cfg.split.seed).permutation(fit_idx)[: ci.max_train_images]
@@ -61,9 +64,10 @@ def fine_tune(ctx: base.StageContext, backbone: Backbone, resume: bool, workers:
     if ci.channels_last:
         model.to(memory_format=torch.channels_last)
     on_bad = ctx.cfg.data.bad_images
-    train_set = ImageFiles([paths[i] for i in fit_idx], ci.image_size, augmentation(ci.image_size, ci.augment),
+    size = int(backbone.input_size or ci.image_size)
+    train_set = ImageFiles([paths[i] for i in fit_idx], size, augmentation(size, ci.augment),
                            ctx.targets[fit_idx], on_bad=on_bad)
-    val_set = ImageFiles([paths[i] for i in ctx.val_idx], ci.image_size, None, ctx.targets[ctx.val_idx],
+    val_set = ImageFiles([paths[i] for i in ctx.val_idx], size, None, ctx.targets[ctx.val_idx],
                          on_bad=on_bad)
     optimizer = torch.optim.Adam(model.parameters(), lr=ci.lr)
     shaping = {k: v for k, v in ctx.spec()["settings"].items()}
@@ -212,7 +216,7 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
     block = ctx.store.load("image", ctx.key(), mmap=True)
     if block is None:
         bad = ctx.bad_images()
-        backbone = build_backbone(weights)
+        backbone = build_backbone(weights, ci.image_size)
         head = None
         if ci.fine_tune:
             classifier, result = fine_tune(ctx, backbone, resume, workers)
