@@ -158,8 +158,8 @@ class Predictor:
              device: str | None = None, warm_up: bool = True) -> "Predictor":
         """From the artifacts of ``cfg`` (default: ``config.yaml``), or from a bundle written by :meth:`export`.
 
-        ``warm_up``: label one grey photo once, so that the first real prediction does not pay for the kernels the
-        libraries prepare on their first call (about 3 s on a CPU)."""
+        ``warm_up``: label one grey photo once, so that the first real prediction does not pay for what the
+        libraries prepare on their first call (WordNet, kernels: a few seconds on a CPU)."""
         started = time.perf_counter()
         if bundle is not None:
             predictor = cls._from_bundle(Path(bundle), select_device(device or "auto"))
@@ -198,10 +198,10 @@ class Predictor:
 
         fused = require("fusion")
         metrics = base.load_metrics(cfg.path("output"), "fusion")
-        if metrics is None or metrics.get("artifact_key") != fused.key:
-            what = "is missing" if metrics is None else f"describes another fused network ({metrics.get('artifact_key')})"
-            raise MissingArtifact(f"{cfg.path('output') / 'metrics' / 'fusion.json'} {what}, not the one of the current "
-                                  f"settings ({fused.key}): run {_hint('fusion')}; it reuses its trained networks")
+        if metrics is None or metrics.get("artifact_key") != fused.key:  # its thresholds are those of another network
+            what = "absent" if metrics is None else f"describes the fused network {metrics.get('artifact_key')}"
+            raise MissingArtifact(f"{cfg.path('output') / 'metrics' / 'fusion.json'}: {what}, not {fused.key} of the "
+                                  f"current settings; run {_hint('fusion')} (it reuses its trained networks)")
         k = len(fused.info["folds"])
         manifest: dict[str, Any] = {
             "format": BUNDLE_FORMAT, "package": __version__,
@@ -221,7 +221,8 @@ class Predictor:
         if "image" in owners:
             image = require("image")
             ci = cfg.image
-            precision = str(image.info.get("extraction", {}).get("precision", "fp32")).split()[0]
+            extraction = str(image.info.get("extraction", {}).get("precision", "fp32"))
+            precision = extraction.split()[0] if extraction.split()[0] in ("fp32", "bf16") else "fp32"  # a GPU's: fp32
             manifest["image"] = {"backbone": image.info["backbone"]["name"], "dim": image.info["backbone"]["dim"],
                                  "weights_used": image.info["backbone"]["weights_used"], "image_size": ci.image_size,
                                  "depth_features": bool(ci.depth_features), "hflip_average": bool(ci.hflip_average),
