@@ -175,7 +175,7 @@ class Predictor:
     @classmethod
     def _from_artifacts(cls, cfg: C.Config, demo_mode: bool | str, device: torch.device) -> "Predictor":
         registry.check_names(cfg)
-        base.use_demo_layout(cfg, demo_mode)
+        data_dir, _ = base.resolve_data_dir(cfg, demo_mode)  # the data's fingerprint is part of every key
         _, dropped = fusion.available_blocks(cfg)
         for name, why in dropped.items():
             print(f"[predict] the fused network leaves out the '{name}' block, as stage 03 does: {why}")
@@ -189,8 +189,7 @@ class Predictor:
         if "image" in owners and cfg.image.fine_tune:
             raise PredictorError("image.fine_tune=true: the predictor uses the frozen backbone's features "
                                  "(image.fine_tune=false)")
-        data = D.load(cfg.path("data"), check_images=False)  # its fingerprint is part of every key
-        fingerprint = data.fingerprint()
+        fingerprint = D.load(data_dir, check_images=False).fingerprint()
         store, models = ArtifactStore(cfg.path("output")), cfg.path("models")
 
         def require(stage: str):
