@@ -51,7 +51,7 @@ from .engine.precision import training_precision
 from .engine.trainer import num_workers, predict, select_device
 from .evaluation import submission
 from .evaluation.thresholds import decide
-from .networks.backbones import Backbone, build_backbone
+from .networks.backbones import Backbone, load_backbone
 from .networks.caption_lstm import Batches, CaptionBiLSTM, cpu_threads, extract_features
 from .networks.heads import MLPHead, _loader
 from .stages import base, caption_network, fusion, text_ngrams
@@ -230,7 +230,7 @@ class Predictor:
                                  "feature_batch_size": ci.feature_batch_size, "head_input": ci.head_input,
                                  "head_hidden": ci.head_hidden, "head_dropout": ci.head_dropout}
             manifest["source"]["keys"]["image"] = image.key
-            out.backbone = build_backbone(assets.backbone_weights(ci))
+            out.backbone = load_backbone(ci)  # as stage 01 builds it (an ensemble: each member at its side)
             if "image_probs" in blocks:
                 kind, key = registry.block_location("image_probs", cfg, fingerprint)
                 heads = store.require(kind, key, _hint("image"))

@@ -34,7 +34,7 @@ OTHER_BLOCKS = "fusion.blocks=[image, image_depths, caption, detector_boxes]"
 def trained(tmp_path_factory):
     """Demo data and every stage of the default pipeline run on it (output/ and models/ in a temporary folder)."""
     root = tmp_path_factory.mktemp("predict")
-    data = demo.generate(root / "data", n_train=120, n_test=40, seed=7, image_size=(48, 36))
+    demo.generate(root / "data", n_train=120, n_test=40, seed=7, image_size=(48, 36))
     run_all(_cfg(root), demo_mode=False)
     return root
 
