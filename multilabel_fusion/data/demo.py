@@ -110,7 +110,7 @@ def ensure(root: str | Path, **kwargs) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m multilabel_fusion.demo",
                                      description="Generate a synthetic dataset in the competition format.")
-    parser.add_argument("folder", nargs="?", default="output/demo_data")
+    parser.add_argument("folder", nargs="?", default="output/demo/input")
     parser.add_argument("--train", type=int, default=300)
     parser.add_argument("--test", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
