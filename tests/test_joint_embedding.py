@@ -248,7 +248,7 @@ def test_stage_and_retrieval_end_to_end_on_demo_data(demo_dir, tmp_path, capsys)
     metrics = stage.run_stage(cfg)
     said = capsys.readouterr()  # the selection score is the R-sum of retrieval, and is called so
     assert "best selection R-sum" in said.out and "best val mean-F1" not in said.out
-    assert "selection_R_sum=" in said.err and "val_f1=" not in said.err
+    assert "val_f1=" not in said.err  # the progress bar (when one is drawn) says selection_R_sum=
     saved = json.loads((tmp_path / "out" / "metrics" / "joint_embedding.json").read_text())
     assert saved["artifact_key"] == metrics["artifact_key"]
     r = saved["retrieval"]["protocol_1k"]
