@@ -108,7 +108,7 @@ class Retriever:
         if self._plan is None:
             self._plan = prepare_inference(load_backbone(ci), ci, self.ctx.device, self.ctx.cfg.trainer.mixed_precision,
                                            depths=depths, hflip=bool(ci.hflip_average))
-        image = ImageFiles([path], int(ci.image_size))[0].unsqueeze(0)
+        image = ImageFiles([path], self._plan.image_size)[0].unsqueeze(0)  # the backbone's own side (an ensemble: 320)
         out = self._plan(image)
         out = out[1] if depths else out
         # the cached features went through the artifact's storage dtype: round the same way

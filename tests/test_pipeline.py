@@ -18,7 +18,7 @@ from multilabel_fusion.evaluation import submission
 from multilabel_fusion.stages import caption_network, fusion, image_network
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = ["image.image_size=64", "image.head_epochs=3", "caption.epochs=2", "fusion.epochs=3", "fusion.hidden=64",
+SMALL = ["image.offline_fallback=efficientnet_lite0", "image.image_size=64", "image.head_epochs=3", "caption.epochs=2", "fusion.epochs=3", "fusion.hidden=64",
          "trainer.num_workers=0", "detector.image_size=64", "detector.batch_size=16"]
 
 

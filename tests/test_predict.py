@@ -25,7 +25,8 @@ from multilabel_fusion.predict import Predictor, fold_mean, main
 from multilabel_fusion.stages import base, fusion
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = ["image.image_size=64", "image.head_epochs=3", "image.head_hidden=32", "caption.epochs=2", "fusion.epochs=3",
+#: the offline default is a two-network ensemble: the predictor must run it as stage 01 did (small sizes here)
+SMALL = ["image.offline_fallback=efficientnet_lite0@64+efficientnet_lite2@48", "image.image_size=64", "image.head_epochs=3", "image.head_hidden=32", "caption.epochs=2", "fusion.epochs=3",
          "fusion.hidden=64", "trainer.num_workers=0", "detector.image_size=64", "detector.batch_size=16"]
 OTHER_BLOCKS = "fusion.blocks=[image, image_depths, caption, detector_boxes]"
 
