@@ -65,20 +65,28 @@ PathText = Annotated[str, BeforeValidator(_path_text), Field(min_length=1)]
 #: ``auto`` or an integer >= 0 / >= 1 (kept as given; the stage decides what ``auto`` means).
 AutoOrCount = Annotated[Union[Literal["auto"], int], BeforeValidator(_auto_or_int(0))]
 AutoOrPositive = Annotated[Union[Literal["auto"], int], BeforeValidator(_auto_or_int(1))]
-def _backbone_spec(value: Any) -> Any:
-    if isinstance(value, str):
-        from .networks.backbones import parse_backbone
+def _parsed_by(parse, kind: str):
+    """A field validator: a string must be accepted by ``parse``, whose ValueError becomes the one-line config error."""
+    def check(value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                parse(value)
+            except ValueError as err:
+                raise PydanticCustomError(kind, str(err)) from None
+        return value
 
-        try:
-            parse_backbone(value)
-        except ValueError as err:
-            raise PydanticCustomError("backbone", str(err)) from None
-    return value
+    return check
+
+
+def _parse_backbone(value: str):
+    from .networks.backbones import parse_backbone  # imported on use: the networks import this module's users
+
+    return parse_backbone(value)
 
 
 #: One ImageNet CNN (resnet50 | vgg16 | efficientnet_lite0 | efficientnet_lite2), optionally ``@size`` pixels, or an
 #: ensemble of them joined by ``+`` (features concatenated), e.g. ``efficientnet_lite0@320+efficientnet_lite2@260``.
-Backbone = Annotated[str, AfterValidator(_backbone_spec)]
+Backbone = Annotated[str, AfterValidator(_parsed_by(_parse_backbone, "backbone"))]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 Dropout = Annotated[float, BeforeValidator(_number_text), Field(ge=0, lt=1)]
@@ -237,17 +245,8 @@ def decoder_variant_tokens(name: str) -> tuple[str, set[str]]:
     return arch, set(mods)
 
 
-def _decoder_variant(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            decoder_variant_tokens(value)
-        except ValueError as err:
-            raise PydanticCustomError("decoder_variant", str(err)) from None
-    return value
-
-
 #: A stage-05 decoder name, e.g. ``seq2seq+attention`` or ``init_hidden+pla+caption``.
-DecoderVariant = Annotated[str, BeforeValidator(_decoder_variant)]
+DecoderVariant = Annotated[str, BeforeValidator(_parsed_by(decoder_variant_tokens, "decoder_variant"))]
 
 
 class LabelDecoderSection(Section):

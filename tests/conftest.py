@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+from multilabel_fusion import assets, registry
 from multilabel_fusion.data import demo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,3 +25,23 @@ def shared_data() -> Path:
 def demo_data(tmp_path_factory) -> Path:
     """A small generated dataset in the exact raw competition format."""
     return demo.generate(tmp_path_factory.mktemp("demo") / "data", n_train=120, n_test=40, seed=1)
+
+
+@pytest.fixture
+def fresh_resolution():
+    """Asset resolution and artifact specs are memoised per process; a test using this starts from what is on disk."""
+    assets._RESOLVED.clear()
+    registry._SPECS.clear()
+    yield
+    assets._RESOLVED.clear()
+    registry._SPECS.clear()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module. On a 2-core machine that other jobs share, two OpenMP threads spin-wait on
+    each other (a forward pass measured 50-100x slower than with one); no result depends on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

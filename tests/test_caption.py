@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from multilabel_fusion import assets, config, registry
+from multilabel_fusion import assets, config
 from multilabel_fusion.data import demo, nltk_setup, text
 from multilabel_fusion.engine import trainer
 from multilabel_fusion.engine.artifacts import ArtifactStore
@@ -21,24 +21,8 @@ from multilabel_fusion.networks import caption_lstm as CN
 from multilabel_fusion.stages import caption_network
 
 
-@pytest.fixture(autouse=True)
-def fresh_resolution():
-    """Asset resolution and artifact specs are memoised per process; each test starts from what is on disk."""
-    assets._RESOLVED.clear()
-    registry._SPECS.clear()
-    yield
-    assets._RESOLVED.clear()
-    registry._SPECS.clear()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread. On a 2-core machine that other jobs share, two OpenMP threads spin-wait on each other
-    (a forward pass measured 50-100x slower than with one); no result here depends on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: asset resolution and artifact specs start from what is on disk; one intra-op thread (see tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("fresh_resolution", "one_thread")
 
 
 @pytest.fixture

@@ -44,24 +44,8 @@ SMALL = ["trainer.num_workers=0", "detector.image_size=64", "detector.batch_size
          "detector.threads=1"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_resolution():
-    """Asset resolution and artifact specs are memoised per process; each test starts from what is on disk."""
-    assets._RESOLVED.clear()
-    registry._SPECS.clear()
-    yield
-    assets._RESOLVED.clear()
-    registry._SPECS.clear()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread. On a 2-core machine that other jobs share, two OpenMP threads spin-wait on each other
-    (a forward pass measured 50-100x slower than with one); no result here depends on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: asset resolution and artifact specs start from what is on disk; one intra-op thread (see tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("fresh_resolution", "one_thread")
 
 
 @pytest.fixture(scope="module")
