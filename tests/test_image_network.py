@@ -524,5 +524,8 @@ def test_ensemble_features_are_each_members_own_features_side_by_side():
     assert final.shape == (2, 2560) and torch.allclose(final, expected, rtol=1e-3, atol=2e-3)
     assert plan.depth_dims() == [16, 24, 40, 112, 320, 2560]  # the first member's stages, then every final
     assert torch.allclose(depths[:, -2560:], final)
+    # random weights (speed runs) give the same architecture, every member initialised at random
+    shell = load_backbone({"backbone": ENSEMBLE, "weights": "random", "image_size": 224})
+    assert shell.dim == 2560 and shell.input_size == 64 and shell.weights_used.count("random initialisation") == 2
     with pytest.raises(ValueError, match="ensemble of backbones"):
         image_network.fine_tune(type("Ctx", (), {"cfg": config.load()})(), ensemble, False, 0)
