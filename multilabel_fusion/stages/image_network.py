@@ -54,7 +54,7 @@ def fine_tune(ctx: base.StageContext, backbone: Backbone, resume: bool, workers:
     """Train backbone + head end to end on the fit part; returns (classifier, FitResult)."""
     ci = ctx.cfg.image
     if isinstance(backbone, BackboneEnsemble):
-        raise ValueError(f"image.fine_tune: {backbone.name} is an ensemble of backbones; fine-tuning trains one "
+        raise ValueError(f"config: image.fine_tune: {backbone.name} is an ensemble of backbones; fine-tuning trains one "
                          "(set image.backbone / image.offline_fallback to a single network, or fine_tune: false)")
     fit_idx = ctx.train_idx
     if ci.max_train_images:
