@@ -120,6 +120,7 @@ class PipelineSection(Section):
 class SplitSection(Section):
     folds: int = Field(ge=1, le=20)
     val_fraction: Number = Field(gt=0, lt=1)
+    selection_fraction: Number = Field(ge=0, lt=0.5)
     seed: NonNegativeInt
 
 

@@ -41,6 +41,7 @@ class _Ctx:
     eval_idx = base.StageContext.eval_idx
     y_eval = base.StageContext.y_eval
     estimate = base.StageContext.estimate
+    selection_note = base.StageContext.selection_note
 
 
 def test_cross_fit_puts_each_row_from_the_model_that_did_not_see_it_and_averages_the_test():
@@ -113,3 +114,55 @@ def test_thresholds_are_tuned_on_every_out_of_fold_row_and_a_cross_fitted_figure
     one = _Ctx(n, fold_indices(y, 1, 0.2, seed=0), targets=y)
     single = base.evaluate(one, probs[one.eval_idx])
     assert 100 < single["n_eval"] < 140 and "mean_f1_threshold_cv" not in single  # the 20 % validation part
+
+
+def test_selection_rows_are_a_stratified_seeded_part_of_the_fit_rows():
+    rng = np.random.default_rng(3)
+    y = (rng.random((800, 18)) < 0.08).astype(np.uint8)
+    y[:, 0] = 1
+    fit, held = fold_indices(y, 5, 0.2, seed=0)[0]
+    cfg = config.load(overrides=["split.selection_fraction=0.125"])
+    ctx = base.StageContext(cfg, None, None, [(fit, held)], y, None, False)
+    train, select = ctx.selection(0, fit, held)
+    assert sorted(np.concatenate([train, select]).tolist()) == fit.tolist()  # a partition of the fit rows
+    assert not set(select) & set(held) and abs(len(select) - 0.125 * len(fit)) <= 2
+    rare = y[fit].sum(0) >= 16  # labels with enough fit rows appear among the selection rows too
+    assert (y[select].sum(0)[rare] > 0).all()
+    assert ctx.selection(0, fit, held)[1].tolist() == select.tolist()  # seeded
+    assert ctx.selection(1, fit, held)[1].tolist() != select.tolist()  # each fold draws its own
+    off = base.StageContext(config.load(overrides=["split.selection_fraction=0"]), None, None, [(fit, held)], y,
+                            None, False)
+    assert [a.tolist() for a in off.selection(0, fit, held)] == [fit.tolist(), held.tolist()]
+    with pytest.raises(config.ConfigError, match="selection_fraction"):
+        config.load(overrides=["split.selection_fraction=0.5"])
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.0])
+def test_held_out_labels_choose_nothing_unless_selection_is_off(tmp_path, fraction):
+    """The held-out rows' probabilities must not depend on their own labels: not trained on, and (with a
+    selection part) not used to choose the epoch either. With ``selection_fraction: 0`` the held-out rows choose
+    the epoch, and changing their labels changes their probabilities: the leak the selection part removes."""
+    import torch
+
+    from multilabel_fusion.networks.heads import HeadSettings, train_on_features
+
+    rng = np.random.default_rng(0)
+    n = 300
+    x = rng.normal(size=(n, 12)).astype(np.float32)
+    y = (x @ rng.normal(size=(12, 18)) + rng.normal(size=(n, 18)) > 0.8).astype(np.uint8)
+    fit, held = fold_indices(y, 3, 0.2, seed=0)[0]
+    cfg = config.load(overrides=[f"split.selection_fraction={fraction}"])
+    hs = HeadSettings(16, 0.0, 0.05, 32, 12, 2, 1.0)
+    outputs = []
+    for variant in range(2):
+        targets = y.copy()
+        if variant:
+            targets[held] = 1 - targets[held]  # other labels for the held-out rows only
+        ctx = base.StageContext(cfg, None, None, [(fit, held)], targets, torch.device("cpu"), False)
+        train, select = ctx.selection(0, fit, held)
+        _, result, held_probs, _ = train_on_features(
+            ctx, x, x[:5], hs, fit_idx=train, held_idx=held, select_idx=select, run_dir=tmp_path / f"run{variant}",
+            name="head", settings={"variant": variant})
+        outputs.append((held_probs, result.best_epoch))
+    same = np.allclose(outputs[0][0], outputs[1][0])
+    assert same if fraction else not same

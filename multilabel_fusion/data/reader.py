@@ -320,6 +320,15 @@ def split_indices(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[
     return np.sort(train_idx), np.sort(val_idx)
 
 
+def selection_split(targets: np.ndarray, fit_idx: np.ndarray, fraction: float,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, selection rows) of a fit part: a seeded multi-label stratified ``fraction`` of ``fit_idx``
+    chooses the epoch of a network trained on the rest, so that the held-out part is never used to choose."""
+    fit_idx = np.asarray(fit_idx)
+    rows, select = split_indices(targets[fit_idx], fraction, seed)
+    return fit_idx[rows], fit_idx[select]
+
+
 def fold_indices(targets: np.ndarray, folds: int, val_fraction: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The (fit, held-out) index pairs every stage shares: ``folds`` multi-label-stratified, seeded folds whose
     held-out parts cover every record once; ``folds=1``: one train/validation split of ``val_fraction``."""

@@ -66,17 +66,19 @@ def _loader(x: np.ndarray, y: np.ndarray | None, batch_size: int, shuffle: bool,
 
 def train_on_features(ctx, train_features: np.ndarray, test_features: np.ndarray, hs: HeadSettings, *,
                       fit_idx: np.ndarray, held_idx: np.ndarray, run_dir: Path, name: str, settings: dict,
-                      resume: bool = False):
+                      resume: bool = False, select_idx: np.ndarray | None = None):
     """Fit an :class:`MLPHead` on the fit part of ``train_features`` with the shared trainer.
 
-    Trained on the rows ``fit_idx``, early-stopped on ``held_idx`` (one fold). ``run_dir`` is the caller's
-    checkpoint folder, keyed by the settings that shape the weights. Returns ``(model, fit_result, held_probs,
-    test_probs)``; the learning rate follows ReduceLROnPlateau on held-out mean-F1 (the published fusion schedule).
+    Trained on the rows ``fit_idx``, early-stopped on ``select_idx`` (default: ``held_idx``), scored on
+    ``held_idx`` (one fold). ``run_dir`` is the caller's checkpoint folder, keyed by the settings that shape the
+    weights. Returns ``(model, fit_result, held_probs, test_probs)``; the learning rate follows ReduceLROnPlateau on
+    the selection rows' mean-F1 (the published fusion schedule).
     """
     seed = ctx.cfg.trainer.seed
     trainer.seed_everything(seed)
     y = ctx.targets
-    x_fit, x_val = train_features[fit_idx], train_features[held_idx]
+    select_idx = held_idx if select_idx is None else select_idx
+    x_fit, x_sel = train_features[fit_idx], train_features[select_idx]
     model = MLPHead(train_features.shape[1], hs.hidden, hs.dropout)
     model.fit_standardisation(x_fit)
     optimizer = torch.optim.Adam(model.parameters(), lr=hs.lr, weight_decay=hs.weight_decay)
@@ -86,8 +88,8 @@ def train_on_features(ctx, train_features: np.ndarray, test_features: np.ndarray
     result = trainer.fit(
         model,
         _loader(x_fit, y[fit_idx], hs.batch_size, True, seed),
-        _loader(x_val, y[held_idx], 4096, False, seed),
-        y[held_idx],
+        _loader(x_sel, y[select_idx], 4096, False, seed),
+        y[select_idx],
         loss_fn=trainer.weighted_bce(hs.label1_weight),
         optimizer=optimizer,
         scheduler=scheduler,
@@ -102,7 +104,8 @@ def train_on_features(ctx, train_features: np.ndarray, test_features: np.ndarray
         settings={**settings, "head": vars(hs)},
         name=name,
     )
-    val_probs = trainer.predict(model, _loader(x_val, None, 4096, False, seed), ctx.device, precision=precision)
+    val_probs = trainer.predict(model, _loader(train_features[held_idx], None, 4096, False, seed), ctx.device,
+                                precision=precision)
     test_probs = trainer.predict(model, _loader(test_features, None, 4096, False, seed), ctx.device,
                                  precision=precision)
     return model, result, val_probs, test_probs

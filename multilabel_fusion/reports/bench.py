@@ -236,6 +236,8 @@ def render(results: dict[str, Any], data: Path, docs: Path) -> str:
         "",
         "*F1 cross-fitted thresholds* is the figure to quote: the 18 thresholds of each fold's records were tuned on "
         "the other folds' records. *F1 tuned* tunes them on all out-of-fold records (what the submission uses). "
+        "Epochs are chosen on a part of each fold's fit records set aside for it (`split.selection_fraction`), never on "
+        "the held-out records. "
         "*K=1* is the old single validation split (its learned blocks of the fit part are in-sample).",
         "",
         "| stage | F1 @ 0.5 | F1 tuned | F1 cross-fitted thresholds | fold spread | K=1: F1 tuned (validation) | wall cold (s) | wall warm (s) | peak memory (MB) | throughput | model size (MB) | weights / vectors used |",

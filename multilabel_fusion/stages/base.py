@@ -102,6 +102,22 @@ class StageContext:
         """The spec of a stage's artifact under the current settings (default: this stage's)."""
         return registry.artifact_spec(name or self.stage.name, self.cfg, self.fingerprint)
 
+    def selection(self, k: int, fit_idx: np.ndarray, held_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows to train on, rows that choose the epoch) for fold ``k``: ``split.selection_fraction`` of the fit
+        part chooses, so the held-out rows stay unseen by every choice; with 0, the held-out rows choose."""
+        fraction = float(self.cfg.split.selection_fraction)
+        if fraction == 0:
+            return fit_idx, held_idx
+        return D.selection_split(self.targets, fit_idx, fraction, self.cfg.split.seed + 1 + k)
+
+    @property
+    def selection_note(self) -> str:
+        """How the epochs were chosen, for the console and the metrics files."""
+        fraction = float(self.cfg.split.selection_fraction)
+        if fraction == 0:
+            return "epochs chosen on the held-out rows themselves (split.selection_fraction: 0; optimistic)"
+        return f"epochs chosen on {fraction:.0%} of each fit part, never trained on; held-out rows only scored"
+
     def key(self, name: str | None = None) -> str:
         return registry.digest(self.spec(name))
 
@@ -306,6 +322,7 @@ def evaluate(ctx: StageContext, held_probs: np.ndarray) -> dict[str, Any]:
             cv_pred[rows] = decide(held_probs[rows], t_other, at_least_one=rule)
     out = {
         "held_out": ctx.estimate,
+        "epoch_selection": ctx.selection_note,
         "folds": len(ctx.folds),
         "n_eval": int(len(y)),
         "val_mean_f1_at_0.5": round(mean_f1(y, decide(held_probs, 0.5, at_least_one=rule)), 4),

@@ -106,12 +106,13 @@ def train_and_extract(ctx: base.StageContext, resume: bool) -> dict[str, Any]:
         torch.manual_seed(cfg.trainer.seed + k)
         model = CaptionBiLSTM(matrix, c.hidden, c.dropout, train_embeddings=c.train_embeddings)
         targets = ctx.targets
-        train_batches = Batches(train_ids[fit_idx], train_len[fit_idx], targets[fit_idx], c.batch_size,
+        train_idx, select_idx = ctx.selection(k, fit_idx, held_idx)
+        train_batches = Batches(train_ids[train_idx], train_len[train_idx], targets[train_idx], c.batch_size,
                                 shuffle=True, seed=cfg.trainer.seed + k)
-        held_batches = Batches(train_ids[held_idx], train_len[held_idx], targets[held_idx], c.batch_size)
+        select_batches = Batches(train_ids[select_idx], train_len[select_idx], targets[select_idx], c.batch_size)
         optimizer = make_optimizer(model, c.lr, c.weight_decay)
         result = trainer.fit(
-            model, train_batches, held_batches, targets[held_idx],
+            model, train_batches, select_batches, targets[select_idx],
             loss_fn=trainer.weighted_bce(c.label1_weight), optimizer=optimizer,
             scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=c.step_gamma),
             run_dir=run_dir, epochs=c.epochs, patience=c.patience, grad_clip=c.grad_clip, device=ctx.device,

@@ -56,7 +56,7 @@ def fine_tune(ctx: base.StageContext, backbone: Backbone, resume: bool, workers:
     if isinstance(backbone, BackboneEnsemble):
         raise ValueError(f"config: image.fine_tune: {backbone.name} is an ensemble of backbones; fine-tuning trains one "
                          "(set image.backbone / image.offline_fallback to a single network, or fine_tune: false)")
-    fit_idx = ctx.train_idx
+    fit_idx, select_idx = ctx.selection(0, ctx.train_idx, ctx.val_idx)  # the validation part is only scored
     if ci.max_train_images:
         fit_idx = np.random.default_rng(ctx.cfg.split.seed).permutation(fit_idx)[: ci.max_train_images]
     paths = ctx.data.image_paths("train")
@@ -67,8 +67,7 @@ def fine_tune(ctx: base.StageContext, backbone: Backbone, resume: bool, workers:
     size = int(backbone.input_size or ci.image_size)
     train_set = ImageFiles([paths[i] for i in fit_idx], size, augmentation(size, ci.augment),
                            ctx.targets[fit_idx], on_bad=on_bad)
-    val_set = ImageFiles([paths[i] for i in ctx.val_idx], size, None, ctx.targets[ctx.val_idx],
-                         on_bad=on_bad)
+    select_set = ImageFiles([paths[i] for i in select_idx], size, None, ctx.targets[select_idx], on_bad=on_bad)
     optimizer = torch.optim.Adam(model.parameters(), lr=ci.lr)
     shaping = {k: v for k, v in ctx.spec()["settings"].items()}
     shaping["fine_tune_settings"] = {k: v for k, v in shaping["fine_tune_settings"].items()
@@ -78,8 +77,8 @@ def fine_tune(ctx: base.StageContext, backbone: Backbone, resume: bool, workers:
     result = trainer.fit(
         model,
         image_loader(train_set, ci.batch_size, workers, shuffle=True, seed=ctx.cfg.trainer.seed),
-        image_loader(val_set, ci.batch_size, workers),
-        ctx.targets[ctx.val_idx],
+        image_loader(select_set, ci.batch_size, workers),
+        ctx.targets[select_idx],
         loss_fn=trainer.weighted_bce(ci.label1_weight),
         optimizer=optimizer,
         run_dir=run_dir,
@@ -188,8 +187,10 @@ def train_head(ctx: base.StageContext, block, resume: bool):
     def fold(k, fit_idx, held_idx):
         run_dir = ctx.run_dir("image_head", {"features": ctx.key(), "head": {k2: ci[k2] for k2 in HEAD_KEYS},
                                              "fold": [k, len(ctx.folds)]})
+        train_idx, select_idx = ctx.selection(k, fit_idx, held_idx)
         head, result, held, test = train_on_features(
-            ctx, train_x, test_x, hs, fit_idx=fit_idx, held_idx=held_idx, run_dir=run_dir, name="image_head",
+            ctx, train_x, test_x, hs, fit_idx=train_idx, held_idx=held_idx, select_idx=select_idx, run_dir=run_dir,
+            name="image_head",
             settings={"features": ctx.key(), "fold": k, **{k2: ci[k2] for k2 in HEAD_KEYS}}, resume=resume)
         histories.append(result.history.assign(fold=k))
         return {"probs": held}, {"test_probs": test}, {"best_epoch": result.best_epoch, "run_dir": str(run_dir),

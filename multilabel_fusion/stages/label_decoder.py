@@ -170,6 +170,7 @@ class Decoders:
         v = Variant.parse(variant)
         rep_tr, rep_te, dep_tr, dep_te, dims = variant_inputs(self.feats, v)
         y = ctx.targets
+        fit_idx, select_idx = ctx.selection(k, fit_idx, held_idx)  # trained on / choosing the epoch
         inputs = {"image": self.feats.keys["image"]}
         if v.caption:
             inputs["caption"] = self.feats.keys[self.feats.caption_block]
@@ -189,19 +190,19 @@ class Decoders:
         model.fit_standardisation(rep_tr[fit_idx], dep_tr[fit_idx])
         train_batches = FeatureBatches(rep_tr[fit_idx], dep_tr[fit_idx], y[fit_idx], ld.batch_size, shuffle=True,
                                        seed=seed)
-        held_batches = FeatureBatches(rep_tr[held_idx], dep_tr[held_idx], y[held_idx], 1024)
+        select_batches = FeatureBatches(rep_tr[select_idx], dep_tr[select_idx], y[select_idx], 1024)
         device = ctx.device
 
         def score(m: LabelDecoder) -> dict[str, float]:
-            """Mean-F1 of the decoded label sets of the held-out rows (what the paper selects on)."""
-            got = decode(m, rep_tr[held_idx], dep_tr[held_idx], ld.beam, max_labels=ld.max_labels, device=device)
-            prf = sample_prf(y[held_idx], got["sets"])
-            return {"score": prf["f1"], "val_loss": mean_loss(m, held_batches, device),
+            """Mean-F1 of the decoded label sets of the selection rows (what the paper selects on)."""
+            got = decode(m, rep_tr[select_idx], dep_tr[select_idx], ld.beam, max_labels=ld.max_labels, device=device)
+            prf = sample_prf(y[select_idx], got["sets"])
+            return {"score": prf["f1"], "val_loss": mean_loss(m, select_batches, device),
                     "val_precision": prf["precision"], "val_recall": prf["recall"]}
 
         optimizer = torch.optim.Adam(model.parameters(), lr=ld.lr, weight_decay=ld.weight_decay)
         result = trainer.fit(
-            model, train_batches, held_batches, y[held_idx],
+            model, train_batches, select_batches, y[select_idx],
             loss_fn=nn.CrossEntropyLoss(ignore_index=PAD),  # documentation only: the loss is LabelDecoder.loss
             batch_loss=batch_loss, score_fn=score, optimizer=optimizer, run_dir=run_dir, epochs=ld.epochs,
             patience=ld.patience, grad_clip=ld.grad_clip, device=device, precision=self.precision,
@@ -305,8 +306,8 @@ def compare_decoders(ctx: base.StageContext, decoders: Decoders) -> list[dict[st
 def _bce_row(ctx: base.StageContext, title: str, what: str, hidden: int, features: tuple[np.ndarray, np.ndarray],
              keys: dict[str, str], fit_idx: np.ndarray, held_idx: np.ndarray, resume: bool,
              tag: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One BCE head (the image stage's head settings, ``hidden=0``: linear) trained on ``fit_idx``, early-stopped
-    and scored on ``held_idx``: P/R/F1 of its labels at 0.5 (at least the top label), as a table row."""
+    """One BCE head (the image stage's head settings, ``hidden=0``: linear) trained on ``fit_idx`` (less its
+    selection rows, which choose the epoch), scored on ``held_idx``: P/R/F1 of its labels at 0.5 (at least the top label), as a table row."""
     ci = ctx.cfg.image
     y = ctx.targets[held_idx]
     rule = ctx.cfg.thresholds.at_least_one
@@ -315,9 +316,10 @@ def _bce_row(ctx: base.StageContext, title: str, what: str, hidden: int, feature
     settings = {"features": keys, "hidden": hidden, **(tag or {}),
                 **{k: ci[k] for k in ("head_dropout", "head_lr", "head_batch_size", "label1_weight")}}
     run_dir = ctx.run_dir("label_decoder_bce", {**settings, "fold": [0, len(ctx.folds)]})
-    model, result, held, _ = train_on_features(ctx, features[0], features[1], hs, fit_idx=fit_idx, held_idx=held_idx,
-                                               run_dir=run_dir, name=f"{title} ({what})", settings=settings,
-                                               resume=resume)
+    train_idx, select_idx = ctx.selection(0, fit_idx, held_idx)
+    model, result, held, _ = train_on_features(ctx, features[0], features[1], hs, fit_idx=train_idx,
+                                               held_idx=held_idx, select_idx=select_idx, run_dir=run_dir,
+                                               name=f"{title} ({what})", settings=settings, resume=resume)
     pred = decide(held, 0.5, at_least_one=rule)
     prf = sample_prf(y, pred)
     return {"_per_image": sample_f1(y, pred), "model": title, "kind": "bce", "features": what,

@@ -27,7 +27,9 @@ VERSION = 1
 
 
 def artifact_spec(cfg: Config) -> dict[str, Any]:
-    return {"version": VERSION, "common": {"split": cfg.split.to_dict()}}
+    # no epochs to choose: split.selection_fraction does not shape the n-gram models
+    split = {k: v for k, v in cfg.split.to_dict().items() if k != "selection_fraction"}
+    return {"version": VERSION, "common": {"split": split}}
 
 
 MODELS = "text_models"  # artifact kind of the fitted vectorisers and fold models (same key as the text artifact)
