@@ -65,19 +65,19 @@ def _loader(x: np.ndarray, y: np.ndarray | None, batch_size: int, shuffle: bool,
 
 
 def train_on_features(ctx, train_features: np.ndarray, test_features: np.ndarray, hs: HeadSettings, *,
-                      fit_idx: np.ndarray, held_idx: np.ndarray, run_dir: Path, name: str, settings: dict,
-                      resume: bool = False, select_idx: np.ndarray | None = None):
+                      fold: int, fit_idx: np.ndarray, held_idx: np.ndarray, run_dir: Path, name: str,
+                      settings: dict, resume: bool = False):
     """Fit an :class:`MLPHead` on the fit part of ``train_features`` with the shared trainer.
 
-    Trained on the rows ``fit_idx``, early-stopped on ``select_idx`` (default: ``held_idx``), scored on
-    ``held_idx`` (one fold). ``run_dir`` is the caller's checkpoint folder, keyed by the settings that shape the
+    Fold ``fold``: trained on the rows ``fit_idx`` less the selection rows (:meth:`StageContext.selection`), which
+    early-stop it; scored on ``held_idx``. ``run_dir`` is the caller's checkpoint folder, keyed by the settings that shape the
     weights. Returns ``(model, fit_result, held_probs, test_probs)``; the learning rate follows ReduceLROnPlateau on
     the selection rows' mean-F1 (the published fusion schedule).
     """
     seed = ctx.cfg.trainer.seed
     trainer.seed_everything(seed)
     y = ctx.targets
-    select_idx = held_idx if select_idx is None else select_idx
+    fit_idx, select_idx = ctx.selection(fold, fit_idx, held_idx)
     x_fit, x_sel = train_features[fit_idx], train_features[select_idx]
     model = MLPHead(train_features.shape[1], hs.hidden, hs.dropout)
     model.fit_standardisation(x_fit)

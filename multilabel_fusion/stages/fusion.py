@@ -144,11 +144,9 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
     def fold(k, fit_idx, held_idx):
         run_dir = ctx.run_dir("fusion", {"fusion": shaping, "inputs": {b: v["key"] for b, v in used.items()},
                                          "fold": [k, len(ctx.folds)]})
-        train_idx, select_idx = ctx.selection(k, fit_idx, held_idx)
         model, result, held, test = train_on_features(
-            ctx, train_x, test_x, hs, fit_idx=train_idx, held_idx=held_idx, select_idx=select_idx, run_dir=run_dir,
-            name=f"fusion fold {k + 1}",
-            resume=resume, settings={**ctx.spec(), "fold": k})
+            ctx, train_x, test_x, hs, fold=k, fit_idx=fit_idx, held_idx=held_idx, run_dir=run_dir,
+            name=f"fusion fold {k + 1}", resume=resume, settings={**ctx.spec(), "fold": k})
         histories.append(result.history.assign(fold=k))
         sizes.append(model_size_mb(model))
         return {"probs": held}, {"test_probs": test}, {"best_epoch": result.best_epoch, "run_dir": str(run_dir),

@@ -187,10 +187,8 @@ def train_head(ctx: base.StageContext, block, resume: bool):
     def fold(k, fit_idx, held_idx):
         run_dir = ctx.run_dir("image_head", {"features": ctx.key(), "head": {k2: ci[k2] for k2 in HEAD_KEYS},
                                              "fold": [k, len(ctx.folds)]})
-        train_idx, select_idx = ctx.selection(k, fit_idx, held_idx)
         head, result, held, test = train_on_features(
-            ctx, train_x, test_x, hs, fit_idx=train_idx, held_idx=held_idx, select_idx=select_idx, run_dir=run_dir,
-            name="image_head",
+            ctx, train_x, test_x, hs, fold=k, fit_idx=fit_idx, held_idx=held_idx, run_dir=run_dir, name="image_head",
             settings={"features": ctx.key(), "fold": k, **{k2: ci[k2] for k2 in HEAD_KEYS}}, resume=resume)
         histories.append(result.history.assign(fold=k))
         return {"probs": held}, {"test_probs": test}, {"best_epoch": result.best_epoch, "run_dir": str(run_dir),

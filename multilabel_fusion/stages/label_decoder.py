@@ -316,10 +316,9 @@ def _bce_row(ctx: base.StageContext, title: str, what: str, hidden: int, feature
     settings = {"features": keys, "hidden": hidden, **(tag or {}),
                 **{k: ci[k] for k in ("head_dropout", "head_lr", "head_batch_size", "label1_weight")}}
     run_dir = ctx.run_dir("label_decoder_bce", {**settings, "fold": [0, len(ctx.folds)]})
-    train_idx, select_idx = ctx.selection(0, fit_idx, held_idx)
-    model, result, held, _ = train_on_features(ctx, features[0], features[1], hs, fit_idx=train_idx,
-                                               held_idx=held_idx, select_idx=select_idx, run_dir=run_dir,
-                                               name=f"{title} ({what})", settings=settings, resume=resume)
+    model, result, held, _ = train_on_features(ctx, features[0], features[1], hs, fold=0, fit_idx=fit_idx,
+                                               held_idx=held_idx, run_dir=run_dir, name=f"{title} ({what})",
+                                               settings=settings, resume=resume)
     pred = decide(held, 0.5, at_least_one=rule)
     prf = sample_prf(y, pred)
     return {"_per_image": sample_f1(y, pred), "model": title, "kind": "bce", "features": what,
