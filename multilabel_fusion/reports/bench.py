@@ -70,15 +70,18 @@ def _metrics(output: Path, stage: str) -> dict[str, Any]:
 IMAGE_BACKBONES = ("efficientnet_lite0", "resnet50", "vgg16")
 #: Fusion block sets compared with the default (each one block more or less), and the K=1 reference set.
 ABLATIONS = {  # name: (blocks, extra settings); each changes one thing of the default
-    "image features instead of image_probs": (["image", "caption_probs", "detector", "text"], []),
-    "+ image features": (["image", "image_probs", "caption_probs", "detector", "text"], []),
-    "image_depths instead of image_probs": (["image_depths", "caption_probs", "detector", "text"], []),
-    "image head on image_depths": (["image_probs", "caption_probs", "detector", "text"], ["image.head_input=depths"]),
-    "without detector": (["image_probs", "caption_probs", "text"], []),
-    "+ detector_boxes": (["image_probs", "caption_probs", "detector", "detector_boxes", "text"], []),
-    "without text": (["image_probs", "caption_probs", "detector"], []),
-    "without caption_probs": (["image_probs", "detector", "text"], []),
-    "caption features instead of caption_probs": (["image_probs", "caption", "detector", "text"], []),
+    "image features instead of image_probs": (["image", "caption_probs", "detector", "detector_boxes", "text"], []),
+    "+ image features": (["image", "image_probs", "caption_probs", "detector", "detector_boxes", "text"], []),
+    "image_depths instead of image_probs": (["image_depths", "caption_probs", "detector", "detector_boxes", "text"],
+                                            []),
+    "image head on image_depths": (["image_probs", "caption_probs", "detector", "detector_boxes", "text"],
+                                   ["image.head_input=depths"]),
+    "without detector (both its blocks)": (["image_probs", "caption_probs", "text"], []),
+    "without detector_boxes": (["image_probs", "caption_probs", "detector", "text"], []),
+    "without text": (["image_probs", "caption_probs", "detector", "detector_boxes"], []),
+    "without caption_probs": (["image_probs", "detector", "detector_boxes", "text"], []),
+    "caption features instead of caption_probs": (["image_probs", "caption", "detector", "detector_boxes", "text"],
+                                                  []),
 }
 K1_BLOCKS = ["image", "caption", "detector"]  # with one split only features blocks can be stacked
 

@@ -1,0 +1,199 @@
+"""Check the out-of-fold estimates on labelled records the pipeline never sees.
+
+    python -m multilabel_fusion.reports.holdout_check --data ../shared/comp5329            # 20 % held out
+    python -m multilabel_fusion.reports.holdout_check --data ../shared/comp5329 --set trainer.seed=1
+
+A seeded, multi-label-stratified share of the labelled records is set aside as a pseudo test set: its labels are
+hidden (written only to ``answers.csv``), its photos and captions become ``test.csv``. The main job runs on the
+rest exactly as it runs on the competition (same command, same configuration, every stage cross-fitted), and every
+submission it writes is scored against the hidden labels. Beside each score stands the figure the stage itself
+reported from the records it trained on (``mean_f1_threshold_cv``, out-of-fold with cross-fitted thresholds): if
+the pipeline is honest, the two agree within the sampling error of the held-out records (shown too).
+
+Everything is written under ``--workdir`` (default ``output/holdout``): the derived competition folder
+(``data/``, its images a link to the original ones), the run's ``output/`` and ``models/``, and ``holdout.json``,
+``holdout.md`` and ``holdout.png`` (estimate against held-out score per stage). A second run reuses the
+main job's artifacts by key, as the main job does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data import labels as L
+from ..data import reader as D
+from ..engine.atomic import write_json, write_text
+from ..evaluation.metrics import sample_f1
+
+#: Main-job stages whose submissions are scored, in the order of the table, with their submission file names.
+SUBMISSIONS = {"image": "submission_image.csv", "caption": "submission_caption.csv",
+               "detector": "submission_detector.csv", "text": "submission_text.csv",
+               "label_decoder": "submission_label_decoder.csv", "joint_embedding": "submission_joint_embedding.csv",
+               "fusion": "predictions.csv"}
+
+
+def _csv_text(header: list[str], rows: list[list[str]]) -> str:
+    """A well-formed CSV (RFC 4180: inner quotes doubled), which the reader reads exactly like the raw format."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def make_holdout(data_dir: str | Path, folder: str | Path, share: float, seed: int) -> dict[str, Any]:
+    """Write ``folder/train.csv`` (the kept records), ``folder/test.csv`` (the held-out records without labels),
+    ``folder/answers.csv`` (their labels) and link ``folder/data`` to the images; returns what was held out."""
+    if not 0 < share < 1:
+        raise ValueError(f"--share {share}: must be between 0 and 1")
+    data_dir, folder = Path(data_dir).resolve(), Path(folder)
+    data = D.load(data_dir)
+    targets = data.train_targets
+    kept, held = D.split_indices(targets, share, seed)
+    kept, held = np.sort(kept), np.sort(held)
+    train, folder_data = data.train, folder / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def labels(row: int) -> str:
+        return " ".join(map(str, train["Labels"].iloc[row]))
+
+    write_text(folder / "train.csv", _csv_text(D.TRAIN_HEADER, [
+        [train["ImageID"].iloc[i], labels(i), train["Caption"].iloc[i]] for i in kept]))
+    write_text(folder / "test.csv", _csv_text(D.TEST_HEADER, [
+        [train["ImageID"].iloc[i], train["Caption"].iloc[i]] for i in held]))
+    write_text(folder / "answers.csv", _csv_text(["ImageID", "Labels"], [
+        [train["ImageID"].iloc[i], labels(i)] for i in held]))
+    if folder_data.is_symlink() and folder_data.resolve() != data.image_dir.resolve():
+        folder_data.unlink()
+    if not folder_data.exists():
+        os.symlink(data.image_dir.resolve(), folder_data, target_is_directory=True)
+    return {"source": str(data_dir), "records": len(train), "kept": int(len(kept)), "held_out": int(len(held)),
+            "share": share, "seed": seed}
+
+
+def read_answers(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """ImageIDs and multi-hot labels of ``answers.csv``."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))[1:]
+    return [r[0] for r in rows], L.encode([[int(x) for x in r[1].split()] for r in rows])
+
+
+def score_submission(path: str | Path, image_ids: list[str], truth: np.ndarray) -> dict[str, float]:
+    """Mean F1 of a submission against the hidden labels, with the standard error of that mean over the images.
+
+    A submission that misses an image, repeats one or names another is refused (ValueError naming file and line).
+    """
+    path, position = Path(path), {image_id: row for row, image_id in enumerate(image_ids)}
+    predicted, seen = np.zeros_like(truth), set()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines[1:], start=2):
+        image_id, _, label_text = line.partition(",")
+        if image_id not in position or image_id in seen:
+            raise ValueError(f"{path}: line {number}: {image_id!r} is not a held-out record, or repeats one")
+        seen.add(image_id)
+        predicted[position[image_id]] = L.encode([[int(x) for x in label_text.strip('"').split()]])[0]
+    if len(seen) != len(image_ids):
+        raise ValueError(f"{path}: {len(image_ids) - len(seen)} held-out records have no row")
+    per_image = sample_f1(truth, predicted)
+    return {"mean_f1": float(per_image.mean()), "standard_error": float(per_image.std(ddof=1) / np.sqrt(len(per_image)))}
+
+
+def score_run(output: str | Path, answers: str | Path) -> list[dict[str, Any]]:
+    """Every submission the run wrote, scored on the held-out records, beside the stage's own estimate."""
+    output = Path(output)
+    image_ids, truth = read_answers(answers)
+    rows = []
+    for stage, name in SUBMISSIONS.items():
+        metrics_path, submission_path = output / "metrics" / f"{stage}.json", output / name
+        if not metrics_path.is_file() or not submission_path.is_file():
+            continue
+        metrics = json.loads(metrics_path.read_text())
+        scored = score_submission(submission_path, image_ids, truth)
+        estimate = metrics.get("mean_f1_threshold_cv")
+        rows.append({"stage": stage, "estimate": estimate, "estimate_tuned": metrics.get("val_mean_f1_tuned"),
+                     "held_out": round(scored["mean_f1"], 4), "standard_error": round(scored["standard_error"], 4),
+                     "difference": None if estimate is None else round(scored["mean_f1"] - estimate, 4),
+                     "epoch_selection": metrics.get("epoch_selection"), "submission": str(submission_path)})
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
+    lines = [f"Held out: {info['held_out']:,} of {info['records']:,} labelled records of `{info['source']}` "
+             f"(stratified, seed {info['seed']}); the main job ran on the other {info['kept']:,} "
+             f"({info.get('wall_s', '?')} s).", "",
+             "| stage | out-of-fold estimate (cross-fitted thresholds) | held-out records | held-out − estimate "
+             "| ± standard error |", "|---|---|---|---|---|"]
+    for r in rows:
+        estimate = "" if r["estimate"] is None else f"{r['estimate']:.4f}"
+        difference = "" if r["difference"] is None else f"{r['difference']:+.4f}"
+        lines.append(f"| {r['stage']} | {estimate} | {r['held_out']:.4f} | {difference} | {r['standard_error']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    from .figures import _save
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = np.arange(len(rows))
+    estimates = [np.nan if r["estimate"] is None else r["estimate"] for r in rows]
+    ax.bar(x - 0.2, estimates, 0.4, label="out-of-fold estimate (training records)")
+    ax.bar(x + 0.2, [r["held_out"] for r in rows], 0.4, yerr=[r["standard_error"] for r in rows], capsize=3,
+           label="held-out records (never seen)")
+    low = min(v for v in estimates + [r["held_out"] for r in rows] if not np.isnan(v))
+    ax.set(xticks=x, xticklabels=[r["stage"] for r in rows], ylabel="mean F1", ylim=(max(0.0, low - 0.05), 1.0),
+           title="Does the estimate hold on records the pipeline never saw?")
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m multilabel_fusion.reports.holdout_check",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a labelled competition folder (train.csv, data/)")
+    parser.add_argument("--workdir", default="output/holdout", help="where everything is written")
+    parser.add_argument("--share", type=float, default=0.2, help="share of the labelled records held out")
+    parser.add_argument("--seed", type=int, default=2026, help="seed of the held-out draw (not split.seed)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to the main job (repeatable)")
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir)
+    try:
+        info = make_holdout(args.data, workdir / "data", args.share, args.seed)
+    except (D.DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"[holdout] {info['held_out']:,} of {info['records']:,} records held out (labels hidden in "
+          f"{workdir / 'data' / 'answers.csv'}); main job on the other {info['kept']:,}", flush=True)
+    command = [sys.executable, "-m", "multilabel_fusion", "--data", str(workdir / "data"),
+               "--output", str(workdir / "output"), "--models", str(workdir / "models")]
+    command += [a for s in args.overrides for a in ("--set", s)]
+    started = time.time()
+    if subprocess.run(command).returncode != 0:
+        print(f"error: the main job failed: {' '.join(command)}", file=sys.stderr)
+        return 1
+    info["wall_s"] = round(time.time() - started, 1)
+    info["overrides"] = args.overrides
+    rows = score_run(workdir / "output", workdir / "data" / "answers.csv")
+    write_json(workdir / "holdout.json", {"holdout": info, "stages": rows})
+    text = markdown(rows, info)
+    write_text(workdir / "holdout.md", text)
+    figure(rows, workdir / "holdout.png")
+    print("\n" + text + f"\n-> {workdir / 'holdout.json'}, {workdir / 'holdout.md'}, {workdir / 'holdout.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
