@@ -152,10 +152,11 @@ def figure(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.bar(x - 0.2, estimates, 0.4, label="out-of-fold estimate (training records)")
     ax.bar(x + 0.2, [r["held_out"] for r in rows], 0.4, yerr=[r["standard_error"] for r in rows], capsize=3,
            label="held-out records (never seen)")
-    low = min(v for v in estimates + [r["held_out"] for r in rows] if not np.isnan(v))
-    ax.set(xticks=x, xticklabels=[r["stage"] for r in rows], ylabel="mean F1", ylim=(max(0.0, low - 0.05), 1.0),
+    values = [v for v in estimates + [r["held_out"] for r in rows] if not np.isnan(v)]
+    ax.set(xticks=x, xticklabels=[r["stage"] for r in rows], ylabel="mean F1",
+           ylim=(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.04)),
            title="Does the estimate hold on records the pipeline never saw?")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", ncol=2, fontsize=8)
     return _save(fig, path)
 
 
