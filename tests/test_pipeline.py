@@ -141,7 +141,7 @@ def test_main_job_on_demo_data_then_warm_rerun(tmp_path, capsys):
     assert submission.validate_file(predictions, tmp_path / "out" / "demo" / "input" / "test.csv") == 100
     assert not (tmp_path / "out" / "predictions.csv").exists()
     assert list(results) == ["image", "caption", "detector", "text", "fusion", "skipped"]  # all before the fusion
-    assert results["fusion"]["blocks"].keys() == {"image_probs", "caption_probs", "detector", "text"}
+    assert results["fusion"]["blocks"].keys() == {"image_probs", "caption_probs", "detector", "detector_boxes", "text"}
     assert results["fusion"]["held_out"] == "out-of-fold (5 folds)"
     first = predictions.read_text()
     start = time.time()

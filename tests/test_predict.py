@@ -100,7 +100,7 @@ def test_one_photo_on_the_command_line_then_a_bundle_in_a_fresh_process_without_
         assert float(row[-3]) == thresholds[L.column_of(int(row[0]))]  # the threshold used, as fusion recorded it
     assert "bundle" in result.stdout and "within the 100 MB limit" in result.stdout
     parts = {"image_probs": "image heads", "caption_probs": "caption networks", "detector": "detector weights",
-             "text": "n-gram vectorisers", "image": "image backbone"}
+             "detector_boxes": "detector weights", "text": "n-gram vectorisers", "image": "image backbone"}
     for block in base.load_metrics(trained / "output", "fusion")["blocks"]:
         assert parts[block] in result.stdout, block
     assert "image backbone" in result.stdout and "fused networks" in result.stdout
