@@ -35,3 +35,16 @@ def test_bench_on_demo_data_writes_results(tmp_path):
     for b in results["image_benchmark"].values():
         assert b["images"] == 40 and f"| {b['backbone']} | {b['weights_used']} |" in text
     assert (tmp_path / "docs" / "figures" / "per_class_f1.png").stat().st_size > 10_000
+
+
+def test_block_ablations_follow_the_default_blocks():
+    """The rows were once written out by hand and kept the old default when detector_boxes joined it."""
+    default = ["image_probs", "caption_probs", "detector", "detector_boxes", "text"]
+    rows = bench.block_ablations(default)
+    assert rows["without text"] == (["image_probs", "caption_probs", "detector", "detector_boxes"], [])
+    assert rows["image features instead of image_probs"][0] == ["image", "caption_probs", "detector", "detector_boxes", "text"]
+    assert rows["image head on image_depths"] == (default, ["image.head_input=depths"])
+    assert all(extra or blocks != default for blocks, extra in rows.values())
+    older = bench.block_ablations(["image_probs", "caption_probs", "detector", "text"])
+    assert "without detector_boxes" not in older  # equal to that default: not a comparison
+    assert older["without text"] == (["image_probs", "caption_probs", "detector"], [])

@@ -53,7 +53,7 @@ def test_a_submission_is_scored_like_sklearn_and_a_missing_row_is_refused(tmp_pa
     assert scored["mean_f1"] == pytest.approx(f1_score(truth, predicted, average="samples", zero_division=0))
     assert scored["mean_f1"] == pytest.approx((1 + 0.5 + 0) / 3)
     (tmp_path / "short.csv").write_text("ImageID,Labels\n1.jpg,1\n2.jpg,1 3\n")
-    with pytest.raises(ValueError, match=r"short.csv: 1 held-out records have no row"):
+    with pytest.raises(ValueError, match=r"short.csv: 1 test ImageIDs missing \(first: 3.jpg\)"):
         H.score_submission(tmp_path / "short.csv", ids, truth)
     (tmp_path / "other.csv").write_text("ImageID,Labels\n1.jpg,1\n9.jpg,1\n3.jpg,18\n")
     with pytest.raises(ValueError, match=r"other.csv: line 3: '9.jpg'"):

@@ -68,21 +68,30 @@ def _metrics(output: Path, stage: str) -> dict[str, Any]:
 
 
 IMAGE_BACKBONES = ("efficientnet_lite0", "resnet50", "vgg16")
-#: Fusion block sets compared with the default (each one block more or less), and the K=1 reference set.
-ABLATIONS = {  # name: (blocks, extra settings); each changes one thing of the default
-    "image features instead of image_probs": (["image", "caption_probs", "detector", "detector_boxes", "text"], []),
-    "+ image features": (["image", "image_probs", "caption_probs", "detector", "detector_boxes", "text"], []),
-    "image_depths instead of image_probs": (["image_depths", "caption_probs", "detector", "detector_boxes", "text"],
-                                            []),
-    "image head on image_depths": (["image_probs", "caption_probs", "detector", "detector_boxes", "text"],
-                                   ["image.head_input=depths"]),
-    "without detector (both its blocks)": (["image_probs", "caption_probs", "text"], []),
-    "without detector_boxes": (["image_probs", "caption_probs", "detector", "text"], []),
-    "without text": (["image_probs", "caption_probs", "detector", "detector_boxes"], []),
-    "without caption_probs": (["image_probs", "detector", "detector_boxes", "text"], []),
-    "caption features instead of caption_probs": (["image_probs", "caption", "detector", "detector_boxes", "text"],
-                                                  []),
-}
+def block_ablations(default: list[str]) -> dict[str, tuple[list[str], list[str]]]:
+    """Fused runs compared with the ``default`` blocks, each changing one thing of it: name -> (blocks, extra
+    settings). Derived from the default, so the rows follow it when it changes; a row equal to it is left out."""
+    def swap(old: str, new: str) -> list[str]:
+        return [new if b == old else b for b in default]
+
+    def without(*names: str) -> list[str]:
+        return [b for b in default if b not in names]
+
+    rows = {
+        "image features instead of image_probs": (swap("image_probs", "image"), []),
+        "+ image features": (["image", *default], []),
+        "image_depths instead of image_probs": (swap("image_probs", "image_depths"), []),
+        "image head on image_depths": (default, ["image.head_input=depths"]),
+        "without detector (both its blocks)": (without("detector", "detector_boxes"), []),
+        "without detector_boxes": (without("detector_boxes"), []),
+        "without text": (without("text"), []),
+        "without caption_probs": (without("caption_probs"), []),
+        "caption features instead of caption_probs": (swap("caption_probs", "caption"), []),
+    }
+    return {name: (blocks, extra) for name, (blocks, extra) in rows.items() if extra or blocks != default}
+
+
+#: The K=1 reference set.
 K1_BLOCKS = ["image", "caption", "detector"]  # with one split only features blocks can be stacked
 
 
@@ -124,8 +133,7 @@ def run(data: Path, workdir: Path, seeds: int, with_detector: bool, sets: list[s
     results["main_job_cold_s"] = round(sum(r["cold"]["wall_s"] for r in results["stages"].values()), 1)
     results["main_job_warm"] = _run(base + _blocks(default_blocks), log)
     results["ablations"] = {}
-    for name, (blocks, extra) in (ABLATIONS.items() if ablations else []):
-        blocks = [b for b in blocks if with_detector or not b.startswith("detector")]
+    for name, (blocks, extra) in (block_ablations(default_blocks).items() if ablations else []):
         print(f"[bench] fusion {name}", flush=True)
         timing = _run(base + ["--stages", "fusion"] + _blocks(blocks) + [a for s in extra for a in ("--set", s)], log)
         results["ablations"][name] = {**_summary(_metrics(output, "fusion")), "run": timing, "settings": extra}

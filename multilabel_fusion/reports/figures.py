@@ -110,3 +110,19 @@ def fold_scores(scores: list[float], cross_fitted: float | None, path: str | Pat
     ax.set(xticks=x, xlabel="fold", ylabel="mean F1 of its held-out records", ylim=(max(0.0, low - 0.05), 1.0),
            title=title)
     return _save(fig, path)
+
+
+def estimate_vs_held_out(rows: list[dict], path: str | Path) -> Path:
+    """Per stage: its out-of-fold estimate beside its score on held-out records (with the standard error)."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = np.arange(len(rows))
+    estimates = [np.nan if r["estimate"] is None else r["estimate"] for r in rows]
+    ax.bar(x - 0.2, estimates, 0.4, label="out-of-fold estimate (training records)")
+    ax.bar(x + 0.2, [r["held_out"] for r in rows], 0.4, yerr=[r["standard_error"] for r in rows], capsize=3,
+           label="held-out records (never seen)")
+    values = [v for v in estimates + [r["held_out"] for r in rows] if not np.isnan(v)]
+    ax.set(xticks=x, xticklabels=[r["stage"] for r in rows], ylabel="mean F1",
+           ylim=(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.04)),
+           title="Does the estimate hold on records the pipeline never saw?")
+    ax.legend(loc="upper left", ncol=2, fontsize=8)
+    return _save(fig, path)

@@ -31,17 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from .. import registry
 from ..data import labels as L
 from ..data import reader as D
 from ..engine.atomic import write_json, write_text
+from ..evaluation import submission
 from ..evaluation.metrics import sample_f1
-
-#: Main-job stages whose submissions are scored, in the order of the table, with their submission file names.
-SUBMISSIONS = {"image": "submission_image.csv", "caption": "submission_caption.csv",
-               "detector": "submission_detector.csv", "text": "submission_text.csv",
-               "label_decoder": "submission_label_decoder.csv", "joint_embedding": "submission_joint_embedding.csv",
-               "fusion": "predictions.csv"}
-
+from . import figures
 
 def _csv_text(header: list[str], rows: list[list[str]]) -> str:
     """A well-formed CSV (RFC 4180: inner quotes doubled), which the reader reads exactly like the raw format."""
@@ -92,19 +88,14 @@ def read_answers(path: str | Path) -> tuple[list[str], np.ndarray]:
 def score_submission(path: str | Path, image_ids: list[str], truth: np.ndarray) -> dict[str, float]:
     """Mean F1 of a submission against the hidden labels, with the standard error of that mean over the images.
 
-    A submission that misses an image, repeats one or names another is refused (ValueError naming file and line).
+    The submission is checked as one for Kaggle (:func:`submission.validate_text`: a missing, repeated or foreign
+    ImageID is a :class:`submission.SubmissionError` naming the file and line).
     """
-    path, position = Path(path), {image_id: row for row, image_id in enumerate(image_ids)}
-    predicted, seen = np.zeros_like(truth), set()
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines[1:], start=2):
-        image_id, _, label_text = line.partition(",")
-        if image_id not in position or image_id in seen:
-            raise ValueError(f"{path}: line {number}: {image_id!r} is not a held-out record, or repeats one")
-        seen.add(image_id)
-        predicted[position[image_id]] = L.encode([[int(x) for x in label_text.strip('"').split()]])[0]
-    if len(seen) != len(image_ids):
-        raise ValueError(f"{path}: {len(image_ids) - len(seen)} held-out records have no row")
+    path = Path(path)
+    text = path.read_text(encoding="utf-8-sig")
+    submission.validate_text(text, image_ids, source=str(path))
+    rows = dict(line.split(",", 1) for line in text.splitlines()[1:])
+    predicted = L.encode([[int(x) for x in rows[image_id].strip('"').split()] for image_id in image_ids])
     per_image = sample_f1(truth, predicted)
     return {"mean_f1": float(per_image.mean()), "standard_error": float(per_image.std(ddof=1) / np.sqrt(len(per_image)))}
 
@@ -114,11 +105,12 @@ def score_run(output: str | Path, answers: str | Path) -> list[dict[str, Any]]:
     output = Path(output)
     image_ids, truth = read_answers(answers)
     rows = []
-    for stage, name in SUBMISSIONS.items():
-        metrics_path, submission_path = output / "metrics" / f"{stage}.json", output / name
-        if not metrics_path.is_file() or not submission_path.is_file():
+    for stage in sorted(registry.STAGES, key=lambda name: name == "fusion"):  # the fused predictions last
+        metrics_path = output / "metrics" / f"{stage}.json"
+        if not metrics_path.is_file():
             continue
         metrics = json.loads(metrics_path.read_text())
+        submission_path = Path(metrics["submission"])  # where the stage wrote its submission
         scored = score_submission(submission_path, image_ids, truth)
         estimate = metrics.get("mean_f1_threshold_cv")
         rows.append({"stage": stage, "estimate": estimate, "estimate_tuned": metrics.get("val_mean_f1_tuned"),
@@ -139,25 +131,6 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
         difference = "" if r["difference"] is None else f"{r['difference']:+.4f}"
         lines.append(f"| {r['stage']} | {estimate} | {r['held_out']:.4f} | {difference} | {r['standard_error']:.4f} |")
     return "\n".join(lines) + "\n"
-
-
-def figure(rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    from .figures import _save
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    x = np.arange(len(rows))
-    estimates = [np.nan if r["estimate"] is None else r["estimate"] for r in rows]
-    ax.bar(x - 0.2, estimates, 0.4, label="out-of-fold estimate (training records)")
-    ax.bar(x + 0.2, [r["held_out"] for r in rows], 0.4, yerr=[r["standard_error"] for r in rows], capsize=3,
-           label="held-out records (never seen)")
-    values = [v for v in estimates + [r["held_out"] for r in rows] if not np.isnan(v)]
-    ax.set(xticks=x, xticklabels=[r["stage"] for r in rows], ylabel="mean F1",
-           ylim=(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.04)),
-           title="Does the estimate hold on records the pipeline never saw?")
-    ax.legend(loc="upper left", ncol=2, fontsize=8)
-    return _save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,11 +160,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     info["wall_s"] = round(time.time() - started, 1)
     info["overrides"] = args.overrides
-    rows = score_run(workdir / "output", workdir / "data" / "answers.csv")
+    try:
+        rows = score_run(workdir / "output", workdir / "data" / "answers.csv")
+    except ValueError as err:  # a submission Kaggle would refuse: named with its file and line
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     write_json(workdir / "holdout.json", {"holdout": info, "stages": rows})
     text = markdown(rows, info)
     write_text(workdir / "holdout.md", text)
-    figure(rows, workdir / "holdout.png")
+    figures.estimate_vs_held_out(rows, workdir / "holdout.png")
     print("\n" + text + f"\n-> {workdir / 'holdout.json'}, {workdir / 'holdout.md'}, {workdir / 'holdout.png'}")
     return 0
 
