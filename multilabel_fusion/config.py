@@ -127,6 +127,7 @@ class SplitSection(Section):
 class ThresholdsSection(Section):
     at_least_one: bool
     rounds: PositiveInt
+    decision: Literal["auto", "per_class", "expected_f1"]
 
 
 class TrainerSection(Section):

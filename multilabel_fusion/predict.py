@@ -50,7 +50,7 @@ from .engine.inference import extract, prepare_inference
 from .engine.precision import training_precision
 from .engine.trainer import num_workers, predict, select_device
 from .evaluation import submission
-from .evaluation.thresholds import decide
+from .evaluation.thresholds import apply_rule
 from .networks.backbones import Backbone, load_backbone
 from .networks.caption_lstm import Batches, CaptionBiLSTM, cpu_threads, extract_features
 from .networks.heads import MLPHead, _loader
@@ -105,7 +105,8 @@ def _caption_network(state: dict, settings: dict) -> CaptionBiLSTM:
 
 @dataclass
 class Prediction:
-    """The fused network's answer for one record: probabilities of the 18 labels, the labels kept, the thresholds."""
+    """The fused network's answer for one record: probabilities of the 18 labels, the labels kept, and how they were
+    kept (``rule``: per-class ``thresholds``, or the set with the highest expected F1, which has none)."""
 
     image: str
     caption: str
@@ -114,21 +115,27 @@ class Prediction:
     thresholds: np.ndarray
     at_least_one: bool
     seconds: float
+    rule: str = "per_class"
 
     def rows(self, every_label: bool = False) -> list[dict[str, Any]]:
         order = np.argsort(-self.probabilities, kind="stable")
         return [{"id": L.LABEL_IDS[c], "name": L.LABEL_NAMES[L.LABEL_IDS[c]], "probability": float(self.probabilities[c]),
-                 "threshold": float(self.thresholds[c]), "predicted": L.LABEL_IDS[c] in self.labels}
+                 "threshold": float(self.thresholds[c]) if self.rule == "per_class" else None,
+                 "predicted": L.LABEL_IDS[c] in self.labels}
                 for c in order if every_label or L.LABEL_IDS[c] in self.labels]
 
     def describe(self, every_label: bool = False) -> str:
-        rule = "; at least the most probable label" if self.at_least_one else ""
+        forced = "; at least the most probable label" if self.at_least_one else ""
+        if self.rule == "per_class":
+            head, how = f" {'threshold':>9}", f"(thresholds of the fused network{forced})"
+        else:
+            head, how = "", f"(the labels with the highest expected F1 given these probabilities{forced})"
         lines = [f"{self.image}  \"{self.caption}\"",
-                 f"{'':2}{'id':>3}  {'label':<14} {'probability':>11} {'threshold':>9}{'':2}"
-                 f"(thresholds of the fused network{rule})"]
+                 f"{'':2}{'id':>3}  {'label':<14} {'probability':>11}{head}{'':2}{how}"]
         for r in self.rows(every_label):
             mark = "  <- predicted" if every_label and r["predicted"] else ""
-            lines.append(f"{'':2}{r['id']:>3}  {r['name']:<14} {r['probability']:>11.3f} {r['threshold']:>9.2f}{mark}")
+            threshold = f" {r['threshold']:>9.2f}" if r["threshold"] is not None else ""
+            lines.append(f"{'':2}{r['id']:>3}  {r['name']:<14} {r['probability']:>11.3f}{threshold}{mark}")
         return "\n".join(lines)
 
 
@@ -206,6 +213,7 @@ class Predictor:
             "format": BUNDLE_FORMAT, "package": __version__,
             "labels": {"ids": list(L.LABEL_IDS), "names": L.names()},
             "blocks": blocks, "thresholds": [float(t) for t in metrics["thresholds"]],
+            "decision": metrics.get("decision", "per_class"),
             "at_least_one": bool(metrics["at_least_one"]), "folds": k,
             "mixed_precision": bool(cfg.trainer.mixed_precision), "bad_images": cfg.data.bad_images,
             "workers": cfg.trainer.num_workers,
@@ -371,7 +379,8 @@ class Predictor:
         blocks = self.blocks(images, captions)
         x = np.concatenate([blocks[name] for name in self.manifest["blocks"]], 1)
         probs = self._heads(self.fusion_heads, x)
-        return probs, decide(probs, self.thresholds, at_least_one=self.manifest["at_least_one"])
+        return probs, apply_rule(probs, self.manifest.get("decision", "per_class"), self.thresholds,
+                                 at_least_one=self.manifest["at_least_one"])
 
     def predict_one(self, image: str | Path, caption: str) -> Prediction:
         problem = image_problem(image)
@@ -382,7 +391,8 @@ class Predictor:
         started = time.perf_counter()
         probs, labels = self.predict([image], [caption])
         return Prediction(str(image), caption, probs[0], L.decode(labels)[0], self.thresholds,
-                          self.manifest["at_least_one"], time.perf_counter() - started)
+                          self.manifest["at_least_one"], time.perf_counter() - started,
+                          self.manifest.get("decision", "per_class"))
 
     def predict_csv(self, csv_path: str | Path, images_dir: str | Path, out: str | Path) -> Path:
         """Labels of every record of a test-format CSV (``ImageID,Caption``, read exactly as ``test.csv``) whose photos

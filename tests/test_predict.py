@@ -62,11 +62,15 @@ def test_fold_mean_is_the_stages_average_of_test_rows():
     assert fold_mean(folds).dtype == np.float32 and np.array_equal(fold_mean(folds), expected)
 
 
-@pytest.mark.parametrize("blocks", [[], [OTHER_BLOCKS]], ids=["default blocks", "features and boxes"])
+@pytest.mark.parametrize("blocks", [[], [OTHER_BLOCKS], ["thresholds.decision=expected_f1"]],
+                         ids=["default blocks", "features and boxes", "expected-F1 decision"])
 def test_test_records_get_exactly_their_rows_of_predictions_csv(trained, tmp_path, blocks):
     cfg = _cfg(trained, *blocks)
     run_all(cfg, demo_mode=False, stages=["fusion"])  # reuses every trained run; writes this fusion's predictions
     predictor = Predictor.load(cfg)
+    assert predictor.manifest["decision"] == base.load_metrics(trained / "output", "fusion")["decision"]
+    if blocks == ["thresholds.decision=expected_f1"]:
+        assert predictor.manifest["decision"] == "expected_f1"
     data = D.load(trained / "data")
     paths, captions = data.image_paths("test"), data.test["Caption"].tolist()
 
@@ -94,10 +98,11 @@ def test_one_photo_on_the_command_line_then_a_bundle_in_a_fresh_process_without_
     expected = (trained / "output" / "predictions.csv").read_text().splitlines()[4].split(",")[1].split()
     shown = [line.split() for line in result.stdout.splitlines() if line.endswith("<- predicted")]
     assert sorted(int(row[0]) for row in shown) == sorted(int(x) for x in expected)  # its row of predictions.csv
-    thresholds = base.load_metrics(trained / "output", "fusion")["thresholds"]
+    fused = base.load_metrics(trained / "output", "fusion")
     for row in shown:
         assert L.LABEL_NAMES[int(row[0])].startswith(row[1])
-        assert float(row[-3]) == thresholds[L.column_of(int(row[0]))]  # the threshold used, as fusion recorded it
+        if fused["decision"] == "per_class":  # the threshold used, as fusion recorded it
+            assert float(row[-3]) == fused["thresholds"][L.column_of(int(row[0]))]
     assert "bundle" in result.stdout and "within the 100 MB limit" in result.stdout
     parts = {"image_probs": "image heads", "caption_probs": "caption networks", "detector": "detector weights",
              "detector_boxes": "detector weights", "text": "n-gram vectorisers", "image": "image backbone"}
@@ -155,3 +160,17 @@ def test_a_missing_piece_is_one_line_naming_the_stage_to_run(trained, tmp_path):
     message = _stop(_args(trained) + ["--csv", str(bad_csv), "--images", str(trained / "data" / "data")])
     assert f"{bad_csv}: line 3 (123.jpg)" in message and "image file not found" in message
     assert "not a predictor bundle" in _stop(["--bundle", str(bad_csv), "--image", str(bad_csv), "--caption", "x"])
+
+
+def test_a_prediction_by_the_expected_f1_rule_shows_no_thresholds():
+    from multilabel_fusion.predict import Prediction
+
+    probs = np.zeros(18, dtype=np.float32)
+    probs[[0, 16]] = [0.97, 0.4]
+    by_sets = Prediction("a.jpg", "a man and his dog", probs, [1], np.full(18, 0.3), True, 0.01, "expected_f1")
+    text = by_sets.describe(every_label=True)
+    assert "highest expected F1" in text and "threshold" not in text
+    assert by_sets.rows()[0]["threshold"] is None and [r["id"] for r in by_sets.rows()] == [1]
+    by_thresholds = Prediction("a.jpg", "a man and his dog", probs, [1, 18], np.full(18, 0.3), True, 0.01)
+    assert "thresholds of the fused network" in by_thresholds.describe()
+    assert [r["threshold"] for r in by_thresholds.rows()] == [pytest.approx(0.3)] * 2

@@ -1,10 +1,15 @@
-"""Probabilities -> labels: one global threshold or per-class thresholds, plus the at-least-one-label rule.
+"""Probabilities -> labels: one global threshold or per-class thresholds, or the expected-F1 sets; plus the
+at-least-one-label rule.
 
-Every stage turns scores into labels through :func:`decide`, and tunes its thresholds on the
-validation part with :func:`tune_global` / :func:`tune_per_class`.
+Every stage turns scores into labels through :func:`apply_rule`: ``per_class`` thresholds (tuned on held-out
+rows with :func:`tune_global` / :func:`tune_per_class`, applied by :func:`decide`) or ``expected_f1``
+(:func:`expected_f1_decide`, nothing tuned: per record, the labels that maximise the expected mean-F1 if the
+probabilities were right and the labels independent).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -64,3 +69,124 @@ def tune_per_class(
         if not changed:
             break
     return thresholds, best_score
+
+
+RULES = ("per_class", "expected_f1")
+
+
+def expected_f1_decide(probs: np.ndarray, *, at_least_one: bool = True) -> np.ndarray:
+    """Per record, the label set with the highest expected F1 if each label were on with its probability,
+    independently of the others (Lewis 1995; exact, as in Ye et al. 2012, "Optimizing F-measures").
+
+    The metric averages F1 over records, so a record's best set depends on its other labels' probabilities: one
+    sure label and many doubtful ones predict the sure one; several near 0.4 predict them together. Under
+    independence the best set is the k most probable labels for some k; for label i among them the expected share is
+    p_i E[2 / (k + 1 + C_i)], where C_i, the number of the other true labels, is Poisson-binomial. With
+    ``at_least_one`` k >= 1; without, the empty set scores 0 (a record always has a label here). Vectorised over
+    records: O(L^3) per record for L labels, about 0.3 s for 10,000 records of 18 labels.
+    """
+    p = np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0)
+    n, labels = p.shape
+    out = np.zeros((n, labels), dtype=np.uint8)
+    if n == 0 or labels == 0:
+        return out
+    # C_i: the count distribution of every label but i, [n, L (i), L (count 0..L-1)]
+    others = np.zeros((n, labels, labels))
+    others[:, :, 0] = 1.0
+    for j in range(labels):
+        q = p[:, j][:, None, None] * (np.arange(labels) != j)[None, :, None]  # label j counts for every i but j
+        others[:, :, 1:] = others[:, :, 1:] * (1 - q) + others[:, :, :-1] * q
+        others[:, :, :1] *= 1 - q
+    sizes = np.arange(1, labels + 1)
+    weight = 2.0 / (sizes[None, :] + 1 + np.arange(labels)[:, None])  # [count c, size k]: 2 / (k + 1 + c)
+    share = p[:, :, None] * (others @ weight)  # [n, i, k]: label i's expected share in a set of size k
+    order = np.argsort(-p, axis=1, kind="stable")
+    ranked = np.take_along_axis(share, order[:, :, None], axis=1).cumsum(axis=1)  # [n, top-m, k]
+    expected = ranked[:, sizes - 1, sizes - 1]  # [n, k]: expected F1 of the top k
+    best = expected.argmax(1) + 1
+    if not at_least_one:
+        best[expected.max(1) <= 0] = 0
+    chosen = np.arange(labels)[None, :] < best[:, None]  # ranks kept
+    np.put_along_axis(out, order, chosen.astype(np.uint8), axis=1)
+    return out
+
+
+def apply_rule(probs: np.ndarray, rule: str, thresholds: float | np.ndarray, *, at_least_one: bool = True) -> np.ndarray:
+    """Multi-hot labels by decision rule ``rule`` (one of :data:`RULES`); ``thresholds`` serve ``per_class`` only."""
+    if rule == "per_class":
+        return decide(probs, thresholds, at_least_one=at_least_one)
+    if rule == "expected_f1":
+        return expected_f1_decide(probs, at_least_one=at_least_one)
+    raise ValueError(f"unknown decision rule {rule!r} (one of {', '.join(RULES)})")
+
+
+@dataclass
+class Decision:
+    """How a stage's held-out rows are turned into labels, chosen without looking at the rows it is scored on."""
+
+    rule: str  # the rule of the submission: "per_class" or "expected_f1"
+    thresholds: np.ndarray  # per-class thresholds tuned on every held-out row (used by "per_class")
+    predictions: np.ndarray  # every row's labels by the rule and thresholds of the other folds (the honest figure)
+    fold_rules: list[str]  # the rule each fold's rows got
+    f1_per_class_cv: float  # per-class thresholds tuned on the other folds, for each fold
+    f1_expected: float  # the expected-F1 sets (nothing tuned)
+
+
+def _per_class_cv(probs, y, groups, left_out, rounds, at_least_one, tuned) -> np.ndarray:
+    """Labels of every group but those of ``left_out``, each group's by per-class thresholds tuned on the groups
+    that are neither it nor ``left_out``. ``tuned`` caches thresholds by the groups left out of their tuning: the
+    thresholds without groups g and h serve both fold g's inner figure on h and fold h's on g."""
+    pred = np.zeros(probs.shape, dtype=np.uint8)
+    for h, group in enumerate(groups):
+        if h in left_out:
+            continue
+        without = frozenset(left_out | {h})
+        if len(without) == len(groups):  # two folds: no third to tune on, so group h's own (in-sample) thresholds
+            without = frozenset(set(range(len(groups))) - {h})
+        if without not in tuned:
+            rows = np.sort(np.concatenate([g for i, g in enumerate(groups) if i not in without]))
+            tuned[without] = tune_per_class(probs[rows], y[rows], rounds=rounds, at_least_one=at_least_one)[0]
+        pred[group] = decide(probs[group], tuned[without], at_least_one=at_least_one)
+    return pred
+
+
+def cross_fitted_decision(probs: np.ndarray, y: np.ndarray, groups: list[np.ndarray], setting: str = "auto", *,
+                          rounds: int = 2, at_least_one: bool = True) -> Decision:
+    """The decision of ``setting`` (``per_class``, ``expected_f1`` or ``auto``), cross-fitted over ``groups``
+    (the row positions of each fold).
+
+    ``per_class``: each fold's rows get thresholds tuned on the other folds' rows. ``auto``: each fold's rows get
+    the rule that scores better on the other folds' rows, the per-class rule scored there by its own cross-fitted
+    thresholds (an in-sample tuned score would always look better); the submission gets the rule that scores
+    better over every row the same way. So neither the thresholds nor the choice of rule has seen the rows a
+    figure is measured on. (With two folds there is no third to tune on: the per-class rule is then scored on the
+    other fold with that fold's own thresholds, which favours it.) With one group (a single validation split) nothing can be held apart: ``auto`` then
+    compares the expected-F1 figure with the in-sample tuned one, and the figures are the tuned ones.
+    """
+    if setting not in RULES + ("auto",):
+        raise ValueError(f"unknown decision {setting!r} (one of {', '.join(RULES + ('auto',))})")
+    probs, y = np.asarray(probs, dtype=np.float64), np.asarray(y)
+    thresholds, f1_tuned = tune_per_class(probs, y, rounds=rounds, at_least_one=at_least_one)
+    expected = expected_f1_decide(probs, at_least_one=at_least_one)
+    f1_expected = mean_f1(y, expected)
+    if len(groups) < 2:
+        per_class = decide(probs, thresholds, at_least_one=at_least_one)
+        rule = setting if setting != "auto" else ("expected_f1" if f1_expected > f1_tuned else "per_class")
+        return Decision(rule, thresholds, expected if rule == "expected_f1" else per_class, [rule],
+                        f1_tuned, f1_expected)
+    tuned: dict[frozenset, np.ndarray] = {}
+    per_class = _per_class_cv(probs, y, groups, set(), rounds, at_least_one, tuned)
+    if setting != "auto":
+        return Decision(setting, thresholds, expected if setting == "expected_f1" else per_class,
+                        [setting] * len(groups), mean_f1(y, per_class), f1_expected)
+    predictions, fold_rules = per_class.copy(), []
+    for g, group in enumerate(groups):
+        others = np.concatenate([h for i, h in enumerate(groups) if i != g])
+        inner = _per_class_cv(probs, y, groups, {g}, rounds, at_least_one, tuned)
+        better = mean_f1(y[others], expected[others]) > mean_f1(y[others], inner[others])
+        fold_rules.append("expected_f1" if better else "per_class")
+        if better:
+            predictions[group] = expected[group]
+    f1_per_class = mean_f1(y, per_class)
+    rule = "expected_f1" if f1_expected > f1_per_class else "per_class"
+    return Decision(rule, thresholds, predictions, fold_rules, f1_per_class, f1_expected)

@@ -12,19 +12,20 @@ from torchvision.ops import box_iou
 
 from ..data import labels as L
 from ..data.images import GREY, BadImageError, read_rgb
-from ..evaluation.thresholds import decide
+from ..evaluation.thresholds import apply_rule
 from .figures import _save
 
 def examples_figure(ctx, found: dict[str, Any], thresholds: np.ndarray, path: Path,
-                    n: int | None = None, seed: int | None = None) -> Path:
-    """A few validation images with their label boxes (conf >= the label's threshold), true and predicted labels."""
+                    n: int | None = None, seed: int | None = None, rule: str = "per_class") -> Path:
+    """A few validation images with their label boxes (conf >= the label's threshold), true and predicted labels
+    (predicted by the stage's decision ``rule``, as its submission)."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
     n = n or int(ctx.cfg.detector.get("examples", 6))
     rng = np.random.default_rng(ctx.cfg.split.seed if seed is None else seed)
     rows = np.sort(rng.choice(ctx.val_idx, size=min(n, len(ctx.val_idx)), replace=False))
-    pred = decide(found["train"][rows], thresholds, at_least_one=ctx.cfg.thresholds.at_least_one)
+    pred = apply_rule(found["train"][rows], rule, thresholds, at_least_one=ctx.cfg.thresholds.at_least_one)
     columns, names = found["class_column"], found["class_names"]
     boxes, box_class = found["train_boxes"], found["train_box_class"]
     paths = ctx.data.image_paths("train")

@@ -104,7 +104,7 @@ def fold_scores(scores: list[float], cross_fitted: float | None, path: str | Pat
     for xi, v in zip(x, scores):
         ax.annotate(f"{v:.4f}", (xi, v), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     if cross_fitted is not None:
-        ax.axhline(cross_fitted, color="tab:red", lw=1.2, label=f"out-of-fold, cross-fitted thresholds {cross_fitted:.4f}")
+        ax.axhline(cross_fitted, color="tab:red", lw=1.2, label=f"out-of-fold, cross-fitted decision {cross_fitted:.4f}")
         ax.legend(loc="lower right", fontsize=8)
     low = min(scores + ([cross_fitted] if cross_fitted is not None else []))
     ax.set(xticks=x, xlabel="fold", ylabel="mean F1 of its held-out records", ylim=(max(0.0, low - 0.05), 1.0),

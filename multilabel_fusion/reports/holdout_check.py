@@ -7,7 +7,7 @@ A seeded, multi-label-stratified share of the labelled records is set aside as a
 hidden (written only to ``answers.csv``), its photos and captions become ``test.csv``. The main job runs on the
 rest exactly as it runs on the competition (same command, same configuration, every stage cross-fitted), and every
 submission it writes is scored against the hidden labels. Beside each score stands the figure the stage itself
-reported from the records it trained on (``mean_f1_threshold_cv``, out-of-fold with cross-fitted thresholds): if
+reported from the records it trained on (``mean_f1_threshold_cv``, out-of-fold with a cross-fitted decision): if
 the pipeline is honest, the two agree within the sampling error of the held-out records (shown too).
 
 Everything is written under ``--workdir`` (default ``output/holdout``): the derived competition folder
@@ -124,7 +124,7 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
     lines = [f"Held out: {info['held_out']:,} of {info['records']:,} labelled records of `{info['source']}` "
              f"(stratified, seed {info['seed']}); the main job ran on the other {info['kept']:,} "
              f"({info.get('wall_s', '?')} s).", "",
-             "| stage | out-of-fold estimate (cross-fitted thresholds) | held-out records | held-out − estimate "
+             "| stage | out-of-fold estimate (cross-fitted decision) | held-out records | held-out − estimate "
              "| ± standard error |", "|---|---|---|---|---|"]
     for r in rows:
         estimate = "" if r["estimate"] is None else f"{r['estimate']:.4f}"

@@ -44,7 +44,7 @@ def fusion_argument(text: str) -> tuple[Path, str | None]:
 def fusion_rows(fusion_runs: list[dict[str, Any]]) -> list[str]:
     """Fused runs (:func:`fusion_summary`) as a markdown table, each against the first row (cross-fitted
     thresholds)."""
-    out = ["| fusion.blocks | F1 @ 0.5 | F1 tuned | F1 cross-fitted thresholds | vs first row (cross-fitted) | wall s |",
+    out = ["| fusion.blocks | F1 @ 0.5 | F1 tuned | F1 cross-fitted decision | vs first row (cross-fitted) | wall s |",
            "|---|---|---|---|---|---|"]
     ref = fusion_runs[0].get("mean_f1_threshold_cv")
     for i, m in enumerate(fusion_runs):

@@ -35,7 +35,7 @@ from ..engine.atomic import atomic_path, write_json, write_text
 from ..engine.trainer import ResumeRequired, select_device, seed_everything
 from ..evaluation import submission
 from ..evaluation.metrics import mean_f1, per_class
-from ..evaluation.thresholds import decide, tune_global, tune_per_class
+from ..evaluation.thresholds import apply_rule, cross_fitted_decision, decide, tune_global
 from ..reports import figures as reports
 
 #: Errors that are the user's input or setup, not a bug: one line on the console, no traceback.
@@ -298,28 +298,26 @@ def cross_fit(ctx: StageContext, train_fold) -> CrossFit:
 
 
 def evaluate(ctx: StageContext, held_probs: np.ndarray) -> dict[str, Any]:
-    """Held-out figures (out-of-fold with K folds) at 0.5, with a tuned global threshold and with tuned per-class
-    thresholds, per fold, and with thresholds that are themselves cross-fitted.
+    """Held-out figures (out-of-fold with K folds) at 0.5, with a tuned global threshold, with tuned per-class
+    thresholds, with the expected-F1 sets, per fold, and with a decision that is itself cross-fitted.
 
     ``held_probs`` has one row per ``ctx.eval_idx``. Every figure is the F1 of predictions made with
-    ``thresholds.at_least_one`` as set, exactly as written. The thresholds are tuned on all held-out rows (what
-    the submission uses); ``mean_f1_threshold_cv`` tunes them on the other folds' rows for each fold instead,
-    so that not even the 18 thresholds have seen the rows they are scored on: the figure to quote.
+    ``thresholds.at_least_one`` as set, exactly as written. The submission's rule (``thresholds.decision``) and
+    thresholds are chosen on all held-out rows; ``mean_f1_threshold_cv`` chooses them on the other folds' rows for
+    each fold instead, so that not even the 18 thresholds (or the choice of rule) have seen the rows they are scored
+    on: the figure to quote. ``fold_mean_f1_tuned``, ``per_class`` and the figures use the submission's decision.
     """
     y = ctx.y_eval
     rule, rounds = ctx.cfg.thresholds.at_least_one, ctx.cfg.thresholds.rounds
     t_global, f1_global = tune_global(held_probs, y, at_least_one=rule)
-    t_class, f1_class = tune_per_class(held_probs, y, rounds=rounds, at_least_one=rule)
-    tuned_pred = decide(held_probs, t_class, at_least_one=rule)
     position = {int(i): r for r, i in enumerate(ctx.eval_idx)}
-    fold_scores, cv_pred = [], np.zeros_like(tuned_pred)
-    for _, held in ctx.folds:
-        rows = np.array([position[int(i)] for i in held])
-        fold_scores.append(round(mean_f1(y[rows], tuned_pred[rows]), 4))
-        if len(ctx.folds) > 1:
-            others = np.setdiff1d(np.arange(len(y)), rows)
-            t_other, _ = tune_per_class(held_probs[others], y[others], rounds=rounds, at_least_one=rule)
-            cv_pred[rows] = decide(held_probs[rows], t_other, at_least_one=rule)
+    groups = [np.array([position[int(i)] for i in held]) for _, held in ctx.folds]
+    decision = cross_fitted_decision(held_probs, y, groups, ctx.cfg.thresholds.decision, rounds=rounds,
+                                     at_least_one=rule)
+    t_class = decision.thresholds
+    f1_class = mean_f1(y, decide(held_probs, t_class, at_least_one=rule))
+    chosen_pred = apply_rule(held_probs, decision.rule, t_class, at_least_one=rule)
+    fold_scores = [round(mean_f1(y[rows], chosen_pred[rows]), 4) for rows in groups]
     out = {
         "held_out": ctx.estimate,
         "epoch_selection": ctx.selection_note,
@@ -329,14 +327,19 @@ def evaluate(ctx: StageContext, held_probs: np.ndarray) -> dict[str, Any]:
         "val_mean_f1_global_threshold": round(f1_global, 4),
         "global_threshold": t_global,
         "val_mean_f1_tuned": round(f1_class, 4),
+        "val_mean_f1_expected_f1": round(decision.f1_expected, 4),
+        "decision": decision.rule,
+        "decision_setting": ctx.cfg.thresholds.decision,
         "fold_mean_f1_tuned": fold_scores,
         "fold_spread": round(float(np.max(fold_scores) - np.min(fold_scores)), 4),
         "thresholds": [round(float(t), 2) for t in t_class],
         "at_least_one": bool(rule),
-        "per_class": per_class(y, tuned_pred),
+        "per_class": per_class(y, chosen_pred),
     }
     if len(ctx.folds) > 1:
-        out["mean_f1_threshold_cv"] = round(mean_f1(y, cv_pred), 4)
+        out["mean_f1_threshold_cv"] = round(mean_f1(y, decision.predictions), 4)
+        out["mean_f1_per_class_cv"] = round(decision.f1_per_class_cv, 4)
+        out["fold_decisions"] = decision.fold_rules
     return out
 
 
@@ -375,7 +378,7 @@ def finish(ctx: StageContext, held_probs: np.ndarray, test_probs: np.ndarray, *,
                "artifact_key": ctx.key(), "n_fit": len(ctx.train_idx), "n_val": len(ctx.val_idx),
                "warnings": list(ctx.warnings)}
     metrics.update(evaluate(ctx, held_probs))
-    test_pred = decide(test_probs, np.asarray(metrics["thresholds"]), at_least_one=ctx.cfg.thresholds.at_least_one)
+    test_pred = decide_as(metrics, test_probs)
     sub_path = submission_path or out / f"submission_{stage}.csv"
     submission.write(sub_path, ctx.data.test["ImageID"].tolist(), test_pred,
                      allow_empty=not ctx.cfg.thresholds.at_least_one)
@@ -401,12 +404,19 @@ def finish(ctx: StageContext, held_probs: np.ndarray, test_probs: np.ndarray, *,
                     "wall_seconds": round(time.time() - ctx.started, 1)})
     metrics.update(extra or {})
     write_json(out / "metrics" / f"{stage}.json", metrics)
-    cv = (f", {metrics['mean_f1_threshold_cv']:.4f} with cross-fitted thresholds (folds "
+    cv = (f", {metrics['mean_f1_threshold_cv']:.4f} with a cross-fitted decision (folds "
           f"{min(metrics['fold_mean_f1_tuned']):.4f}-{max(metrics['fold_mean_f1_tuned']):.4f})"
           if "mean_f1_threshold_cv" in metrics else "")
     print(f"[{stage}] {ctx.estimate} mean-F1: {metrics['val_mean_f1_at_0.5']:.4f} at 0.5, "
-          f"{metrics['val_mean_f1_tuned']:.4f} with per-class thresholds{cv} -> {sub_path}")
+          f"{metrics['val_mean_f1_tuned']:.4f} with per-class thresholds, {metrics['val_mean_f1_expected_f1']:.4f} "
+          f"with expected-F1 sets{cv}; submission by {metrics['decision'].replace('_', '-')} -> {sub_path}")
     return metrics
+
+
+def decide_as(metrics: dict[str, Any], probs: np.ndarray) -> np.ndarray:
+    """Labels of ``probs`` exactly as the stage of ``metrics`` wrote its submission (its rule and thresholds)."""
+    return apply_rule(probs, metrics.get("decision", "per_class"), np.asarray(metrics["thresholds"]),
+                      at_least_one=metrics["at_least_one"])
 
 
 def _records(history) -> list[dict]:

@@ -220,7 +220,7 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
     metrics = base.finish(ctx, found["train"][ctx.eval_idx], found["test"], extra=extra)
     try:
         fig = examples_figure(ctx, found, np.asarray(metrics["thresholds"]),
-                              ctx.output_dir / "figures" / "detector_examples.png")
+                              ctx.output_dir / "figures" / "detector_examples.png", rule=metrics["decision"])
         metrics["figures"]["examples"] = str(fig)
         write_json(ctx.output_dir / "metrics" / "detector.json", metrics)
     except Exception as err:  # noqa: BLE001 - a figure never costs the stage its results

@@ -22,7 +22,6 @@ from .. import assets, registry
 from ..config import Config
 from ..engine.atomic import write_json
 from ..engine.trainer import model_size_mb
-from ..evaluation.thresholds import decide
 from ..networks.heads import HeadSettings, train_on_features
 from ..reports import figures as reports
 from . import base
@@ -172,7 +171,7 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
         {r["key"]: r["per_class_f1"] for r in rows}, ctx.output_dir / "figures" / "per_class_f1_all_stages.png",
         "Per-class validation F1 of every stage (tuned thresholds)"))
     metrics["figures"]["error_cooccurrence"] = str(reports.error_cooccurrence(
-        ctx.y_eval, decide(held_probs, np.asarray(metrics["thresholds"]), at_least_one=cfg.thresholds.at_least_one),
+        ctx.y_eval, base.decide_as(metrics, held_probs),
         ctx.output_dir / "figures" / "fusion_error_cooccurrence.png",
         f"Fused network: wrong predictions vs the image's true labels ({ctx.estimate})"))
     write_json(ctx.output_dir / "metrics" / "fusion.json", metrics)  # now naming every figure

@@ -659,7 +659,7 @@ def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] 
                      f"{row['top1_hit_rate']:.3f} |")
     lines += ["", f"The stage's submission (`{Path(metrics['submission']).name}`) uses the two neighbour votes: "
               f"held-out mean-F1 {metrics['val_mean_f1_tuned']:.4f} with tuned per-class thresholds"
-              + (f", {metrics['mean_f1_threshold_cv']:.4f} with cross-fitted thresholds" if
+              + (f", {metrics['mean_f1_threshold_cv']:.4f} with a cross-fitted decision" if
                  'mean_f1_threshold_cv' in metrics else "") + ".", ""]
     if fusion_runs:
         lines += ["## The fused network with and without the joint-embedding blocks", "",
