@@ -50,7 +50,6 @@ from .engine.inference import extract, prepare_inference
 from .engine.precision import training_precision
 from .engine.trainer import num_workers, predict, select_device
 from .evaluation import submission
-from .evaluation.thresholds import apply_rule
 from .networks.backbones import Backbone, load_backbone
 from .networks.caption_lstm import Batches, CaptionBiLSTM, cpu_threads, extract_features
 from .networks.heads import MLPHead, _loader
@@ -320,6 +319,11 @@ class Predictor:
     def thresholds(self) -> np.ndarray:
         return np.asarray(self.manifest["thresholds"], dtype=np.float64)
 
+    @property
+    def decision(self) -> str:
+        """The fused network's decision rule (a bundle made before the rule was recorded: per-class thresholds)."""
+        return self.manifest.get("decision", "per_class")
+
     def _heads(self, heads: list[MLPHead], x: np.ndarray) -> np.ndarray:
         """Fold-averaged probabilities of MLP heads, batched as :func:`multilabel_fusion.networks.heads.train_on_features`."""
         precision = training_precision(self.device, self.manifest["mixed_precision"])
@@ -379,8 +383,7 @@ class Predictor:
         blocks = self.blocks(images, captions)
         x = np.concatenate([blocks[name] for name in self.manifest["blocks"]], 1)
         probs = self._heads(self.fusion_heads, x)
-        return probs, apply_rule(probs, self.manifest.get("decision", "per_class"), self.thresholds,
-                                 at_least_one=self.manifest["at_least_one"])
+        return probs, base.decide_as(self.manifest, probs)
 
     def predict_one(self, image: str | Path, caption: str) -> Prediction:
         problem = image_problem(image)
@@ -391,8 +394,7 @@ class Predictor:
         started = time.perf_counter()
         probs, labels = self.predict([image], [caption])
         return Prediction(str(image), caption, probs[0], L.decode(labels)[0], self.thresholds,
-                          self.manifest["at_least_one"], time.perf_counter() - started,
-                          self.manifest.get("decision", "per_class"))
+                          self.manifest["at_least_one"], time.perf_counter() - started, self.decision)
 
     def predict_csv(self, csv_path: str | Path, images_dir: str | Path, out: str | Path) -> Path:
         """Labels of every record of a test-format CSV (``ImageID,Caption``, read exactly as ``test.csv``) whose photos

@@ -315,7 +315,6 @@ def evaluate(ctx: StageContext, held_probs: np.ndarray) -> dict[str, Any]:
     decision = cross_fitted_decision(held_probs, y, groups, ctx.cfg.thresholds.decision, rounds=rounds,
                                      at_least_one=rule)
     t_class = decision.thresholds
-    f1_class = mean_f1(y, decide(held_probs, t_class, at_least_one=rule))
     chosen_pred = apply_rule(held_probs, decision.rule, t_class, at_least_one=rule)
     fold_scores = [round(mean_f1(y[rows], chosen_pred[rows]), 4) for rows in groups]
     out = {
@@ -326,7 +325,7 @@ def evaluate(ctx: StageContext, held_probs: np.ndarray) -> dict[str, Any]:
         "val_mean_f1_at_0.5": round(mean_f1(y, decide(held_probs, 0.5, at_least_one=rule)), 4),
         "val_mean_f1_global_threshold": round(f1_global, 4),
         "global_threshold": t_global,
-        "val_mean_f1_tuned": round(f1_class, 4),
+        "val_mean_f1_tuned": round(decision.f1_tuned, 4),
         "val_mean_f1_expected_f1": round(decision.f1_expected, 4),
         "decision": decision.rule,
         "decision_setting": ctx.cfg.thresholds.decision,
@@ -414,7 +413,8 @@ def finish(ctx: StageContext, held_probs: np.ndarray, test_probs: np.ndarray, *,
 
 
 def decide_as(metrics: dict[str, Any], probs: np.ndarray) -> np.ndarray:
-    """Labels of ``probs`` exactly as the stage of ``metrics`` wrote its submission (its rule and thresholds)."""
+    """Labels of ``probs`` exactly as the stage of ``metrics`` wrote its submission (its rule and thresholds); also
+    reads a predictor's manifest, which records the same three keys (without ``decision``: made before the rule)."""
     return apply_rule(probs, metrics.get("decision", "per_class"), np.asarray(metrics["thresholds"]),
                       at_least_one=metrics["at_least_one"])
 
