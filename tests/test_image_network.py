@@ -387,31 +387,75 @@ def test_one_real_training_step_on_cpu(shared_data, tmp_path):
 
 
 def test_fine_tune_trains_on_cpu_and_resumes_the_same_run(tiny, tmp_path):
-    ft = ["image.fine_tune=true", "image.max_train_images=16", "image.batch_size=8", "image.patience=5"]
+    ft = ["image.fine_tune=true", "image.max_train_images=16", "image.batch_size=8", "image.patience=5",
+          "split.folds=2"]
     m1 = image_network.run_stage(_cfg(tiny, tmp_path, *ft, "image.epochs=1"))
     assert m1["mode"] == "fine-tune" and [row["epoch"] for row in m1["history"]] == [1]
-    assert np.isfinite(m1["history"][0]["train_loss"]) and m1["fine_tune_images"] == 16
-    run = Path(m1["fine_tune_run"])
-    ckpt = torch.load(run / "last.pt", weights_only=False)
+    assert np.isfinite(m1["history"][0]["train_loss"]) and m1["fine_tune_images"] == [16, 16]
+    runs = [Path(f["run"]) for f in m1["fine_tune_folds"]]
+    assert len(set(runs)) == 2  # one network per fold, each in its own run folder
     pretrained = load_backbone({"backbone": "efficientnet_lite0", "weights": "imagenet"})
     key = "backbone.net._conv_stem.weight"
-    assert not torch.equal(ckpt["model"][key], pretrained.net._conv_stem.weight)  # the backbone was trained
+    for run in runs:
+        ckpt = torch.load(run / "last.pt", weights_only=False)
+        assert not torch.equal(ckpt["model"][key], pretrained.net._conv_stem.weight)  # the backbone was trained
     block = ArtifactStore(tmp_path / "out").require("image", m1["artifact_key"], "stage 01")
     assert block["train_probs"].shape == (N_TRAIN, 18) and block["test_probs"].shape == (N_TEST, 18)
+    assert np.isfinite(block["train"].astype(np.float32)).all()  # every training record has its out-of-fold row
 
-    # more epochs: the same run folder (epochs do not shape the run), so it must be continued, not restarted
+    # more epochs: the same run folders (epochs do not shape a run), so they must be continued, not restarted
     more = _cfg(tiny, tmp_path, *ft, "image.epochs=2")
     with pytest.raises(ResumeRequired, match="--resume"):
         image_network.run_stage(more)
-    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1  # nothing was overwritten
+    assert torch.load(runs[0] / "last.pt", weights_only=False)["epoch"] == 1  # nothing was overwritten
     m2 = image_network.run_stage(more, resume=True)
-    assert Path(m2["fine_tune_run"]) == run and [row["epoch"] for row in m2["history"]] == [1, 2]
+    assert [Path(f["run"]) for f in m2["fine_tune_folds"]] == runs
+    assert [row["epoch"] for row in m2["history"]] == [1, 2]
     assert m2["history"][0] == m1["history"][0]  # epoch 1 is the first call's, not a new one
-    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 2
-    assert m2["artifact_key"] != m1["artifact_key"]  # features come from the longer fine-tuned network
+    assert all(torch.load(run / "last.pt", weights_only=False)["epoch"] == 2 for run in runs)
+    assert m2["artifact_key"] != m1["artifact_key"]  # features come from the longer fine-tuned networks
     # the shorter request still finds its own artifact
     again = image_network.run_stage(_cfg(tiny, tmp_path, *ft, "image.epochs=1"))
     assert again["features"] == "reused" and again["artifact_key"] == m1["artifact_key"]
+
+
+def test_fine_tuned_features_of_a_training_record_come_from_the_fold_network_that_never_saw_it(tiny, tmp_path):
+    """Cross-fitted fine-tuning: each training record's features and probabilities are those of the network of the
+    fold that held it out (recomputed here from that fold's checkpoint, and unlike the other folds' networks), the
+    test records' are the mean over the fold networks, and the block image_probs is the networks' own heads."""
+    cfg = _cfg(tiny, tmp_path, "image.fine_tune=true", "image.max_train_images=12", "image.batch_size=8",
+               "image.epochs=1", "split.folds=3", "image.depth_features=false")
+    m = image_network.run_stage(cfg)
+    ctx = base.prepare(cfg, "image")
+    folds = ctx.folds
+    block = ArtifactStore(tmp_path / "out").require("image", m["artifact_key"], "stage 01")
+    train_feats, train_probs = block["train"].astype(np.float32), np.asarray(block["train_probs"])
+    paths, test_paths = ctx.data.image_paths("train"), ctx.data.image_paths("test")
+    test_feats, test_probs = [], []
+    for k, ((fit_idx, held_idx), run) in enumerate(zip(folds, m["fine_tune_folds"])):
+        assert not set(fit_idx) & set(held_idx) and run["images"] == 12
+        model = ImageClassifier(load_backbone({"backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 64}))
+        model.load_state_dict(torch.load(Path(run["run"]) / "best.pt", weights_only=False)["model"])
+        plan = prepare_inference(model.backbone, cfg.image, torch.device("cpu"), False)
+        feats, _ = inference.extract(plan, [paths[i] for i in held_idx], 0)
+        np.testing.assert_allclose(train_feats[held_idx], feats, rtol=2e-2, atol=2e-2)  # float16 on disk
+        with torch.no_grad():
+            probs = torch.sigmoid(model.head(torch.from_numpy(feats))).numpy()
+        np.testing.assert_allclose(train_probs[held_idx], probs, atol=1e-4)
+        others = np.setdiff1d(np.arange(N_TRAIN), held_idx)
+        other_feats, _ = inference.extract(plan, [paths[i] for i in others], 0)
+        assert np.abs(train_feats[others] - other_feats).max() > 0.1  # other records: another network's features
+        t, _ = inference.extract(plan, test_paths, 0)
+        test_feats.append(t)
+        with torch.no_grad():
+            test_probs.append(torch.sigmoid(model.head(torch.from_numpy(t))).numpy())
+    np.testing.assert_allclose(block["test"].astype(np.float32), np.mean(test_feats, 0), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(block["test_probs"], np.mean(test_probs, 0), atol=1e-4)
+    # the stage's figures and the fused network's block are these out-of-fold probabilities
+    head = ArtifactStore(tmp_path / "out").require(
+        "image_head", registry.block_key("image_probs", cfg, ctx.fingerprint), "stage 01")
+    np.testing.assert_array_equal(head["probs"], train_probs)
+    assert m["held_out"] == "out-of-fold (3 folds)"
 
 
 # ------------------------------------------------------------------------------------------- unreadable images
@@ -528,4 +572,4 @@ def test_ensemble_features_are_each_members_own_features_side_by_side():
     shell = load_backbone({"backbone": ENSEMBLE, "weights": "random", "image_size": 224})
     assert shell.dim == 2560 and shell.input_size == 64 and shell.weights_used.count("random initialisation") == 2
     with pytest.raises(ValueError, match="^config: image.fine_tune: .* ensemble of backbones"):  # one line
-        image_network.fine_tune(type("Ctx", (), {"cfg": config.load()})(), ensemble, False, 0)
+        image_network.fine_tune(type("Ctx", (), {"cfg": config.load()})(), ensemble, 0, np.arange(4), np.arange(4, 6), False, 0)

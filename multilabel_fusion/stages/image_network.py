@@ -50,33 +50,36 @@ def artifact_spec(cfg: Config) -> dict[str, Any]:
     return spec
 
 
-def fine_tune(ctx: base.StageContext, backbone: Backbone, resume: bool, workers: int):
-    """Train backbone + head end to end on the fit part; returns (classifier, FitResult)."""
+def fine_tune(ctx: base.StageContext, backbone: Backbone, k: int, fit_idx: np.ndarray, held_idx: np.ndarray,
+              resume: bool, workers: int):
+    """Train backbone + head end to end on fold ``k``'s fit part (its selection share chooses the epoch; the
+    held-out rows are never seen); returns (classifier with its best weights, FitResult)."""
     ci = ctx.cfg.image
     if isinstance(backbone, BackboneEnsemble):
         raise ValueError(f"config: image.fine_tune: {backbone.name} is an ensemble of backbones; fine-tuning trains one "
                          "(set image.backbone / image.offline_fallback to a single network, or fine_tune: false)")
-    fit_idx, select_idx = ctx.selection(0, ctx.train_idx, ctx.val_idx)  # the validation part is only scored
+    train_idx, select_idx = ctx.selection(k, fit_idx, held_idx)
     if ci.max_train_images:
-        fit_idx = np.random.default_rng(ctx.cfg.split.seed).permutation(fit_idx)[: ci.max_train_images]
+        train_idx = np.random.default_rng(ctx.cfg.split.seed + k).permutation(train_idx)[: ci.max_train_images]
     paths = ctx.data.image_paths("train")
+    torch.manual_seed(ctx.cfg.trainer.seed + k)  # the head's initialisation: the same whatever ran before
     model = ImageClassifier(backbone)
     if ci.channels_last:
         model.to(memory_format=torch.channels_last)
     on_bad = ctx.cfg.data.bad_images
     size = int(backbone.input_size or ci.image_size)
-    train_set = ImageFiles([paths[i] for i in fit_idx], size, augmentation(size, ci.augment),
-                           ctx.targets[fit_idx], on_bad=on_bad)
+    train_set = ImageFiles([paths[i] for i in train_idx], size, augmentation(size, ci.augment),
+                           ctx.targets[train_idx], on_bad=on_bad)
     select_set = ImageFiles([paths[i] for i in select_idx], size, None, ctx.targets[select_idx], on_bad=on_bad)
     optimizer = torch.optim.Adam(model.parameters(), lr=ci.lr)
-    shaping = {k: v for k, v in ctx.spec()["settings"].items()}
-    shaping["fine_tune_settings"] = {k: v for k, v in shaping["fine_tune_settings"].items()
-                                     if k not in ("epochs", "patience")}
-    run_dir = ctx.run_dir(f"image_finetune_{backbone.name}", {"settings": shaping,
-                                                               "assets": ctx.spec()["assets"]})
+    shaping = {k2: v for k2, v in ctx.spec()["settings"].items()}
+    shaping["fine_tune_settings"] = {k2: v for k2, v in shaping["fine_tune_settings"].items()
+                                     if k2 not in ("epochs", "patience")}
+    run_dir = ctx.run_dir(f"image_finetune_{backbone.name}", {"settings": shaping, "assets": ctx.spec()["assets"],
+                                                               "fold": [k, len(ctx.folds)]})
     result = trainer.fit(
         model,
-        image_loader(train_set, ci.batch_size, workers, shuffle=True, seed=ctx.cfg.trainer.seed),
+        image_loader(train_set, ci.batch_size, workers, shuffle=True, seed=ctx.cfg.trainer.seed + k),
         image_loader(select_set, ci.batch_size, workers),
         ctx.targets[select_idx],
         loss_fn=trainer.weighted_bce(ci.label1_weight),
@@ -87,21 +90,36 @@ def fine_tune(ctx: base.StageContext, backbone: Backbone, resume: bool, workers:
         device=ctx.device,
         precision=training_precision(ctx.device, ctx.cfg.trainer.mixed_precision),
         resume=resume,
-        settings={**ctx.spec(), "n_fit": len(fit_idx)},
-        name=f"image-finetune-{backbone.name}",
+        settings={**ctx.spec(), "fold": k, "n_fit": len(train_idx)},
+        name=f"image-finetune-{backbone.name} fold {k + 1}",
     )
-    result.extra["n_fit"] = len(fit_idx)
+    result.extra["n_fit"] = len(train_idx)
     result.extra["run_dir"] = str(run_dir)
     return model, result
 
 
-def extract_block(ctx: base.StageContext, backbone: Backbone, workers: int, head: torch.nn.Module | None = None,
-                  bad_images: list[str] | None = None):
-    """Extract every train and test image straight into the artifact's files (atomic: an interrupted run leaves
-    nothing usable). A fine-tuned network's own head scores the features in the same pass."""
+def _plan(ctx: base.StageContext, backbone: Backbone):
     ci = ctx.cfg.image
-    plan = prepare_inference(backbone, ci, ctx.device, ctx.cfg.trainer.mixed_precision,
+    return prepare_inference(backbone, ci, ctx.device, ctx.cfg.trainer.mixed_precision,
                              depths=bool(ci.depth_features), hflip=bool(ci.hflip_average))
+
+
+def _extraction_info(ctx: base.StageContext, choices: dict[str, Any], depth_dims: list[int], workers: int,
+                     timings: list[dict], bad_images: list[str] | None) -> dict[str, Any]:
+    """What the artifact's info says about an extraction: throughput, machine, the inference plan's choices."""
+    n, seconds = sum(t["images"] for t in timings), sum(t["seconds"] for t in timings)
+    return {"extraction": {"images": n, "seconds": round(seconds, 1), "images_per_s": round(n / max(seconds, 1e-9), 1),
+                           "device": str(ctx.device), "cpu": base.cpu_name(), "cpu_count": os.cpu_count(),
+                           "loader_workers": workers, "torch_threads": torch.get_num_threads(), **choices},
+            "depth_dims": depth_dims,  # widths of {part}_depths, stage by stage; the last = the pooled features
+            "bad_images": bad_images or []}
+
+
+def extract_block(ctx: base.StageContext, backbone: Backbone, workers: int, bad_images: list[str] | None = None):
+    """Extract every train and test image with the frozen backbone straight into the artifact's files (atomic: an
+    interrupted run leaves nothing usable)."""
+    ci = ctx.cfg.image
+    plan = _plan(ctx, backbone)
     depth_dims = plan.depth_dims()
     key = ctx.key()
     print(f"[image] extracting {backbone.name} features of {len(ctx.data.train) + len(ctx.data.test)} images -> "
@@ -114,22 +132,73 @@ def extract_block(ctx: base.StageContext, backbone: Backbone, workers: int, head
             depths = w.array(f"{part}_depths", (len(paths), sum(depth_dims)), ci.feature_dtype) if plan.depths else None
             timings.append(extract(plan, paths, workers, out, f"{part} images", on_bad=ctx.cfg.data.bad_images,
                                    depths_out=depths)[1])
-            if head is not None:
-                with torch.no_grad():
-                    w.put(f"{part}_probs", torch.sigmoid(head.cpu().eval()(torch.from_numpy(
-                        np.asarray(out, dtype=np.float32)))).numpy())
         w.put("train_ids", ctx.data.train["ImageID"].to_numpy(str))
         w.put("test_ids", ctx.data.test["ImageID"].to_numpy(str))
-        n, seconds = sum(t["images"] for t in timings), sum(t["seconds"] for t in timings)
-        w.info["extraction"] = {"images": n, "seconds": round(seconds, 1),
-                                "images_per_s": round(n / max(seconds, 1e-9), 1), "device": str(ctx.device),
-                                "cpu": base.cpu_name(), "cpu_count": os.cpu_count(), "loader_workers": workers,
-                                "torch_threads": torch.get_num_threads(), **plan.choices}
+        w.info.update(_extraction_info(ctx, plan.choices, depth_dims, workers, timings, bad_images))
         w.info["backbone"] = {"name": backbone.name, "weights_used": backbone.weights_used, "dim": backbone.dim}
         w.info["backbone_size_mb"] = model_size_mb(backbone)
-        w.info["depth_dims"] = depth_dims  # widths of {part}_depths, stage by stage; the last = the pooled features
-        w.info["bad_images"] = bad_images or []
     return ctx.store.load("image", key)
+
+
+def fine_tuned_block(ctx: base.StageContext, weights, workers: int, resume: bool,
+                     bad_images: list[str] | None = None):
+    """Cross-fitted fine-tuning: one backbone + head per fold, fine-tuned from the pretrained weights on the fold's
+    fit part. A training record's features and probabilities come from the network of the fold that held it out
+    (so they are out of fold, like the caption network's); the test records' are the mean over the fold networks.
+    With ``split.folds: 1`` the fit rows get the one network's (in-sample) features."""
+    ci = ctx.cfg.image
+    train_paths, test_paths = ctx.data.image_paths("train"), ctx.data.image_paths("test")
+    timings, histories, in_sample = [], [], {}
+    plans: list = []
+
+    def rows(model, plan, paths, desc):
+        feats = np.empty((len(paths), model.backbone.dim), dtype=np.float32)
+        depths = np.empty((len(paths), sum(plan.depth_dims())), dtype=np.float32) if plan.depths else None
+        _, timing = extract(plan, paths, workers, feats, desc, on_bad=ctx.cfg.data.bad_images, depths_out=depths)
+        timings.append(timing)
+        with torch.no_grad():
+            probs = torch.sigmoid(model.head.cpu().eval()(torch.from_numpy(feats))).numpy()
+        out = {"": feats, "_probs": probs}
+        if depths is not None:
+            out["_depths"] = depths
+        return out
+
+    def fold(k, fit_idx, held_idx):
+        backbone = build_backbone(weights, ci.image_size)
+        model, result = fine_tune(ctx, backbone, k, fit_idx, held_idx, resume, workers)
+        histories.append(result.history.assign(fold=k))
+        plan = _plan(ctx, model.backbone)
+        if not plans:  # what the metrics file says about the inference (one fold's; keeping every fold's network
+            plans.append((plan.choices, plan.depth_dims(), model_size_mb(model.backbone)))  # would hold K in memory)
+        if len(ctx.folds) == 1:  # one split: the fit rows get the one network's (in-sample) features
+            in_sample.update({f"train{s}": v for s, v in rows(model, plan, train_paths, "train images").items()})
+        held = rows(model, plan, [train_paths[i] for i in held_idx], f"fold {k + 1}: held-out images")
+        test = rows(model, plan, test_paths, f"fold {k + 1}: test images")
+        return ({f"train{s}": v for s, v in held.items()}, {f"test{s}": v for s, v in test.items()},
+                {"best_epoch": result.best_epoch, "best_select_mean_f1": result.best_score,
+                 "seconds": round(result.seconds, 1), "reused": result.reused, "images": result.extra["n_fit"],
+                 "run": result.extra["run_dir"]})
+
+    print(f"[image] fine-tuning {weights.name} on each of {len(ctx.folds)} fold(s), then extracting its held-out "
+          f"and test images -> {ctx.store.dir('image', ctx.key())}")
+    cf = base.cross_fit(ctx, fold)
+    arrays = {**cf.held, **cf.test}
+    for name, values in in_sample.items():
+        missing = np.isnan(arrays[name]).any(1)
+        arrays[name][missing] = values[missing]
+    with ctx.store.writer("image", ctx.key(), ctx.spec()) as w:
+        for name, values in arrays.items():
+            w.put(name, values.astype(np.float32 if name.endswith("_probs") else ci.feature_dtype))
+        w.put("train_ids", ctx.data.train["ImageID"].to_numpy(str))
+        w.put("test_ids", ctx.data.test["ImageID"].to_numpy(str))
+        choices, depth_dims, size_mb = plans[0]
+        w.info.update(_extraction_info(ctx, choices, depth_dims, workers, timings, bad_images))
+        w.info["backbone"] = {"name": weights.name, "weights_used": weights.extra.get("description"),
+                              "dim": int(arrays["train"].shape[1])}
+        w.info["backbone_size_mb"] = size_mb
+        w.info["fine_tune"] = {"folds": cf.folds, "history": base._records(pd.concat(histories, ignore_index=True)),
+                               "out_of_fold": len(ctx.folds) > 1, "test": "mean over the fold networks"}
+    return ctx.store.load("image", ctx.key())
 
 
 def block_spec(cfg: Config, block: str) -> dict[str, Any] | None:
@@ -139,8 +208,9 @@ def block_spec(cfg: Config, block: str) -> dict[str, Any] | None:
     if block != "image_probs":
         return None
     ci = cfg.image
-    return {"head": {k: ci[k] for k in HEAD_KEYS + ("head_epochs", "head_patience")},
-            "common": registry.common_settings(cfg)}
+    head = ("the fine-tuned networks' own heads" if ci.fine_tune
+            else {k: ci[k] for k in HEAD_KEYS + ("head_epochs", "head_patience")})
+    return {"head": head, "common": registry.common_settings(cfg)}
 
 
 def block_artifact_kind(block: str) -> str | None:
@@ -202,6 +272,21 @@ def train_head(ctx: base.StageContext, block, resume: bool):
                           {"folds": cf.folds, "history": base._records(history)})
 
 
+def fine_tuned_probs(ctx: base.StageContext, block):
+    """The block ``image_probs`` in fine-tune mode: the fold networks' own heads (out of fold; test rows averaged),
+    kept where the frozen mode keeps its head's probabilities."""
+    from .. import registry
+
+    key = registry.block_key("image_probs", ctx.cfg, ctx.fingerprint)
+    found = ctx.store.load("image_head", key)
+    if found is not None:
+        return found
+    return ctx.store.save("image_head", key, {"features": ctx.key(), **block_spec(ctx.cfg, "image_probs")},
+                          {"probs": np.asarray(block["train_probs"], dtype=np.float32),
+                           "test_probs": np.asarray(block["test_probs"], dtype=np.float32)},
+                          {"folds": block.info["fine_tune"]["folds"], "history": block.info["fine_tune"]["history"]})
+
+
 def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) -> dict[str, Any]:
     """Stage 01 end to end: backbone → (fine-tune) → features (artifact) → head per fold → CNN submission + metrics."""
     ctx = base.prepare(cfg, "image", demo_mode)
@@ -211,19 +296,13 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
     extra: dict[str, Any] = {"backbone": weights.name, "weights_used": weights.extra.get("description"),
                              "weights": weights.record(), "requested_backbone": ci.backbone,
                              "mode": "fine-tune" if ci.fine_tune else "frozen", "image_size": ci.image_size}
-    history = None
     block = ctx.store.load("image", ctx.key(), mmap=True)
     if block is None:
         bad = ctx.bad_images()
-        backbone = build_backbone(weights, ci.image_size)
-        head = None
         if ci.fine_tune:
-            classifier, result = fine_tune(ctx, backbone, resume, workers)
-            history, head = result.history, classifier.head
-            extra.update({"fine_tune_best_epoch": result.best_epoch, "fine_tune_best_val_mean_f1": result.best_score,
-                          "fine_tune_seconds": round(result.seconds, 1), "fine_tune_reused": result.reused,
-                          "fine_tune_images": result.extra["n_fit"], "fine_tune_run": result.extra["run_dir"]})
-        block = extract_block(ctx, backbone, workers, head, bad)
+            block = fine_tuned_block(ctx, weights, workers, resume, bad)
+        else:
+            block = extract_block(ctx, build_backbone(weights, ci.image_size), workers, bad)
         extra["features"] = "computed"
     else:
         print(f"[image] reusing the features {block.dir}")
@@ -231,20 +310,19 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
     extra.update({"artifact": str(block.dir), "extraction": block.info.get("extraction"),
                   "bad_images": block.info.get("bad_images", []), "feature_dim": int(block["train"].shape[1]),
                   "depth_dims": block.info.get("depth_dims")})
-    if ci.fine_tune:  # one fine-tuned network (fold 1's fit part): not cross-fitted, so said loudly
-        probs = np.asarray(block["train_probs"], dtype=np.float32)
-        held_probs, test_probs = probs[ctx.val_idx], np.asarray(block["test_probs"])
-        extra["fine_tune_note"] = ("fine-tuned once on the first fold's fit part: figures are on its held-out part, "
-                                   "and the features of the other training records are in-sample")
-        if len(ctx.folds) > 1:
-            print(f"[image] WARNING: {extra['fine_tune_note']}")
-            ctx.folds = ctx.folds[:1]
+    if ci.fine_tune:
+        head = fine_tuned_probs(ctx, block)
+        tuned = block.info["fine_tune"]
+        extra["fine_tune_folds"] = tuned["folds"]
+        extra["fine_tune_images"] = [f["images"] for f in tuned["folds"]]
+        history = pd.DataFrame(tuned["history"])
     else:
         head = train_head(ctx, block, resume)
-        held_probs, test_probs = np.asarray(head["probs"])[ctx.eval_idx], np.asarray(head["test_probs"])
         history = pd.DataFrame(head.info.get("history", []))
-        history = history[history["fold"] == 0] if len(history) else history
-        extra.update({"head_folds": head.info.get("folds"), "head_artifact": str(head.dir)})
+        extra["head_folds"] = head.info.get("folds")
+    held_probs, test_probs = np.asarray(head["probs"])[ctx.eval_idx], np.asarray(head["test_probs"])
+    history = history[history["fold"] == 0] if len(history) else history
+    extra["head_artifact"] = str(head.dir)
     extra["backbone_size_mb"] = block.info.get("backbone_size_mb")
     bench = base.load_metrics(ctx.output_dir, "image_benchmark")
     figures = {}
