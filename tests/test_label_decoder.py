@@ -384,3 +384,18 @@ def test_stage_command_line_and_its_section_of_results_md(tmp_path):
     rendered = bench.render({"stages": {"fusion": {"cold": timing, "warm": timing, "metrics": fused}},
                              "default_blocks": fused["blocks"]}, tmp_path / "none", docs)
     assert "## Out-of-fold mean-F1 per stage" in rendered and stage_results.section(docs, "label_decoder") in rendered
+
+
+def test_results_pages_name_the_rule_behind_a_cross_fitted_figure():
+    """A metrics file made before thresholds.decision existed (no 'decision' key) was scored with cross-fitted
+    per-class thresholds: its snapshot must not be rendered as a cross-fitted decision."""
+    from multilabel_fusion.reports.stage_results import cross_fitted, fusion_rows, fusion_summary
+
+    old = {"blocks": {"image": {}}, "val_mean_f1_at_0.5": 0.80, "val_mean_f1_tuned": 0.81, "mean_f1_threshold_cv": 0.805}
+    new = {**old, "decision": "expected_f1", "mean_f1_threshold_cv": 0.809}
+    runs_old, runs_new = fusion_summary(old), fusion_summary(new)
+    assert runs_old["decision"] is None and runs_new["decision"] == "expected_f1"
+    assert cross_fitted(old) == "cross-fitted thresholds" and cross_fitted(new) == "a cross-fitted decision"
+    assert "| F1 cross-fitted thresholds |" in fusion_rows([runs_old, runs_new])[0]  # one old row: the old name
+    table = fusion_rows([runs_new, runs_new])
+    assert "| F1 cross-fitted decision |" in table[0] and "| 0.8090 | +0.0000 |" in table[3]

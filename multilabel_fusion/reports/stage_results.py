@@ -30,7 +30,13 @@ def fusion_summary(m: dict[str, Any], label: str | None = None) -> dict[str, Any
     return {"blocks": list(m.get("blocks", {})), "artifact_key": m.get("artifact_key"), "label": label,
             "block_artifacts": {b: v.get("artifact_key") for b, v in (m.get("blocks") or {}).items()},
             **{k: m.get(k) for k in ("val_mean_f1_at_0.5", "val_mean_f1_tuned", "mean_f1_threshold_cv",
-                                     "wall_seconds")}}
+                                     "wall_seconds", "decision")}}
+
+
+def cross_fitted(m: dict[str, Any]) -> str:
+    """What ``mean_f1_threshold_cv`` of metrics ``m`` was scored with: a metrics file made before
+    ``thresholds.decision`` existed (no ``decision`` key) had per-class thresholds only."""
+    return "a cross-fitted decision" if m.get("decision") else "cross-fitted thresholds"
 
 
 def fusion_argument(text: str) -> tuple[Path, str | None]:
@@ -42,9 +48,9 @@ def fusion_argument(text: str) -> tuple[Path, str | None]:
 
 
 def fusion_rows(fusion_runs: list[dict[str, Any]]) -> list[str]:
-    """Fused runs (:func:`fusion_summary`) as a markdown table, each against the first row (cross-fitted
-    thresholds)."""
-    out = ["| fusion.blocks | F1 @ 0.5 | F1 tuned | F1 cross-fitted decision | vs first row (cross-fitted) | wall s |",
+    """Fused runs (:func:`fusion_summary`) as a markdown table, each against the first row (cross-fitted)."""
+    rule = "decision" if all(m.get("decision") for m in fusion_runs) else "thresholds"
+    out = [f"| fusion.blocks | F1 @ 0.5 | F1 tuned | F1 cross-fitted {rule} | vs first row (cross-fitted) | wall s |",
            "|---|---|---|---|---|---|"]
     ref = fusion_runs[0].get("mean_f1_threshold_cv")
     for i, m in enumerate(fusion_runs):

@@ -40,7 +40,7 @@ from ..evaluation.metrics import mean_f1
 from ..evaluation.thresholds import decide, tune_per_class
 from ..networks import joint_embedding as J
 from ..networks.caption_lstm import cpu_threads
-from ..reports.stage_results import figure, fusion_argument, fusion_rows, fusion_summary
+from ..reports.stage_results import cross_fitted, figure, fusion_argument, fusion_rows, fusion_summary
 from . import base
 
 VERSION = 1  # bump when training or the block's columns change, so old artifacts are not reused
@@ -659,7 +659,7 @@ def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] 
                      f"{row['top1_hit_rate']:.3f} |")
     lines += ["", f"The stage's submission (`{Path(metrics['submission']).name}`) uses the two neighbour votes: "
               f"held-out mean-F1 {metrics['val_mean_f1_tuned']:.4f} with tuned per-class thresholds"
-              + (f", {metrics['mean_f1_threshold_cv']:.4f} with a cross-fitted decision" if
+              + (f", {metrics['mean_f1_threshold_cv']:.4f} with {cross_fitted(metrics)}" if
                  'mean_f1_threshold_cv' in metrics else "") + ".", ""]
     if fusion_runs:
         lines += ["## The fused network with and without the joint-embedding blocks", "",

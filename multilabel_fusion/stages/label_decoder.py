@@ -42,7 +42,7 @@ from ..engine.precision import training_precision
 from ..evaluation.metrics import sample_f1
 from ..evaluation.thresholds import decide, tune_per_class
 from ..networks.caption_lstm import cpu_threads
-from ..reports.stage_results import figure, fusion_argument, fusion_rows, fusion_summary
+from ..reports.stage_results import cross_fitted, figure, fusion_argument, fusion_rows, fusion_summary
 from ..networks.heads import HeadSettings, train_on_features
 from ..networks.label_decoder import (PAD, FeatureBatches, LabelDecoder, Variant, batch_loss, decode,
                                       frequency_rank, label_embedding_init, mean_loss, sample_prf)
@@ -535,7 +535,7 @@ def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] 
             f"P/R/F1 {_pct(chosen['decoded']['precision'])} / {_pct(chosen['decoded']['recall'])} / "
             f"{_pct(chosen['decoded']['f1'])}; its per-label scores give mean-F1 {metrics['val_mean_f1_at_0.5']:.4f} "
             f"at 0.5 and {metrics['val_mean_f1_tuned']:.4f} with per-class thresholds"
-            + (f" ({metrics['mean_f1_threshold_cv']:.4f} with a cross-fitted decision)" if "mean_f1_threshold_cv" in metrics
+            + (f" ({metrics['mean_f1_threshold_cv']:.4f} with {cross_fitted(metrics)})" if "mean_f1_threshold_cv" in metrics
                else "") + f"; training {chosen['train_seconds']} s over the folds, decoding {chosen['decode_seconds']} s.",
             ""]
     out += figure(figures, "training_curves", "training curves of the chosen decoder")
