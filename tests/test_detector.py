@@ -422,3 +422,34 @@ def test_repaired_images_are_not_served_from_the_replaced_artifact(tiny, tmp_pat
     shutil.copy(tiny / "data" / bad["truncated"].name, bad["truncated"])  # repaired
     again = stage.run_stage(_cfg(broken, tmp_path, *cfg))
     assert again["bad_images"] == [] and again["detections"] == "computed"
+
+
+def test_the_detections_of_a_derived_data_set_are_the_same_photos_rows_renumbered():
+    """rows_for (the held-out check's reuse): per-record arrays by row, each box moved to its photo's new row, so
+    every block computed from them equals the source's rows; a photo without boxes keeps none."""
+    from multilabel_fusion.engine.artifacts import Artifact
+
+    rng = np.random.default_rng(0)
+    n, per_image = 12, rng.integers(0, 4, 12)  # some photos have no box at all
+    rows = np.repeat(np.arange(n), per_image)
+    boxes = np.column_stack([rows, rng.uniform(0, 100, (len(rows), 2)), rng.uniform(150, 320, (len(rows), 2)),
+                             rng.uniform(0.05, 1, len(rows))]).astype(np.float32)
+    box_class = rng.integers(0, 80, len(rows)).astype(np.int16)
+    column = np.where(np.arange(80) < 18, np.arange(80), -1).astype(np.int16)
+    arrays = {"train": rng.uniform(0, 1, (n, 18)).astype(np.float32), "train_ids": np.array([f"{i}.jpg" for i in range(n)]),
+              "train_boxes": boxes, "train_box_class": box_class, "test": np.zeros((2, 18), np.float32),
+              "test_ids": np.array(["a.jpg", "b.jpg"]), "test_boxes": np.zeros((0, 6), np.float32),
+              "test_box_class": np.zeros(0, np.int16), "class_column": column, "class_names": np.array(["x"] * 80)}
+    art = Artifact(manifest={"arrays": {k: {} for k in arrays}}, **arrays)
+    kept, held = np.array([0, 2, 3, 5, 7, 8, 11]), np.array([1, 4, 6, 9, 10])
+    out = stage.rows_for(config.load(), art, {"train": ("train", kept), "test": ("train", held)})
+    assert set(out) == set(arrays)
+    full = stage.box_features(boxes, box_class, column, n)
+    for part, picked in (("train", kept), ("test", held)):
+        assert (out[f"{part}_ids"] == arrays["train_ids"][picked]).all()
+        assert (out[part] == arrays["train"][picked]).all()
+        assert len(out[f"{part}_boxes"]) == per_image[picked].sum() == len(out[f"{part}_box_class"])
+        assert (np.diff(out[f"{part}_boxes"][:, 0]) >= 0).all()  # in row order, as detection writes them
+        np.testing.assert_array_equal(
+            stage.box_features(out[f"{part}_boxes"], out[f"{part}_box_class"], column, len(picked)), full[picked])
+    assert (out["class_column"] == column).all()

@@ -77,3 +77,31 @@ def test_the_check_runs_the_main_job_and_scores_each_stage_on_the_hidden_labels(
     assert fused_metrics["n_eval"] == result["holdout"]["kept"] < 150  # the stages saw the kept records only
     assert (work / "holdout.png").stat().st_size > 0 and "| fusion |" in (work / "holdout.md").read_text()
     assert np.isfinite([r["held_out"] for r in rows.values()]).all()
+
+
+def test_a_draw_reuses_the_main_jobs_frozen_features_instead_of_extracting_again(labelled, tmp_path, one_thread):
+    """With the main job's image features of the source data at hand (same settings), the draw's features are
+    those rows, picked by photo: equal to what extracting them again gives, and no photo is extracted again."""
+    from multilabel_fusion import config as C
+    from multilabel_fusion.__main__ import run_all
+    from multilabel_fusion.engine.artifacts import ArtifactStore
+
+    small = ["image.offline_fallback=efficientnet_lite0", "image.image_size=64", "image.cpu_precision=fp32",
+             "image.head_epochs=2", "image.head_hidden=16", "trainer.num_workers=0", "pipeline.stages=[image]",
+             "split.folds=2"]
+    source = tmp_path / "main_output"
+    run_all(C.load(overrides=small, data=labelled, output=source, models=tmp_path / "main_models"), stages=["image"])
+    args = ["--data", str(labelled), "--share", "0.2", "--seed", "4", *[a for s in small for a in ("--set", s)]]
+    assert H.main([*args, "--workdir", str(tmp_path / "reused"), "--reuse-from", str(source)]) == 0
+    assert H.main([*args, "--workdir", str(tmp_path / "again"), "--reuse-from", "none"]) == 0
+    reused = json.loads((tmp_path / "reused" / "holdout.json").read_text())["holdout"]
+    assert list(reused["reused"]) == ["image"] and reused["reused"]["image"].startswith(str(source))
+    assert "reused" not in json.loads((tmp_path / "again" / "holdout.json").read_text())["holdout"]
+    metrics = [json.loads((tmp_path / w / "output" / "metrics" / "image.json").read_text()) for w in ("reused", "again")]
+    assert [m["features"] for m in metrics] == ["reused", "computed"]  # the first draw extracted nothing
+    assert metrics[0]["artifact_key"] == metrics[1]["artifact_key"]  # the same artifact, under the draw's own key
+    a, b = (ArtifactStore(tmp_path / w / "output").require("image", metrics[0]["artifact_key"], "01")
+            for w in ("reused", "again"))
+    for name in ("train", "test", "train_depths", "test_depths"):
+        np.testing.assert_allclose(a[name].astype(np.float32), b[name].astype(np.float32), atol=2e-3)
+    assert (a["test_ids"] == b["test_ids"]).all() and (a["train_ids"] == b["train_ids"]).all()

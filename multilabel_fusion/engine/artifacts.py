@@ -142,3 +142,18 @@ def _read(folder: Path, mmap: bool = False) -> Artifact | None:
         return out
     except (OSError, ValueError, KeyError, EOFError):
         return None
+
+
+def pick_rows(art: Artifact, picks: dict[str, tuple[str, np.ndarray]], skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The arrays of a per-image artifact for other records of the same images: ``picks[part] = (source part,
+    source rows)`` makes every array ``<part>`` / ``<part>_*`` from the source's ``<source part>`` / ``<source
+    part>_*`` rows; arrays of neither part (e.g. class names) are kept as they are, and names ending in one of
+    ``skip`` left out (the caller re-indexes what is not one row per record)."""
+    names = [n for n in art.manifest["arrays"] if not (skip and n.endswith(skip))]
+    out = {n: np.asarray(art[n]) for n in names if n.partition("_")[0] not in ("train", "test")}
+    for part, (source, rows) in picks.items():
+        for name in names:
+            head, _, rest = name.partition("_")
+            if head == source:
+                out[part + (f"_{rest}" if rest else "")] = np.asarray(art[name][np.asarray(rows)])
+    return out

@@ -13,7 +13,9 @@ the pipeline is honest, the two agree within the sampling error of the held-out 
 Everything is written under ``--workdir`` (default ``output/holdout``): the derived competition folder
 (``data/``, its images a link to the original ones), the run's ``output/`` and ``models/``, and ``holdout.json``,
 ``holdout.md`` and ``holdout.png`` (estimate against held-out score per stage). A second run reuses the
-main job's artifacts by key, as the main job does.
+main job's artifacts by key, as the main job does. What depends on each photo alone (frozen image features,
+detections) is taken from the artifacts a main job on ``--data`` left in ``--reuse-from`` (default ``output/``),
+rows picked by photo, when they exist under the same settings: a new draw then extracts and detects nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from .. import registry
+from ..assets import AssetUnavailable
 from ..data import labels as L
 from ..data import reader as D
 from ..engine.atomic import write_json, write_text
@@ -48,6 +51,12 @@ def _csv_text(header: list[str], rows: list[list[str]]) -> str:
     return buffer.getvalue()
 
 
+def draw(data: D.CompetitionData, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) rows of ``data``'s labelled records, sorted: a seeded, multi-label-stratified draw."""
+    kept, held = D.split_indices(data.train_targets, share, seed)
+    return np.sort(kept), np.sort(held)
+
+
 def make_holdout(data_dir: str | Path, folder: str | Path, share: float, seed: int) -> dict[str, Any]:
     """Write ``folder/train.csv`` (the kept records), ``folder/test.csv`` (the held-out records without labels),
     ``folder/answers.csv`` (their labels) and link ``folder/data`` to the images; returns what was held out."""
@@ -55,9 +64,7 @@ def make_holdout(data_dir: str | Path, folder: str | Path, share: float, seed: i
         raise ValueError(f"--share {share}: must be between 0 and 1")
     data_dir, folder = Path(data_dir).resolve(), Path(folder)
     data = D.load(data_dir)
-    targets = data.train_targets
-    kept, held = D.split_indices(targets, share, seed)
-    kept, held = np.sort(kept), np.sort(held)
+    kept, held = draw(data, share, seed)
     train, folder_data = data.train, folder / "data"
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -76,6 +83,46 @@ def make_holdout(data_dir: str | Path, folder: str | Path, share: float, seed: i
         os.symlink(data.image_dir.resolve(), folder_data, target_is_directory=True)
     return {"source": str(data_dir), "records": len(train), "kept": int(len(kept)), "held_out": int(len(held)),
             "share": share, "seed": seed}
+
+
+def reuse_frozen_artifacts(data_dir: str | Path, source_output: str | Path, workdir: Path, share: float, seed: int,
+                           overrides: list[str]) -> dict[str, str]:
+    """Artifacts that depend on each photo alone (frozen image features, detections) are built for the derived
+    folder from those the main job made for ``data_dir`` in ``source_output`` under the same settings, when they
+    exist: a draw then costs the training only, not the extraction and detection of every photo again. Returns
+    stage -> the artifact the rows came from."""
+    from .. import config as C
+    from ..engine.artifacts import ArtifactStore
+
+    source_cfg = C.load(overrides=overrides, data=Path(data_dir).resolve(), output=Path(source_output).resolve())
+    derived_cfg = C.load(overrides=overrides, data=workdir / "data", output=workdir / "output")
+    source, derived = D.load(source_cfg.path("data"), check_images=False), D.load(workdir / "data", check_images=False)
+    kept, held = draw(source, share, seed)
+    source_store, derived_store = ArtifactStore(source_cfg.path("output")), ArtifactStore(workdir / "output")
+    reused = {}
+    for stage in registry.order(list(derived_cfg.pipeline.stages), derived_cfg):
+        module = registry.get(stage).load()
+        if not hasattr(module, "rows_for"):
+            continue
+        try:
+            key = registry.artifact_key(stage, derived_cfg, derived.fingerprint())
+            source_key = registry.artifact_key(stage, source_cfg, source.fingerprint())
+        except AssetUnavailable:  # the main job skips (or stops at) that stage and says why
+            continue
+        if derived_store.load(stage, key, mmap=True) is not None:
+            continue
+        found = source_store.load(stage, source_key, mmap=True)
+        arrays = None if found is None else module.rows_for(derived_cfg, found, {"train": ("train", kept),
+                                                                                 "test": ("train", held)})
+        if arrays is None:
+            continue
+        for part in ("train", "test"):
+            if not np.array_equal(arrays[f"{part}_ids"], getattr(derived, part)["ImageID"].to_numpy(str)):
+                raise ValueError(f"{found.dir}: its rows are not the photos of {workdir / 'data'} ({part})")
+        derived_store.save(stage, key, registry.artifact_spec(stage, derived_cfg, derived.fingerprint()), arrays,
+                           {**found.info, "rows_from": str(found.dir)})
+        reused[stage] = str(found.dir)
+    return reused
 
 
 def read_answers(path: str | Path) -> tuple[list[str], np.ndarray]:
@@ -142,10 +189,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=2026, help="seed of the held-out draw (not split.seed)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="passed to the main job (repeatable)")
+    parser.add_argument("--reuse-from", default=None, metavar="OUTPUT",
+                        help="output folder of a main job on --data whose frozen image features and detections the "
+                             "draw reuses when they exist under the same settings (default: paths.output of "
+                             "config.yaml; 'none': extract and detect again)")
     args = parser.parse_args(argv)
-    workdir = Path(args.workdir)
+    workdir = Path(args.workdir).resolve()  # the main job reads relative paths from the repository root
     try:
         info = make_holdout(args.data, workdir / "data", args.share, args.seed)
+        if args.reuse_from != "none":
+            from .. import config as C
+
+            source_output = args.reuse_from or C.load(overrides=args.overrides).path("output")
+            reused = reuse_frozen_artifacts(args.data, source_output, workdir, args.share, args.seed, args.overrides)
+            for stage, folder in reused.items():
+                print(f"[holdout] {stage}: the rows of the held-out draw taken from {folder} (nothing to compute again)")
+            info["reused"] = reused
     except (D.DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

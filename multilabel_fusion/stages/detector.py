@@ -29,6 +29,7 @@ from .. import assets
 from ..config import Config
 from ..data import labels as L
 from ..data.images import ImageStream, _collate
+from ..engine.artifacts import pick_rows
 from ..engine.atomic import write_json
 from ..engine.trainer import num_workers as resolve_workers
 from ..networks.yolov5 import Detector, load_detector
@@ -146,6 +147,24 @@ def compute_block(ctx: base.StageContext, weights: Path, source: str) -> tuple[d
               "load_average_before_after": [load_before, load_after]}
     info = {"weights": str(weights), "weights_source": source, "loader": detector.kind, "detection": timing}
     return arrays, info
+
+
+def rows_for(cfg: Config, art, picks: dict[str, tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The detections of other records of the same photos (``picks[part] = (source part, source rows)``), so a
+    derived data set (the held-out check) detects nothing again: per-record arrays by row, and each kept box
+    renumbered to its photo's new row."""
+    out = pick_rows(art, picks, skip=("_boxes", "_box_class"))
+    for part, (source, rows) in picks.items():
+        boxes, box_class = np.asarray(art[f"{source}_boxes"]), np.asarray(art[f"{source}_box_class"])
+        new_row = np.full(len(art[f"{source}_ids"]), -1, dtype=np.int64)
+        new_row[np.asarray(rows)] = np.arange(len(rows))
+        mapped = new_row[boxes[:, 0].astype(np.int64)]
+        keep = np.flatnonzero(mapped >= 0)
+        keep = keep[np.argsort(mapped[keep], kind="stable")]  # boxes in row order, as detection writes them
+        picked = boxes[keep].copy()
+        picked[:, 0] = mapped[keep]
+        out[f"{part}_boxes"], out[f"{part}_box_class"] = picked, box_class[keep]
+    return out
 
 
 def _load_average() -> float | None:

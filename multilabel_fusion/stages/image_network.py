@@ -20,6 +20,7 @@ from .. import assets
 from ..config import Config
 from ..data.images import ImageFiles, augmentation, image_loader
 from ..engine import trainer
+from ..engine.artifacts import pick_rows
 from ..engine.inference import extract, prepare_inference
 from ..engine.precision import training_precision
 from ..engine.trainer import model_size_mb
@@ -199,6 +200,15 @@ def fine_tuned_block(ctx: base.StageContext, weights, workers: int, resume: bool
         w.info["fine_tune"] = {"folds": cf.folds, "history": base._records(pd.concat(histories, ignore_index=True)),
                                "out_of_fold": len(ctx.folds) > 1, "test": "mean over the fold networks"}
     return ctx.store.load("image", ctx.key())
+
+
+def rows_for(cfg: Config, art, picks: dict[str, tuple[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
+    """The frozen features of other records of the same photos (``picks[part] = (source part, source rows)``), so
+    a derived data set (the held-out check) extracts nothing again; None in fine-tune mode, where a record's
+    features depend on which records trained the networks."""
+    if cfg.image.fine_tune:
+        return None
+    return pick_rows(art, picks)
 
 
 def block_spec(cfg: Config, block: str) -> dict[str, Any] | None:
