@@ -334,9 +334,10 @@ else:
 ABOUT = {
     "image": "A ResNet50 (ImageNet weights) turns every photo into a 2048-d feature vector, kept in "
              "`output/artifacts/image/<key>/` (the key names the backbone, its weights and the image size); a small "
-             "head trained on those features gives the CNN-only submission `output/submission_image.csv`. "
-             "`image.fine_tune=true` runs the published end-to-end fine-tuning instead (use a GPU). The features are "
-             "the image block of stage 03.",
+             "head trained per fold on those features gives out-of-fold probabilities (the block `image_probs` of "
+             "stage 03) and the CNN-only submission `output/submission_image.csv`. `image.fine_tune=true` runs the "
+             "published end-to-end fine-tuning instead, one network per fold, so that features and probabilities of "
+             "a training record still come from a network that never saw it (five fine-tunings: use a GPU).",
     "caption": "A Bi-LSTM over pretrained word vectors (GloVe-twitter-100) reads each cleaned caption; its 100-d "
                "caption features are kept in `output/artifacts/caption/<key>/` for stage 03, and its predictions give "
                "the caption-only submission `output/submission_caption.csv`.",
