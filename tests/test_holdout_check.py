@@ -105,3 +105,22 @@ def test_a_draw_reuses_the_main_jobs_frozen_features_instead_of_extracting_again
     for name in ("train", "test", "train_depths", "test_depths"):
         np.testing.assert_allclose(a[name].astype(np.float32), b[name].astype(np.float32), atol=2e-3)
     assert (a["test_ids"] == b["test_ids"]).all() and (a["train_ids"] == b["train_ids"]).all()
+
+
+def test_several_draws_each_in_its_folder_and_their_mean_difference(labelled, tmp_path, one_thread):
+    work = tmp_path / "work"
+    args = ["--data", str(labelled), "--workdir", str(work), "--share", "0.2", "--reuse-from", "none",
+            *[a for s in SMALL for a in ("--set", s)]]
+    with pytest.raises(SystemExit):  # argparse: one line, exit status 2
+        H.main([*args, "--seed", "4", "4"])
+    assert H.main([*args, "--seed", "4", "5"]) == 0
+    draws = [json.loads((work / f"seed_{s}" / "holdout.json").read_text()) for s in (4, 5)]
+    assert [d["holdout"]["seed"] for d in draws] == [4, 5]
+    ids = [set(H.read_answers(work / f"seed_{s}" / "data" / "answers.csv")[0]) for s in (4, 5)]
+    assert ids[0] != ids[1]  # two different draws
+    summary = {r["stage"]: r for r in json.loads((work / "draws.json").read_text())["summary"]}
+    assert set(summary) == {"caption", "text", "fusion"}
+    fused = [next(r["difference"] for r in d["stages"] if r["stage"] == "fusion") for d in draws]
+    assert summary["fusion"]["mean_difference"] == pytest.approx(np.mean(fused), abs=1e-4)
+    assert summary["fusion"]["standard_error"] == pytest.approx(np.std(fused, ddof=1) / np.sqrt(2), abs=1e-4)
+    assert "| fusion | " + " | ".join(f"{x:+.4f}" for x in fused) in (work / "draws.md").read_text()

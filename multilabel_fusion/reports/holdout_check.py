@@ -2,6 +2,7 @@
 
     python -m multilabel_fusion.reports.holdout_check --data ../shared/comp5329            # 20 % held out
     python -m multilabel_fusion.reports.holdout_check --data ../shared/comp5329 --set trainer.seed=1
+    python -m multilabel_fusion.reports.holdout_check --data ../shared/comp5329 --seed 2026 7 11 12 13   # 5 draws
 
 A seeded, multi-label-stratified share of the labelled records is set aside as a pseudo test set: its labels are
 hidden (written only to ``answers.csv``), its photos and captions become ``test.csv``. The main job runs on the
@@ -180,28 +181,44 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m multilabel_fusion.reports.holdout_check",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="a labelled competition folder (train.csv, data/)")
-    parser.add_argument("--workdir", default="output/holdout", help="where everything is written")
-    parser.add_argument("--share", type=float, default=0.2, help="share of the labelled records held out")
-    parser.add_argument("--seed", type=int, default=2026, help="seed of the held-out draw (not split.seed)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="passed to the main job (repeatable)")
-    parser.add_argument("--reuse-from", default=None, metavar="OUTPUT",
-                        help="output folder of a main job on --data whose frozen image features and detections the "
-                             "draw reuses when they exist under the same settings (default: paths.output of "
-                             "config.yaml; 'none': extract and detect again)")
-    args = parser.parse_args(argv)
-    workdir = Path(args.workdir).resolve()  # the main job reads relative paths from the repository root
+def summarise(draws: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per stage, over several draws (each ``{"holdout": info, "stages": rows}``): the mean of held-out − estimate
+    and its standard error over the draws (a single draw's sampling error shows in the spread between them)."""
+    out = []
+    for stage in [r["stage"] for r in draws[0]["stages"]]:
+        diffs = [r["difference"] for d in draws for r in d["stages"] if r["stage"] == stage and r["difference"] is not None]
+        if not diffs:
+            continue
+        se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else None
+        out.append({"stage": stage, "draws": len(diffs), "mean_difference": round(float(np.mean(diffs)), 4),
+                    "standard_error": None if se is None else round(se, 4),
+                    "differences": diffs, "min": min(diffs), "max": max(diffs)})
+    return out
+
+
+def draws_markdown(draws: list[dict[str, Any]], summary: list[dict[str, Any]]) -> str:
+    seeds = [d["holdout"]["seed"] for d in draws]
+    sizes = ", ".join(f"{d['holdout']['held_out']:,}" for d in draws)
+    lines = [f"{len(draws)} draws of the held-out records (seeds {', '.join(map(str, seeds))}; {sizes} records held "
+             "out, the main job on the rest of each). Held-out score − out-of-fold estimate, per draw:",
+             "", "| stage | " + " | ".join(f"seed {s}" for s in seeds) + " | mean (± SE over draws) |",
+             "|---|" + "---|" * (len(seeds) + 1)]
+    for row in summary:
+        se = "" if row["standard_error"] is None else f" (± {row['standard_error']:.4f})"
+        lines.append(f"| {row['stage']} | " + " | ".join(f"{x:+.4f}" for x in row["differences"])
+                     + f" | {row['mean_difference']:+.4f}{se} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_draw(args: argparse.Namespace, workdir: Path, seed: int) -> dict[str, Any] | int:
+    """One draw in ``workdir``: hold out, run the main job on the rest, score; its results, or an exit status."""
     try:
-        info = make_holdout(args.data, workdir / "data", args.share, args.seed)
+        info = make_holdout(args.data, workdir / "data", args.share, seed)
         if args.reuse_from != "none":
             from .. import config as C
 
             source_output = args.reuse_from or C.load(overrides=args.overrides).path("output")
-            reused = reuse_frozen_artifacts(args.data, source_output, workdir, args.share, args.seed, args.overrides)
+            reused = reuse_frozen_artifacts(args.data, source_output, workdir, args.share, seed, args.overrides)
             for stage, folder in reused.items():
                 print(f"[holdout] {stage}: the rows of the held-out draw taken from {folder} (nothing to compute again)")
             info["reused"] = reused
@@ -229,6 +246,42 @@ def main(argv: list[str] | None = None) -> int:
     write_text(workdir / "holdout.md", text)
     figures.estimate_vs_held_out(rows, workdir / "holdout.png")
     print("\n" + text + f"\n-> {workdir / 'holdout.json'}, {workdir / 'holdout.md'}, {workdir / 'holdout.png'}")
+    return {"holdout": info, "stages": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m multilabel_fusion.reports.holdout_check",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a labelled competition folder (train.csv, data/)")
+    parser.add_argument("--workdir", default="output/holdout", help="where everything is written")
+    parser.add_argument("--share", type=float, default=0.2, help="share of the labelled records held out")
+    parser.add_argument("--seed", type=int, nargs="+", default=[2026],
+                        help="seed of the held-out draw (not split.seed); several: one draw each, in "
+                             "WORKDIR/seed_<seed>/, and their summary in WORKDIR/draws.md and draws.json")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to the main job (repeatable)")
+    parser.add_argument("--reuse-from", default=None, metavar="OUTPUT",
+                        help="output folder of a main job on --data whose frozen image features and detections the "
+                             "draw reuses when they exist under the same settings (default: paths.output of "
+                             "config.yaml; 'none': extract and detect again)")
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir).resolve()  # the main job reads relative paths from the repository root
+    if len(set(args.seed)) < len(args.seed):
+        parser.error(f"--seed {' '.join(map(str, args.seed))}: a seed given twice")
+    if len(args.seed) == 1:
+        result = run_draw(args, workdir, args.seed[0])
+        return result if isinstance(result, int) else 0
+    draws = []
+    for seed in args.seed:
+        result = run_draw(args, workdir / f"seed_{seed}", seed)
+        if isinstance(result, int):
+            return result
+        draws.append(result)
+    summary = summarise(draws)
+    write_json(workdir / "draws.json", {"draws": draws, "summary": summary})
+    text = draws_markdown(draws, summary)
+    write_text(workdir / "draws.md", text)
+    print("\n" + text + f"\n-> {workdir / 'draws.json'}, {workdir / 'draws.md'}")
     return 0
 
 
