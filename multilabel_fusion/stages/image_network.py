@@ -150,7 +150,7 @@ def fine_tuned_block(ctx: base.StageContext, weights, workers: int, resume: bool
     ci = ctx.cfg.image
     train_paths, test_paths = ctx.data.image_paths("train"), ctx.data.image_paths("test")
     timings, histories, in_sample = [], [], {}
-    plans: list = []
+    described: list = []  # the first fold's inference plan, for the artifact's info
 
     def rows(model, plan, paths, desc):
         feats = np.empty((len(paths), model.backbone.dim), dtype=np.float32)
@@ -169,8 +169,8 @@ def fine_tuned_block(ctx: base.StageContext, weights, workers: int, resume: bool
         model, result = fine_tune(ctx, backbone, k, fit_idx, held_idx, resume, workers)
         histories.append(result.history.assign(fold=k))
         plan = _plan(ctx, model.backbone)
-        if not plans:  # what the metrics file says about the inference (one fold's; keeping every fold's network
-            plans.append((plan.choices, plan.depth_dims(), model_size_mb(model.backbone)))  # would hold K in memory)
+        if not described:  # its choices, not the plan itself: keeping every fold's network would hold K in memory
+            described.append((plan.choices, plan.depth_dims(), model_size_mb(model.backbone)))
         if len(ctx.folds) == 1:  # one split: the fit rows get the one network's (in-sample) features
             in_sample.update({f"train{s}": v for s, v in rows(model, plan, train_paths, "train images").items()})
         held = rows(model, plan, [train_paths[i] for i in held_idx], f"fold {k + 1}: held-out images")
@@ -192,7 +192,7 @@ def fine_tuned_block(ctx: base.StageContext, weights, workers: int, resume: bool
             w.put(name, values.astype(np.float32 if name.endswith("_probs") else ci.feature_dtype))
         w.put("train_ids", ctx.data.train["ImageID"].to_numpy(str))
         w.put("test_ids", ctx.data.test["ImageID"].to_numpy(str))
-        choices, depth_dims, size_mb = plans[0]
+        choices, depth_dims, size_mb = described[0]
         w.info.update(_extraction_info(ctx, choices, depth_dims, workers, timings, bad_images))
         w.info["backbone"] = {"name": weights.name, "weights_used": weights.extra.get("description"),
                               "dim": int(arrays["train"].shape[1])}
