@@ -212,7 +212,7 @@ class Predictor:
             "format": BUNDLE_FORMAT, "package": __version__,
             "labels": {"ids": list(L.LABEL_IDS), "names": L.names()},
             "blocks": blocks, "thresholds": [float(t) for t in metrics["thresholds"]],
-            "decision": metrics.get("decision", "per_class"),
+            "decision": base.decision_of(metrics),
             "at_least_one": bool(metrics["at_least_one"]), "folds": k,
             "mixed_precision": bool(cfg.trainer.mixed_precision), "bad_images": cfg.data.bad_images,
             "workers": cfg.trainer.num_workers,
@@ -322,7 +322,7 @@ class Predictor:
     @property
     def decision(self) -> str:
         """The fused network's decision rule (a bundle made before the rule was recorded: per-class thresholds)."""
-        return self.manifest.get("decision", "per_class")
+        return base.decision_of(self.manifest)
 
     def _heads(self, heads: list[MLPHead], x: np.ndarray) -> np.ndarray:
         """Fold-averaged probabilities of MLP heads, batched as :func:`multilabel_fusion.networks.heads.train_on_features`."""

@@ -124,6 +124,9 @@ def test_auto_decision_takes_expected_f1_for_probabilities_and_thresholds_for_sq
     assert squashed.rule == "per_class" and squashed.f1_per_class_cv > squashed.f1_expected
     assert set(squashed.fold_rules) == {"per_class"}
     assert metrics.mean_f1(y, squashed.predictions) == pytest.approx(squashed.f1_per_class_cv)
+    for d, p in ((calibrated, probs), (squashed, probs ** 6)):  # the submission's rule on every row, in-sample
+        np.testing.assert_array_equal(d.chosen, thresholds.apply_rule(p, d.rule, d.thresholds))
+    assert metrics.mean_f1(y, squashed.chosen) == pytest.approx(squashed.f1_tuned)
 
 
 @pytest.mark.parametrize("setting", ["auto", "per_class", "expected_f1"])

@@ -127,6 +127,7 @@ class Decision:
     rule: str  # the rule of the submission: "per_class" or "expected_f1"
     thresholds: np.ndarray  # per-class thresholds tuned on every held-out row (used by "per_class")
     predictions: np.ndarray  # every row's labels by the rule and thresholds of the other folds (the honest figure)
+    chosen: np.ndarray  # every row's labels by the submission's rule and ``thresholds`` (in-sample)
     fold_rules: list[str]  # the rule each fold's rows got
     f1_tuned: float  # per-class ``thresholds`` on the rows they were tuned on (in-sample)
     f1_per_class_cv: float  # per-class thresholds tuned on the other folds, for each fold (one group: in-sample)
@@ -170,15 +171,18 @@ def cross_fitted_decision(probs: np.ndarray, y: np.ndarray, groups: list[np.ndar
     thresholds, f1_tuned = tune_per_class(probs, y, rounds=rounds, at_least_one=at_least_one)
     expected = expected_f1_decide(probs, at_least_one=at_least_one)
     f1_expected = mean_f1(y, expected)
+
+    def chosen(rule: str) -> np.ndarray:
+        return expected if rule == "expected_f1" else decide(probs, thresholds, at_least_one=at_least_one)
+
     if len(groups) < 2:
-        per_class = decide(probs, thresholds, at_least_one=at_least_one)
         rule = setting if setting != "auto" else ("expected_f1" if f1_expected > f1_tuned else "per_class")
-        return Decision(rule, thresholds, expected if rule == "expected_f1" else per_class, [rule],
-                        f1_tuned, f1_tuned, f1_expected)
+        labels = chosen(rule)
+        return Decision(rule, thresholds, labels, labels, [rule], f1_tuned, f1_tuned, f1_expected)
     tuned: dict[frozenset, np.ndarray] = {}
     per_class = _per_class_cv(probs, y, groups, set(), rounds, at_least_one, tuned)
     if setting != "auto":
-        return Decision(setting, thresholds, expected if setting == "expected_f1" else per_class,
+        return Decision(setting, thresholds, expected if setting == "expected_f1" else per_class, chosen(setting),
                         [setting] * len(groups), f1_tuned, mean_f1(y, per_class), f1_expected)
     predictions, fold_rules = per_class.copy(), []
     for g, group in enumerate(groups):
@@ -190,4 +194,4 @@ def cross_fitted_decision(probs: np.ndarray, y: np.ndarray, groups: list[np.ndar
             predictions[group] = expected[group]
     f1_per_class = mean_f1(y, per_class)
     rule = "expected_f1" if f1_expected > f1_per_class else "per_class"
-    return Decision(rule, thresholds, predictions, fold_rules, f1_tuned, f1_per_class, f1_expected)
+    return Decision(rule, thresholds, predictions, chosen(rule), fold_rules, f1_tuned, f1_per_class, f1_expected)

@@ -314,8 +314,7 @@ def evaluate(ctx: StageContext, held_probs: np.ndarray) -> dict[str, Any]:
     groups = [np.array([position[int(i)] for i in held]) for _, held in ctx.folds]
     decision = cross_fitted_decision(held_probs, y, groups, ctx.cfg.thresholds.decision, rounds=rounds,
                                      at_least_one=rule)
-    t_class = decision.thresholds
-    chosen_pred = apply_rule(held_probs, decision.rule, t_class, at_least_one=rule)
+    t_class, chosen_pred = decision.thresholds, decision.chosen
     fold_scores = [round(mean_f1(y[rows], chosen_pred[rows]), 4) for rows in groups]
     out = {
         "held_out": ctx.estimate,
@@ -412,10 +411,16 @@ def finish(ctx: StageContext, held_probs: np.ndarray, test_probs: np.ndarray, *,
     return metrics
 
 
+def decision_of(metrics: dict[str, Any]) -> str:
+    """The decision rule a metrics file (or a predictor's manifest) records; one made before the rule was recorded
+    used per-class thresholds."""
+    return metrics.get("decision", "per_class")
+
+
 def decide_as(metrics: dict[str, Any], probs: np.ndarray) -> np.ndarray:
     """Labels of ``probs`` exactly as the stage of ``metrics`` wrote its submission (its rule and thresholds); also
-    reads a predictor's manifest, which records the same three keys (without ``decision``: made before the rule)."""
-    return apply_rule(probs, metrics.get("decision", "per_class"), np.asarray(metrics["thresholds"]),
+    reads a predictor's manifest, which records the same three keys."""
+    return apply_rule(probs, decision_of(metrics), np.asarray(metrics["thresholds"]),
                       at_least_one=metrics["at_least_one"])
 
 
