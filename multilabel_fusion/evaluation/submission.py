@@ -17,7 +17,7 @@ import numpy as np
 
 from ..data import labels as L
 from ..data.reader import DataError, read_records
-from ..engine.atomic import write_text
+from ..io.atomic import write_text
 
 HEADER = "ImageID,Labels"
 LABELS_FORMAT = re.compile(r"^\d+( \d+)*$")

@@ -15,25 +15,26 @@ from ..data.images import GREY, BadImageError, read_rgb
 from ..evaluation.thresholds import apply_rule
 from .figures import _save
 
-def examples_figure(ctx, found: dict[str, Any], thresholds: np.ndarray, path: Path,
-                    n: int | None = None, seed: int | None = None, rule: str = "per_class") -> Path:
-    """A few validation images with their label boxes (conf >= the label's threshold), true and predicted labels
-    (predicted by the stage's decision ``rule``, as its submission)."""
+
+def examples_figure(found: dict[str, Any], thresholds: np.ndarray, path: Path, *, val_idx: np.ndarray,
+                    image_paths: Sequence[Path], labels: Sequence[Sequence[int]], image_size: int, at_least_one: bool,
+                    n: int = 6, seed: int = 0, rule: str = "per_class") -> Path:
+    """A few validation images (rows ``val_idx`` of the training records) with their label boxes (conf >= the
+    label's threshold), true and predicted labels (predicted by the stage's decision ``rule``, as its submission)."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    n = n or int(ctx.cfg.detector.get("examples", 6))
-    rng = np.random.default_rng(ctx.cfg.split.seed if seed is None else seed)
-    rows = np.sort(rng.choice(ctx.val_idx, size=min(n, len(ctx.val_idx)), replace=False))
-    pred = apply_rule(found["train"][rows], rule, thresholds, at_least_one=ctx.cfg.thresholds.at_least_one)
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(val_idx, size=min(n, len(val_idx)), replace=False))
+    pred = apply_rule(found["train"][rows], rule, thresholds, at_least_one=at_least_one)
     columns, names = found["class_column"], found["class_names"]
     boxes, box_class = found["train_boxes"], found["train_box_class"]
-    paths = ctx.data.image_paths("train")
+    paths = image_paths
     ncols = 3
     nrows = math.ceil(len(rows) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.4 * nrows), squeeze=False)
     colors = plt.get_cmap("tab20")
-    size = int(ctx.cfg.detector.image_size)
+    size = int(image_size)
     for ax, row, p in zip(axes.flat, rows, pred):
         image, note = _image(paths[row], size)
         ax.imshow(image)
@@ -56,10 +57,10 @@ def examples_figure(ctx, found: dict[str, Any], thresholds: np.ndarray, path: Pa
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.6, color=color))
             ax.text(x1, y1, " / ".join(f"{name} {conf:.2f}" for conf, _, name in found_here), fontsize=7,
                     color="white", va="bottom", bbox=dict(facecolor=color, alpha=0.8, pad=1, lw=0))
-        true_ids = sorted(ctx.data.train["Labels"].iloc[row])
+        true_ids = sorted(labels[row])
         pred_ids = L.decode(p[None])[0]
         ok = set(true_ids) == set(pred_ids)
-        ax.set_title(f"{ctx.data.train['ImageID'].iloc[row]}{note}\ntrue: {_label_text(true_ids)}\n"
+        ax.set_title(f"{Path(paths[row]).name}{note}\ntrue: {_label_text(true_ids)}\n"
                      f"pred: {_label_text(pred_ids)}", fontsize=8, color="darkgreen" if ok else "firebrick")
         ax.axis("off")
     for ax in axes.flat[len(rows):]:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,69 +32,21 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..evaluation.metrics import mean_f1
 from ..evaluation.thresholds import decide
-from .atomic import save_torch, write_text
-from .precision import Precision, training_precision
+from ..io.atomic import save_torch, write_text
+from ..io.progress import progress
+from ..networks.device import select_device
+from ..networks.precision import Precision, training_precision
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 2
 
 
 class ResumeRequired(RuntimeError):
     """A run that can go further exists in the run folder and ``resume`` was not asked for."""
-
-
-def select_device(preference: str = "auto") -> torch.device:
-    """cuda > mps > cpu for ``auto``; an explicit choice is honoured."""
-    if preference != "auto":
-        return torch.device(preference)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def num_workers(setting: Any, device: torch.device | None = None) -> int:
-    """DataLoader worker processes for image streams.
-
-    ``auto``: with the network on a GPU the CPU is free, so one worker per core (at most 8). With the
-    network on a CPU of up to 4 cores, none: decoding in the main process between batches costs only the
-    decode time (~0.7 ms an image), while parallel workers preempt the forward pass's threads (on 2 cores:
-    extraction at 0.84-0.86 of the bare forward speed with 1-2 workers, 0.90-0.93 with none). Larger CPUs
-    keep 2 workers.
-    """
-    if setting == "auto":
-        cores = os.cpu_count() or 1
-        if device is not None and device.type == "cpu":
-            return 0 if cores <= 4 else 2
-        return min(8, cores)
-    return int(setting)
-
-
-def model_size_mb(module: nn.Module) -> float:
-    """Size of a network's weights and buffers in MB (what a checkpoint of it takes)."""
-    return round(sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 2**20, 1)
-
-
-def file_digest(path: str | Path, chars: int | None = 16) -> str:
-    """sha256 of a file, read in 1 MB chunks (checkpoints and weight files key the caches they produce).
-
-    ``chars``: how many hex digits to keep (``None``: all 64).
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:chars]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def weighted_bce(label1_weight: float, num_classes: int = 18) -> nn.Module:
@@ -127,7 +79,7 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, amp: bo
     precision = precision or training_precision(device, amp)
     model.eval()
     out = []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=desc is None):
+    for batch in progress(loader, desc=desc, leave=False, disable=desc is None):
         inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
         with precision.autocast():
             logits = _forward(model, _to_device(inputs, device))
@@ -211,7 +163,7 @@ def _restore_rng(state: dict, train_loader: Any, name: str) -> None:
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
         else:
-            print(f"[{name}] warning: the checkpoint saved {len(cuda)} CUDA generators, this machine has "
+            log.warning(f"[{name}] warning: the checkpoint saved {len(cuda)} CUDA generators, this machine has "
                   f"{torch.cuda.device_count()}; CUDA random numbers are not restored")
     if state.get("mps") is not None and getattr(torch.backends, "mps", None) is not None \
             and torch.backends.mps.is_available():
@@ -219,7 +171,7 @@ def _restore_rng(state: dict, train_loader: Any, name: str) -> None:
     generator = _loader_generator(train_loader)
     if state.get("loader") is not None:
         if generator is None:
-            print(f"[{name}] warning: the checkpoint has a shuffling generator but the train loader has none "
+            log.warning(f"[{name}] warning: the checkpoint has a shuffling generator but the train loader has none "
                   "(no torch.Generator at .generator); its order is not restored")
         else:
             generator.set_state(state["loader"])
@@ -336,7 +288,7 @@ def fit(
     state = torch.load(last_path, map_location="cpu", weights_only=False) if last_path.is_file() else None
     if state is not None:
         if state.get("settings_digest") not in (None, weights_key):
-            print(f"[{name}] warning: {run_dir} was trained with other settings than those given now "
+            log.warning(f"[{name}] warning: {run_dir} was trained with other settings than those given now "
                   f"(see {run_dir / 'settings.json'}); the run folder is what counts")
         stop = _stop_epoch(state["history"], epochs, patience)
         if stop is not None:
@@ -361,21 +313,21 @@ def fit(
         if state.get("rng") is not None:
             _restore_rng(state["rng"], train_loader, name)  # last: nothing may draw between this and epoch 1
         else:
-            print(f"[{name}] warning: {last_path} has no random-number states; the resumed run is not exact")
+            log.warning(f"[{name}] warning: {last_path} has no random-number states; the resumed run is not exact")
         if getattr(train_loader, "persistent_workers", False) and getattr(train_loader, "num_workers", 0):
-            print(f"[{name}] warning: persistent DataLoader workers keep their own random states; "
+            log.warning(f"[{name}] warning: persistent DataLoader workers keep their own random states; "
                   "the resumed run is not exact")
-        print(f"[{name}] resuming {run_dir} after epoch {state['epoch']} (now up to {epochs} epochs, "
+        log.info(f"[{name}] resuming {run_dir} after epoch {state['epoch']} (now up to {epochs} epochs, "
               f"patience {patience})")
     resumed_from = start_epoch - 1
 
     t0 = time.time()
-    bar = tqdm(range(start_epoch, epochs + 1), desc=f"train {name}", unit="epoch", initial=start_epoch - 1,
+    bar = progress(range(start_epoch, epochs + 1), desc=f"train {name}", unit="epoch", initial=start_epoch - 1,
                total=epochs)
     for epoch in bar:
         model.train()
         t_epoch, total, count = time.time(), 0.0, 0
-        for inputs, targets in tqdm(train_loader, desc=f"epoch {epoch}", leave=False, unit="batch",
+        for inputs, targets in progress(train_loader, desc=f"epoch {epoch}", leave=False, unit="batch",
                                     disable=len(train_loader) < 20):
             inputs, targets = _to_device(inputs, device), targets.to(device, non_blocking=True).float()
             optimizer.zero_grad(set_to_none=True)
@@ -439,7 +391,7 @@ def fit(
     _load_best(model, best_path)
     seconds = time.time() - t0
     stopped_early = bad_epochs >= patience
-    print(f"[{name}] best {score_name} {best_score:.4f} at epoch {best_epoch} ({seconds:.1f} s"
+    log.info(f"[{name}] best {score_name} {best_score:.4f} at epoch {best_epoch} ({seconds:.1f} s"
           f"{', stopped early' if stopped_early else ''})")
     return FitResult(pd.DataFrame(rows), best_score, best_epoch, seconds, resumed_from,
                      extra={"stopped_early": stopped_early})
@@ -461,10 +413,10 @@ def _reuse(model: nn.Module, state: dict, best_path: Path, train_loader: Any, ru
         _restore_rng(state["rng"], train_loader, name)
     trained = state["epoch"]
     beyond = stop < trained
-    print(f"[{name}] reusing the run in {run_dir}: best {score_name} {state['best_score']:.4f} at epoch "
+    log.info(f"[{name}] reusing the run in {run_dir}: best {score_name} {state['best_score']:.4f} at epoch "
           f"{state['best_epoch']} of {trained}")
     if beyond:
-        print(f"[{name}] warning: {run_dir} trained {trained} epochs, more than this request "
+        log.warning(f"[{name}] warning: {run_dir} trained {trained} epochs, more than this request "
               f"(it would stop at epoch {stop} of {epochs}); its best weights over all {trained} are used")
     return FitResult(pd.DataFrame(state["history"]), state["best_score"], state["best_epoch"], 0.0, trained,
                      reused=True, extra={"trained_beyond_request": beyond,

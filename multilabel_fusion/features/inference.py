@@ -3,6 +3,7 @@ chosen by measurement on a CPU, batch size; the streamed extraction loop and its
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data.images import ImageFiles, image_loader
+from ..io.progress import progress
 from ..networks.backbones import Backbone, depth_extractor
-from .precision import gpu_inference_dtype
+from ..networks.precision import gpu_inference_dtype
+
+log = logging.getLogger(__name__)
 
 def cpu_supports_bf16() -> bool:
     """True where bf16 instructions exist (AVX-512 BF16 / AMX); elsewhere bf16 is never tried."""
@@ -177,7 +180,7 @@ def prepare_inference(backbone: Backbone, cfg_image: dict, device: torch.device,
         plan.precision = max(rates, key=rates.get)
         choices["precision"] = f"{plan.precision} (measured here: " + ", ".join(
             f"{k} {v} img/s" for k, v in rates.items()) + ")"
-    print(f"[image] inference: {backbone.name} on {device}, {choices['precision']}, batch {batch}, "
+    log.info(f"[image] inference: {backbone.name} on {device}, {choices['precision']}, batch {batch}, "
           f"{'channels-last' if choices['channels_last'] else 'NCHW'}, {folded}")
     return plan
 
@@ -197,7 +200,7 @@ def extract(plan: InferencePlan, paths: list[Path], workers: int, out: np.ndarra
         raise ValueError(f"extract: output shape {out.shape} != {(len(paths), plan.backbone.dim)}")
     loader = image_loader(ImageFiles(paths, plan.image_size, on_bad=on_bad), plan.batch_size, workers)
     start, row = time.perf_counter(), 0
-    with tqdm(total=len(paths), desc=desc, unit="img", smoothing=0.05) as bar:
+    with progress(total=len(paths), desc=desc, unit="img", smoothing=0.05) as bar:
         for images in loader:
             feats = plan(images)
             if plan.depths:

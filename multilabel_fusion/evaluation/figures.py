@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..data import labels as L
-from ..engine.atomic import atomic_path
+from ..io.atomic import atomic_path
 
 
 def _save(fig, path: str | Path) -> Path:

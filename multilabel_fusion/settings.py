@@ -11,10 +11,10 @@ call :func:`from_args`, which turns that error into ``error: <message>`` on stde
 from __future__ import annotations
 
 import argparse
-import copy
 import difflib
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -78,15 +78,40 @@ def _parsed_by(parse, kind: str):
     return check
 
 
-def _parse_backbone(value: str):
-    from .networks.backbones import parse_backbone  # imported on use: the networks import this module's users
+def _as_tuple(value: Any) -> Any:
+    """A YAML list becomes a tuple: validated settings are never edited in place."""
+    return tuple(value) if isinstance(value, list) else value
 
-    return parse_backbone(value)
+
+def Items(item: Any, **constraints: Any) -> Any:  # noqa: N802 - a type constructor
+    """A list setting (``[a, b]`` in YAML), kept as an immutable tuple."""
+    return Annotated[tuple[item, ...], BeforeValidator(_as_tuple), Field(**constraints)]
+
+
+# ----------------------------------------------------------------------------------------------- backbones
+#: The ImageNet CNNs a backbone setting can name, with the width of their pooled features.
+FEATURE_DIMS = {"resnet50": 2048, "vgg16": 4096, "efficientnet_lite0": 1280, "efficientnet_lite2": 1280}
+
+
+def parse_backbone(spec: str) -> list[tuple[str, int | None]]:
+    """``"efficientnet_lite0@320+efficientnet_lite2@260"`` -> [(name, size), ...]; a size left out is
+    ``image.image_size``. ValueError for an unknown name or a bad size."""
+    members = []
+    for part in str(spec).split("+"):
+        name, _, size = part.strip().partition("@")
+        if name not in FEATURE_DIMS:
+            near = difflib.get_close_matches(name, FEATURE_DIMS, n=1)
+            raise ValueError(f"unknown backbone {name!r}{f' (did you mean {near[0]}?)' if near else ''}: choose from "
+                             f"{', '.join(FEATURE_DIMS)}, as name[@size], several joined by +")
+        if size and (not size.isdigit() or int(size) < 32):
+            raise ValueError(f"backbone {part!r}: the size after @ must be a whole number of pixels >= 32")
+        members.append((name, int(size) if size else None))
+    return members
 
 
 #: One ImageNet CNN (resnet50 | vgg16 | efficientnet_lite0 | efficientnet_lite2), optionally ``@size`` pixels, or an
 #: ensemble of them joined by ``+`` (features concatenated), e.g. ``efficientnet_lite0@320+efficientnet_lite2@260``.
-Backbone = Annotated[str, AfterValidator(_parsed_by(_parse_backbone, "backbone"))]
+Backbone = Annotated[str, AfterValidator(_parsed_by(parse_backbone, "backbone"))]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 Dropout = Annotated[float, BeforeValidator(_number_text), Field(ge=0, lt=1)]
@@ -95,33 +120,97 @@ LearningRate = Annotated[float, BeforeValidator(_number_text), Field(gt=0)]
 Weight = Annotated[float, BeforeValidator(_number_text), Field(ge=0)]
 
 
-class Section(BaseModel):
-    """Common settings: unknown keys are errors, types are strict (an int field does not take "3" or 3.0)."""
+# ----------------------------------------------------------------------------------------------- what shapes what
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+@dataclass(frozen=True)
+class Shapes:
+    """Which results a setting shapes, declared once in the schema; artifact and run-folder keys are read from it.
+
+    ``parts``: the results of its section it shapes (``"result"``, the section's artifact, unless a section has
+    several, e.g. the image section's features, head and fine-tuning); none: a how-to-run setting (speed, display,
+    the extra comparisons) or one whose resolved identity keys instead (a weights file: its sha256). ``weights``:
+    False for a setting that shapes the result but not a network's weights, so that it does not key a training
+    run's folder (how long to train: raising ``epochs`` continues the same run with ``--resume``).
+    """
+
+    parts: tuple[str, ...] = ("result",)
+    weights: bool = True
+
+
+def shapes(*parts: str, weights: bool = True) -> Shapes:
+    return Shapes(tuple(parts), weights)
+
+
+#: How to run, not what comes out: speed, threads, display, the optional comparison tables.
+RUN_ONLY = Shapes(())
+#: Resolved to an asset whose identity (sha256, pinned package) keys the artifact instead of the setting itself.
+BY_IDENTITY = Shapes(())
+#: Shapes the stage's result but not a network's weights (how long to train, how the result is read off).
+RESULT_ONLY = Shapes(("result",), weights=False)
+
+
+def _shapes_of(field) -> Shapes:
+    return next((m for m in field.metadata if isinstance(m, Shapes)), Shapes())
+
+
+class Section(BaseModel):
+    """Common settings: unknown keys are errors, types are strict (an int field does not take "3" or 3.0), and a
+    validated section is immutable (lists are tuples; an override makes new settings)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in type(self).model_fields else default
+
+    def keys(self) -> list[str]:
+        return list(type(self).model_fields)
+
+    def __contains__(self, key: object) -> bool:
+        return key in type(self).model_fields
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists, not tuples), as in config.yaml: what keys and saved configurations are made of."""
+        return self.model_dump(mode="json")
+
+    def shaping(self, part: str = "result", *, weights_only: bool = False) -> dict[str, Any]:
+        """The settings of this section that shape ``part`` (derived from each field's :class:`Shapes`);
+        ``weights_only``: only those that shape a network's weights (the key of a training run's folder)."""
+        values = self.to_dict()
+        return {name: values[name] for name, field in type(self).model_fields.items()
+                if part in _shapes_of(field).parts and (_shapes_of(field).weights or not weights_only)}
 
 
 class PathsSection(Section):
-    data: PathText
-    output: PathText
-    models: PathText
-    assets: PathText
+    data: Annotated[PathText, RUN_ONLY]
+    output: Annotated[PathText, RUN_ONLY]
+    models: Annotated[PathText, RUN_ONLY]
+    assets: Annotated[PathText, RUN_ONLY]
 
 
 class DataSection(Section):
     bad_images: Literal["error", "replace"]
-    min_class_examples: PositiveInt
+    min_class_examples: Annotated[PositiveInt, RUN_ONLY]
 
 
 class PipelineSection(Section):
-    stages: list[str]  # names checked against the stage registry by the pipeline
+    stages: Annotated[Items(str), RUN_ONLY]  # names checked against the stage registry by the pipeline
+
+
+#: The split's settings that shape the folds themselves (``selection_fraction`` only shapes what chooses epochs).
+FOLDS = shapes("result", "folds")
 
 
 class SplitSection(Section):
-    folds: int = Field(ge=1, le=20)
-    val_fraction: Number = Field(gt=0, lt=1)
-    selection_fraction: Number = Field(ge=0, lt=0.5)
-    seed: NonNegativeInt
+    folds: Annotated[int, Field(ge=1, le=20), FOLDS]
+    val_fraction: Annotated[Number, Field(gt=0, lt=1), FOLDS]
+    selection_fraction: Annotated[Number, Field(ge=0, lt=0.5)]
+    seed: Annotated[NonNegativeInt, FOLDS]
 
 
 class ThresholdsSection(Section):
@@ -132,51 +221,56 @@ class ThresholdsSection(Section):
 
 class TrainerSection(Section):
     seed: NonNegativeInt
-    device: Literal["auto", "cpu", "cuda", "mps"]
+    device: Annotated[Literal["auto", "cpu", "cuda", "mps"], RUN_ONLY]
     mixed_precision: bool
-    num_workers: AutoOrCount
-    keep_last: NonNegativeInt
+    num_workers: Annotated[AutoOrCount, RUN_ONLY]
+    keep_last: Annotated[NonNegativeInt, RUN_ONLY]
 
 
 class AugmentSection(Section):
-    scale_min: Number = Field(gt=0, le=1)
+    scale_min: Annotated[Number, Field(gt=0, le=1)]
     hflip: Probability
     vflip: Probability
 
 
+FEATURES, HEAD, FINE_TUNE = shapes("features"), shapes("head"), shapes("fine_tune")
+
+
 class ImageSection(Section):
-    backbone: Backbone
-    weights: Literal["imagenet", "random"]
-    weights_path: PathText | None
-    offline_fallback: Backbone | None
-    image_size: int = Field(ge=32)
-    fine_tune: bool
-    feature_batch_size: AutoOrPositive
-    channels_last: bool
-    fuse_conv_bn: bool
-    cpu_precision: Literal["auto", "fp32", "bf16"]
-    bench_bare_seconds: Number = Field(ge=0)
-    feature_dtype: Literal["float16", "float32"]
-    depth_features: bool
-    hflip_average: bool
-    head_input: Literal["pooled", "depths"]
-    head_hidden: NonNegativeInt  # 0: a linear head
-    head_dropout: Dropout
-    head_lr: LearningRate
-    head_batch_size: PositiveInt
-    head_epochs: PositiveInt
-    head_patience: PositiveInt
-    label1_weight: Weight
-    lr: LearningRate
-    batch_size: PositiveInt
-    epochs: PositiveInt
-    patience: PositiveInt
-    max_train_images: PositiveInt | None
-    augment: AugmentSection
+    """Parts: ``features`` (the cached CNN features), ``head`` (the head trained on them), ``fine_tune``."""
+
+    backbone: Annotated[Backbone, FEATURES]
+    weights: Annotated[Literal["imagenet", "random"], FEATURES]
+    weights_path: Annotated[PathText | None, BY_IDENTITY]
+    offline_fallback: Annotated[Backbone | None, FEATURES]
+    image_size: Annotated[int, Field(ge=32), FEATURES]
+    fine_tune: Annotated[bool, FEATURES]
+    feature_batch_size: Annotated[AutoOrPositive, RUN_ONLY]
+    channels_last: Annotated[bool, RUN_ONLY]
+    fuse_conv_bn: Annotated[bool, RUN_ONLY]
+    cpu_precision: Annotated[Literal["auto", "fp32", "bf16"], FEATURES]
+    bench_bare_seconds: Annotated[Number, Field(ge=0), RUN_ONLY]
+    feature_dtype: Annotated[Literal["float16", "float32"], FEATURES]
+    depth_features: Annotated[bool, FEATURES]
+    hflip_average: Annotated[bool, FEATURES]
+    head_input: Annotated[Literal["pooled", "depths"], HEAD]
+    head_hidden: Annotated[NonNegativeInt, HEAD]  # 0: a linear head
+    head_dropout: Annotated[Dropout, HEAD]
+    head_lr: Annotated[LearningRate, HEAD]
+    head_batch_size: Annotated[PositiveInt, HEAD]
+    head_epochs: Annotated[PositiveInt, shapes("head", weights=False)]
+    head_patience: Annotated[PositiveInt, shapes("head", weights=False)]
+    label1_weight: Annotated[Weight, shapes("head", "fine_tune")]
+    lr: Annotated[LearningRate, FINE_TUNE]
+    batch_size: Annotated[PositiveInt, FINE_TUNE]
+    epochs: Annotated[PositiveInt, shapes("fine_tune", weights=False)]
+    patience: Annotated[PositiveInt, shapes("fine_tune", weights=False)]
+    max_train_images: Annotated[PositiveInt | None, FINE_TUNE]
+    augment: Annotated[AugmentSection, FINE_TUNE]
 
 
 class CaptionSection(Section):
-    vectors: str = Field(min_length=1)
+    vectors: Annotated[str, Field(min_length=1)]
     offline_vectors: str | None
     vectors_path: PathText | None
     seq_len: PositiveInt
@@ -184,48 +278,48 @@ class CaptionSection(Section):
     dropout: Dropout
     lr: LearningRate
     weight_decay: Weight
-    step_gamma: Number = Field(gt=0, le=1)
+    step_gamma: Annotated[Number, Field(gt=0, le=1)]
     grad_clip: Weight | None  # 0 or null: no clipping
     batch_size: PositiveInt
-    epochs: PositiveInt
-    patience: PositiveInt
+    epochs: Annotated[PositiveInt, RESULT_ONLY]
+    patience: Annotated[PositiveInt, RESULT_ONLY]
     label1_weight: Weight
     train_embeddings: bool
 
 
 class FusionSection(Section):
-    blocks: list[str] = Field(min_length=1)  # names checked against the stage registry by the fusion stage
+    blocks: Items(str, min_length=1)  # names checked against the stage registry by the fused network
     hidden: PositiveInt
     dropout: Dropout
     lr: LearningRate
     batch_size: PositiveInt
-    epochs: PositiveInt
-    patience: PositiveInt
+    epochs: Annotated[PositiveInt, RESULT_ONLY]
+    patience: Annotated[PositiveInt, RESULT_ONLY]
     plateau_patience: NonNegativeInt
-    plateau_factor: Number = Field(gt=0, lt=1)
+    plateau_factor: Annotated[Number, Field(gt=0, lt=1)]
     grad_clip: Weight | None  # 0 or null: no clipping
     label1_weight: Weight
 
 
 class TextSection(Section):
-    word_ngrams: list[PositiveInt] = Field(min_length=2, max_length=2)
-    char_ngrams: list[PositiveInt] | None = Field(default=None, min_length=2, max_length=2)
+    word_ngrams: Items(PositiveInt, min_length=2, max_length=2)
+    char_ngrams: Annotated[Items(PositiveInt, min_length=2, max_length=2) | None, Field(default=None)]
     min_df: PositiveInt
-    C: Number = Field(gt=0)
+    C: Annotated[Number, Field(gt=0)]
 
 
 class DetectorSection(Section):
-    weights: PathText
-    offline_weights: PathText | None
-    image_size: int = Field(ge=32)
-    batch_size: PositiveInt
-    conf: Number = Field(gt=0, lt=1)
-    iou: Number = Field(gt=0, lt=1)
+    weights: Annotated[PathText, BY_IDENTITY]
+    offline_weights: Annotated[PathText | None, BY_IDENTITY]
+    image_size: Annotated[int, Field(ge=32)]
+    batch_size: Annotated[PositiveInt, RUN_ONLY]
+    conf: Annotated[Number, Field(gt=0, lt=1)]
+    iou: Annotated[Number, Field(gt=0, lt=1)]
     max_det: PositiveInt
     multi_label: bool
-    threads: PositiveInt | None
-    channels_last: bool
-    examples: NonNegativeInt
+    threads: Annotated[PositiveInt | None, RUN_ONLY]
+    channels_last: Annotated[bool, RUN_ONLY]
+    examples: Annotated[NonNegativeInt, RUN_ONLY]
 
 
 DECODER_ARCHS = ("joint", "init_hidden", "init_hidden_cell", "init_input", "seq2seq")
@@ -254,12 +348,13 @@ DecoderVariant = Annotated[str, BeforeValidator(_parsed_by(decoder_variant_token
 class LabelDecoderSection(Section):
     """Stage 05: recurrent label decoders on cached features (names: :func:`decoder_variant_tokens`)."""
 
-    variant: DecoderVariant  # the decoder cross-fitted for the feature block and the submission
-    compare: list[DecoderVariant]  # decoders trained on the first fold for the comparison table
-    caption_block: Literal["caption_probs", "caption"]  # what ``+caption`` reads beside the image
-    bce_baseline: bool
-    data_sizes: list[PositiveInt]  # fit-part subsets for the decoder-vs-BCE learning curve (empty: none)
-    curve_variant: DecoderVariant  # the decoder of that learning curve
+    variant: Annotated[DecoderVariant, RESULT_ONLY]  # the decoder cross-fitted for the block and the submission
+    comparisons: Annotated[bool, RUN_ONLY] = False  # also train the comparison table and learning curve below
+    compare: Annotated[Items(DecoderVariant), RUN_ONLY]  # decoders trained on the first fold for the table
+    caption_block: Annotated[Literal["caption_probs", "caption"], RESULT_ONLY]  # what ``+caption`` reads
+    bce_baseline: Annotated[bool, RUN_ONLY]
+    data_sizes: Annotated[Items(PositiveInt), RUN_ONLY]  # fit-part subsets for the learning curve (empty: none)
+    curve_variant: Annotated[DecoderVariant, RUN_ONLY]  # the decoder of that learning curve
     embed: PositiveInt
     hidden: PositiveInt
     proj_dropout: Dropout
@@ -268,11 +363,11 @@ class LabelDecoderSection(Section):
     batch_size: PositiveInt
     weight_decay: Weight
     grad_clip: Weight | None  # 0 or null: no clipping
-    epochs: PositiveInt
-    patience: PositiveInt
-    beam: int = Field(ge=1, le=18)
-    max_labels: int = Field(ge=1, le=18)
-    threads: PositiveInt | None
+    epochs: Annotated[PositiveInt, RESULT_ONLY]
+    patience: Annotated[PositiveInt, RESULT_ONLY]
+    beam: Annotated[int, Field(ge=1, le=18), RESULT_ONLY]
+    max_labels: Annotated[int, Field(ge=1, le=18), RESULT_ONLY]
+    threads: Annotated[PositiveInt | None, RUN_ONLY]
 
 
 MiningStrategy = Annotated[str, Field(pattern=r"^(all|hard|semi_hard|vsepp|infonce|top[1-9][0-9]*)$")]
@@ -284,14 +379,14 @@ class JointEmbeddingSection(Section):
 
     encoder: CaptionEncoder
     strategy: MiningStrategy
-    margin: Number = Field(gt=0, le=2)
+    margin: Annotated[Number, Field(gt=0, le=2)]
     reverse_weight: Weight
-    temperature: Number = Field(default=0.05, gt=0)
+    temperature: Annotated[Number, Field(gt=0)] = 0.05
     lr: LearningRate
     lr_decay_epoch: PositiveInt | None
-    batch_size: int = Field(ge=2)
-    epochs: PositiveInt
-    patience: PositiveInt
+    batch_size: Annotated[int, Field(ge=2)]
+    epochs: Annotated[PositiveInt, RESULT_ONLY]
+    patience: Annotated[PositiveInt, RESULT_ONLY]
     embed_dim: PositiveInt
     hidden: PositiveInt
     layers: PositiveInt
@@ -302,16 +397,21 @@ class JointEmbeddingSection(Section):
     image_features: Literal["pooled", "depths"]
     train_on_test_pairs: bool = False
     selection_size: PositiveInt
-    knn: PositiveInt
-    prompt: str = Field(pattern=r"\{\}")
-    compare_strategies: list[MiningStrategy]
-    compare_encoders: list[CaptionEncoder]
-    learning_curve: list[Annotated[Number, Field(gt=0, lt=1)]] = []
-    retrieval_top: PositiveInt
+    knn: Annotated[PositiveInt, RESULT_ONLY]
+    prompt: Annotated[str, Field(pattern=r"\{\}"), RESULT_ONLY]
+    comparisons: Annotated[bool, RUN_ONLY] = False  # also train the strategy x encoder table and learning curve
+    compare_strategies: Annotated[Items(MiningStrategy), RUN_ONLY]
+    compare_encoders: Annotated[Items(CaptionEncoder), RUN_ONLY]
+    learning_curve: Annotated[Items(Annotated[Number, Field(gt=0, lt=1)]), RUN_ONLY] = ()
+    retrieval_top: Annotated[PositiveInt, RUN_ONLY]
 
 
 class Settings(Section):
-    """The whole of config.yaml; field order is the file's section order."""
+    """The whole of config.yaml, validated and immutable; field order is the file's section order.
+
+    ``settings.image.backbone`` (or ``settings["image"]["backbone"]``) reads a value; :meth:`override` and
+    :meth:`with_paths` make new, validated settings; nothing edits settings in place.
+    """
 
     paths: PathsSection
     data: DataSection
@@ -327,15 +427,52 @@ class Settings(Section):
     label_decoder: LabelDecoderSection
     joint_embedding: JointEmbeddingSection
 
+    def section_dict(self, name: str) -> dict:
+        """One section as a plain dict (a copy)."""
+        if name not in type(self).model_fields:
+            raise KeyError(f"config has no section {name!r}")
+        return getattr(self, name).to_dict()
+
+    def dump_yaml(self) -> str:
+        """The resolved configuration as YAML (saved beside a run's outputs; :func:`load` reads it back)."""
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=120)
+
+    def path(self, name: str) -> Path:
+        """A path from ``paths``, relative ones taken from the repository root."""
+        p = Path(getattr(self.paths, name)).expanduser()
+        return p if p.is_absolute() else ROOT / p
+
+    def override(self, *assignments: str) -> "Settings":
+        """New settings with ``section.key=value`` assignments applied (values parsed as YAML), validated."""
+        raw = self.to_dict()
+        overridden = {apply_override(raw, a) for a in assignments}
+        return validate(raw, "overrides", overridden)
+
+    def updated(self, section: str, **values: Any) -> "Settings":
+        """New settings with keys of one section replaced (Python values), validated."""
+        raw = self.to_dict()
+        for key, value in values.items():
+            if key not in getattr(self, section):
+                raise ConfigError(f"config: unknown key {section}.{key}")
+            raw[section][key] = list(value) if isinstance(value, tuple) else value
+        return validate(raw, "settings", {f"{section}.{k}" for k in values})
+
+    def with_paths(self, **paths: str | Path | None) -> "Settings":
+        """New settings with the given ``paths`` keys (None: unchanged)."""
+        given = {k: str(v) for k, v in paths.items() if v is not None}
+        return self.updated("paths", **given) if given else self
+
 
 SECTIONS: tuple[str, ...] = tuple(Settings.model_fields)
 
 
+def common_settings(settings: Settings) -> dict[str, Any]:
+    """What every trained result shares: the split and the trainer's settings that shape weights."""
+    return {"split": settings.split.shaping(), "trainer": settings.trainer.shaping()}
+
+
 def _section_model(annotation: Any) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-
-
-# ----------------------------------------------------------------------------------------------- Config
 
 
 class _Dumper(yaml.SafeDumper):
@@ -344,41 +481,6 @@ class _Dumper(yaml.SafeDumper):
 
 _Dumper.add_representer(
     list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
-
-
-class Config(dict):
-    """Nested settings with attribute access: ``cfg.image.backbone``."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"config has no key {name!r}") from None
-
-    @staticmethod
-    def wrap(obj: Any) -> Any:
-        if isinstance(obj, dict):
-            return Config({k: Config.wrap(v) for k, v in obj.items()})
-        return obj
-
-    def to_dict(self) -> dict:
-        return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v) for k, v in self.items()}
-
-    def section_dict(self, name: str) -> dict:
-        """One section as a plain dict (a copy), e.g. for a stage's cache fingerprint."""
-        if name not in self:
-            raise KeyError(f"config has no section {name!r}")
-        value = self[name]
-        return value.to_dict() if isinstance(value, Config) else copy.deepcopy(value)
-
-    def dump_yaml(self) -> str:
-        """The resolved configuration as YAML (save it beside a run's outputs; ``load`` reads it back)."""
-        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=120)
-
-    def path(self, name: str) -> Path:
-        """A path from ``paths``, relative ones taken from the repository root."""
-        p = Path(self.paths[name]).expanduser()
-        return p if p.is_absolute() else ROOT / p
 
 
 # ----------------------------------------------------------------------------------------------- messages
@@ -417,7 +519,7 @@ def _problem(err: dict) -> str:
         return "expected true or false"
     if kind == "string_type":
         return "expected a string"
-    if kind == "list_type":
+    if kind in ("list_type", "tuple_type"):
         return "expected a list, e.g. [a, b]"
     if kind in ("model_type", "dict_type", "model_attributes_type"):
         return "expected a section of keys"
@@ -576,7 +678,7 @@ def validate(raw: dict, source: str = "config", overridden: set[str] | None = No
         raise  # not reached: a ValidationError always has at least one error
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None, **paths: str | Path | None) -> Config:
+def load(path: str | Path | None = None, overrides: list[str] | None = None, **paths: str | Path | None) -> Settings:
     """Read the config file, apply ``section.key=value`` overrides and any non-None ``paths`` keys, validate.
 
     Raises :class:`ConfigError` (one line naming the key) for an unknown key, a value of the wrong type or out
@@ -599,7 +701,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None, **p
             raw["paths"][key] = str(value)
             overridden.add(f"paths.{key}")
     settings = validate(raw, str(file), overridden)
-    return Config.wrap(settings.model_dump())
+    return settings
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -620,7 +722,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def load_or_exit(path: str | Path | None = None, overrides: list[str] | None = None,
-                 **paths: str | Path | None) -> Config:
+                 **paths: str | Path | None) -> Settings:
     """:func:`load` for command-line entry points: a :class:`ConfigError` prints ``error: <message>`` (one line,
     no traceback) on stderr and exits with status 2, as argparse does for a bad option."""
     try:
@@ -630,6 +732,6 @@ def load_or_exit(path: str | Path | None = None, overrides: list[str] | None = N
         raise SystemExit(2) from None
 
 
-def from_args(args: argparse.Namespace) -> Config:
+def from_args(args: argparse.Namespace) -> Settings:
     """The validated configuration of parsed :func:`add_arguments` options; exits with status 2 on a bad one."""
     return load_or_exit(args.config, args.overrides, data=args.data, output=args.output, models=args.models)
