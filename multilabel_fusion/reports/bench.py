@@ -30,11 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from .. import registry
-from ..config import ROOT
 from ..data import labels as L
-from ..engine.atomic import write_text
-from . import figures as reports
+from ..evaluation import figures as reports
+from ..io.atomic import write_text
+from ..settings import ROOT
+from ..settings import load as load_settings
+from ..stages import registry as stage_registry
 from . import stage_results
 
 PUBLISHED = [
@@ -116,7 +117,8 @@ def run(data: Path, workdir: Path, seeds: int, with_detector: bool, sets: list[s
     log = workdir / "bench.log"
     base = [sys.executable, "-m", "multilabel_fusion", "--data", str(data), "--output", str(output),
             "--models", str(models)] + [a for s in sets for a in ("--set", s)]
-    stages = [s for s in registry.STAGES if s != "fusion" and s in _default_stages()
+    final = stage_registry.default().final().name
+    stages = [s for s in stage_registry.default().names if s != final and s in _default_stages()
               and (with_detector or s != "detector")]
     default_blocks = [b for b in _default_blocks() if with_detector or not b.startswith("detector")]
     results: dict[str, Any] = {"stages": {}, "log": str(log), "default_blocks": default_blocks}
@@ -164,15 +166,11 @@ def run(data: Path, workdir: Path, seeds: int, with_detector: bool, sets: list[s
 
 
 def _default_stages() -> list[str]:
-    from ..config import load
-
-    return list(load().pipeline.stages)
+    return list(load_settings().pipeline.stages)
 
 
 def _default_blocks() -> list[str]:
-    from ..config import load
-
-    return list(load().fusion.blocks)
+    return list(load_settings().fusion.blocks)
 
 
 def _versions() -> dict[str, str]:

@@ -139,6 +139,9 @@ class Stage:
     optional_asset: ClassVar[str | None] = None  # without it the stage is skipped, loudly, not fatally
     predictor_type: ClassVar[type[BlockPredictor] | None] = None
     final: ClassVar[bool] = False  # the stage whose submission is output/predictions.csv (the fused network)
+    summary: ClassVar[str] = ""  # one line: what its notebook runs (README's table of notebooks)
+    about: ClassVar[str] = ""  # what its notebook says about it
+    notebook_cells: ClassVar[tuple[tuple[str, str], ...]] = ()  # (markdown, code) its notebook shows after its results
 
     # ------------------------------------------------------------------------------------------- identity
     @property
@@ -204,6 +207,12 @@ class Stage:
         art = ctx.require(self.name)
         ctx.check_rows(art, self)
         return (art["train"], art["test"]) if block == self.name else (art["probs"], art["test_probs"])
+
+    def rows_for(self, settings: "Settings", art: "Artifact", picks: dict[str, tuple[str, np.ndarray]]):
+        """The artifact's arrays for other records of the same photos (``picks[part] = (source part, source rows)``)
+        when it depends on each photo alone (frozen features, detections), so a derived data set (the held-out
+        check) computes nothing again; None when it does not (anything trained on the labels)."""
+        return None
 
     # ------------------------------------------------------------------------------------------- new records
     def predictor_needs(self, settings: "Settings", blocks: Sequence[str]) -> tuple[str, ...]:

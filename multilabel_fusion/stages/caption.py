@@ -72,6 +72,11 @@ class CaptionNetwork(Stage):
     section = "caption"
     blocks = ("caption", "caption_probs")
     writes = "out-of-fold Bi-LSTM caption features and probabilities, caption-only submission"
+    summary = "caption features + caption-only submission"
+    about = ("A Bi-LSTM over pretrained word vectors (GloVe-twitter-100) reads each cleaned caption, one network per "
+             "fold; its out-of-fold 100-d caption features and probabilities are kept in "
+             "`output/artifacts/caption/<key>/` for the fused network, and its predictions give the caption-only "
+             "submission `output/submission_caption.csv`.")
 
     def spec(self, ws: Workspace) -> dict[str, Any]:
         """Every caption setting, the identity of the word vectors, the text-cleaning version, split and seed."""

@@ -59,6 +59,10 @@ class Detector(Stage):
     blocks = ("detector", "detector_boxes")
     writes = "per-label detection scores, detector submission"
     optional_asset = "COCO detector weights"
+    summary = "YOLOv5 baseline + detector blocks"
+    about = ("A COCO-pretrained YOLOv5 detects objects in every image; per-label detection scores give the detector "
+             "baseline `output/submission_detector.csv` and two feature blocks (`detector`, `detector_boxes`) that the "
+             "fused network stacks with the others. Much faster on a GPU.")
 
     def spec(self, ws: Workspace) -> dict[str, Any]:
         """What the detections depend on: the weights' content (sha256), image size and post-processing."""

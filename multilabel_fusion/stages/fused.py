@@ -40,6 +40,14 @@ log = logging.getLogger(__name__)
 
 MODEL_SIZE_LIMIT_MB = 100
 
+#: What the fused network's notebook shows after its results (``metrics``: what the stage returned).
+COMPARISON_CELL = '''\
+compared = metrics["comparison"]  # every stage whose metrics file describes the current settings
+display(pd.DataFrame([{"stage": r["stage"], "mean-F1 at 0.5": r["at_0.5"], "one tuned threshold": r["global"],
+                       "tuned per-class thresholds": r["tuned"]} for r in compared]).set_index("stage"))
+pd.DataFrame({r["key"]: r["per_class_f1"] for r in compared}, index=L.names()).rename_axis("per-class F1")
+'''
+
 
 def available_blocks(ws: Workspace) -> tuple[list[str], dict[str, str]]:
     """The blocks of ``fusion.blocks`` that can be had, and why each other one is left out.
@@ -67,6 +75,15 @@ class FusedNetwork(Stage):
     section = "fusion"
     writes = "output/predictions.csv"
     final = True
+    summary = "`output/predictions.csv` (first runs any earlier stage whose blocks are not cached yet)"
+    about = ("An MLP on the stacked blocks of the earlier stages (`fusion.blocks`: out-of-fold image, caption, n-gram "
+             "probabilities and the detector's blocks), trained per fold, writes **`output/predictions.csv`**, the "
+             "file to upload. A block missing for the current settings is computed first by its own stage (quick once "
+             "notebooks 01-04 ran); the detector's blocks are left out, saying so, where no COCO detector weights can "
+             "be had.")
+    notebook_cells = (("## Every stage compared\nEvery stage whose metrics file describes the current settings: "
+                       "mean-F1 at 0.5, with one tuned threshold and with tuned per-class thresholds, and per-class F1.",
+                       COMPARISON_CELL),)
 
     def reads(self, settings: Settings, registry) -> tuple[str, ...]:
         return tuple(dict.fromkeys(registry.block_owner(b).name for b in settings.fusion.blocks))

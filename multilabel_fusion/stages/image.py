@@ -50,6 +50,14 @@ class ImageNetwork(Stage):
     section = "image"
     blocks = ("image", "image_depths", "image_probs")
     writes = "pooled CNN features of every image, out-of-fold head probabilities, CNN-only submission"
+    summary = "image features + CNN-only submission"
+    about = ("A ResNet50 (ImageNet weights) turns every photo into a 2048-d feature vector, kept in "
+             "`output/artifacts/image/<key>/` (the key names the backbone, its weights and the image size); a small "
+             "head trained per fold on those features gives out-of-fold probabilities (the block `image_probs` of "
+             "the fused network) and the CNN-only submission `output/submission_image.csv`. `image.fine_tune=true` "
+             "runs the published end-to-end fine-tuning instead, one network per fold, so that features and "
+             "probabilities of a training record still come from a network that never saw it (five fine-tunings: "
+             "use a GPU).")
 
     # ------------------------------------------------------------------------------------------- keys
     def spec(self, ws: Workspace) -> dict[str, Any]:

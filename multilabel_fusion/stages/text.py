@@ -133,6 +133,10 @@ class TextNgrams(Stage):
     section = "text"
     blocks = ("text",)
     writes = "out-of-fold TF-IDF + logistic-regression probabilities, text-only submission"
+    summary = "TF-IDF n-grams + logistic regression, the out-of-fold `text` block"
+    about = ("TF-IDF word and character n-grams of each caption with one logistic regression per label, trained per "
+             "fold: out-of-fold probabilities for every training record (the fused network's `text` block) and the "
+             "text-only submission `output/submission_text.csv`. Seconds on a CPU.")
 
     def spec(self, ws: Workspace) -> dict[str, Any]:
         # no epochs to choose: split.selection_fraction does not shape the n-gram models
