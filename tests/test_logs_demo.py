@@ -50,10 +50,10 @@ def test_a_demo_main_job_leaves_real_results_alone_and_keeps_its_log(tmp_path):
 
 
 def test_a_stage_script_error_ends_its_log_and_the_console_stays_one_line(tmp_path):
-    result = _run("stages/07_text_ngrams.py", "--data", str(tmp_path / "nothing"), "--output", str(tmp_path / "out"))
+    result = _run("stages/04_text_ngrams.py", "--data", str(tmp_path / "nothing"), "--output", str(tmp_path / "out"))
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     log = next((tmp_path / "out" / "logs").glob("text-*.log")).read_text()
-    assert log.startswith("# 07_text_ngrams.py --data") and log.rstrip().splitlines()[-1].startswith("# error: ")
+    assert log.startswith("# 04_text_ngrams.py --data") and log.rstrip().splitlines()[-1].startswith("# error: ")
 
 
 def test_progress_bars_outside_a_terminal_write_at_most_every_few_seconds_even_after_torch(tmp_path):

@@ -28,6 +28,30 @@ def selection_split(targets: np.ndarray, fit_idx: np.ndarray, fraction: float,
     return fit_idx[rows], fit_idx[select]
 
 
+def selection(targets: np.ndarray, k: int, fit_idx: np.ndarray, held_idx: np.ndarray, fraction: float,
+              seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows to train on, rows that choose the epoch) for fold ``k``: a ``fraction`` of the fit part chooses (seeded
+    by ``seed + 1 + k``), so the held-out rows stay unseen by every choice; with 0, the held-out rows choose."""
+    if float(fraction) == 0:
+        return fit_idx, held_idx
+    return selection_split(targets, fit_idx, float(fraction), seed + 1 + k)
+
+
+def selection_note(fraction: float) -> str:
+    """How the epochs were chosen, for the console and the metrics files."""
+    if float(fraction) == 0:
+        return "epochs chosen on the held-out rows themselves (split.selection_fraction: 0; optimistic)"
+    return f"epochs chosen on {float(fraction):.0%} of each fit part, never trained on; held-out rows only scored"
+
+
+def held_out_rows(folds: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(the records with a held-out prediction, sorted; each fold's positions among them): every training record
+    with K folds, the validation part with one."""
+    eval_idx = np.sort(np.concatenate([held for _, held in folds]))
+    position = {int(i): r for r, i in enumerate(eval_idx)}
+    return eval_idx, [np.array([position[int(i)] for i in held]) for _, held in folds]
+
+
 def fold_indices(targets: np.ndarray, folds: int, val_fraction: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The (fit, held-out) index pairs every stage shares: ``folds`` multi-label-stratified, seeded folds whose
     held-out parts cover every record once; ``folds=1``: one train/validation split of ``val_fraction``."""

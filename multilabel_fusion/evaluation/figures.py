@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Mapping
 
@@ -125,4 +126,126 @@ def estimate_vs_held_out(rows: list[dict], path: str | Path) -> Path:
            ylim=(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.04)),
            title="Does the estimate hold on records the pipeline never saw?")
     ax.legend(loc="upper left", ncol=2, fontsize=8)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------- stage 05 (drawn during its run, read by its page)
+
+
+def decoder_comparison(rows: list[dict], path: str | Path) -> Path:
+    """Horizontal bars: mean-F1 of each decoder's decoded sets and of each BCE head at 0.5 (first fold)."""
+    labels = [f"{r['model']} ({r['features']})" if r["kind"] == "bce" or r["features"] != "image" else r["model"]
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.2))
+    colors = ["tab:gray" if r["kind"] == "bce" else "tab:blue" for r in rows]
+    ax.barh(range(len(rows)), [r["f1"] for r in rows], color=colors)
+    for i, r in enumerate(rows):
+        ax.text(r["f1"] + 0.002, i, f"{r['f1']:.3f}", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    low = min(r["f1"] for r in rows)
+    ax.set(xlim=(max(0.0, low - 0.05), 1.0), xlabel="mean F1 over samples (decoded sets; BCE heads at 0.5)",
+           title="Label decoders vs BCE heads on the same features (first fold)")
+    return _save(fig, path)
+
+
+def decoder_curves(history: pd.DataFrame, path: str | Path, title: str) -> Path:
+    """Sequence loss (train, held out) and mean-F1 of the decoded sets per epoch."""
+    fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot(history["epoch"], history["train_loss"], label="train")
+    ax_loss.plot(history["epoch"], history["val_loss"], label="held out")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy per label token", title=f"{title}: loss")
+    ax_loss.legend()
+    for column, label in (("val_mean_f1", "F1"), ("val_precision", "precision"), ("val_recall", "recall")):
+        if column in history:
+            ax_f1.plot(history["epoch"], history[column], label=label)
+    ax_f1.set(xlabel="epoch", ylabel="mean over samples (decoded sets)", title=f"{title}: held out")
+    ax_f1.legend()
+    return _save(fig, path)
+
+
+def decoder_data_sizes(sizes: list[dict], path: str | Path) -> Path:
+    """Mean-F1 of the learning curve's decoder and of the BCE MLP head against the number of fit records (log
+    scale), and their gap."""
+    n = [r["n_fit"] for r in sizes]
+    fig, (ax, ax_gap) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax.plot(n, [r["decoder_f1"] for r in sizes], "o-", label=f"decoder {sizes[0]['decoder']} (decoded sets)")
+    ax.plot(n, [r["bce_f1"] for r in sizes], "s-", color="tab:gray", label="BCE MLP head (at 0.5)")
+    ax.set(xscale="log", xlabel="fit records (first fold, nested subsets)", ylabel="held-out mean F1",
+           title="Decoder vs BCE head by training-set size")
+    ax.set_xticks(n, [f"{x:,}" for x in n])
+    ax.minorticks_off()
+    ax.legend(fontsize=8)
+    ax_gap.bar(range(len(n)), [100 * r["gap"] for r in sizes], color=["tab:red" if r["gap"] < 0 else "tab:green"
+                                                                      for r in sizes])
+    ax_gap.axhline(0, color="black", lw=0.8)
+    ax_gap.set_xticks(range(len(n)), [f"{x:,}" for x in n])
+    ax_gap.set(xlabel="fit records", ylabel="decoder - BCE (F1 points)", title="The gap")
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------- stage 06 (drawn during its run, read by its page)
+
+
+def retrieval_recall(history: pd.DataFrame, compared: Mapping[str, pd.DataFrame], path: str | Path,
+                     title: str) -> Path:
+    """Selection-pair recall per epoch: the stage's network (first fold), and R@10 of every compared run
+    (``compared``: ``"encoder/strategy"`` -> its history)."""
+    fig, axes = plt.subplots(1, 3 if compared else 1, figsize=(16 if compared else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    for direction, style in (("i2t", "-"), ("t2i", "--")):
+        for k, colour in zip((1, 5, 10), ("tab:blue", "tab:orange", "tab:green")):
+            ax.plot(history["epoch"], history[f"{direction}_r{k}"], style, color=colour, label=f"{direction} R@{k}")
+    ax.set(xlabel="epoch", ylabel="recall (%)", title=f"{title}\n(selection pairs, first fold)", ylim=(0, 100))
+    ax.legend(fontsize=7, ncol=2)
+    if compared:
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        strategies = list(dict.fromkeys(name.split("/")[1] for name in compared))
+        for i, direction in enumerate(("i2t", "t2i")):
+            ax = axes[0, i + 1]
+            for name, h in compared.items():
+                encoder, strategy = name.split("/")
+                ax.plot(h["epoch"], h[f"{direction}_r10"], "-" if encoder == "gru" else ":",
+                        color=colours[strategies.index(strategy) % len(colours)], label=name)
+            ax.set(xlabel="epoch", ylabel="R@10 (%)", ylim=(0, 100),
+                   title=f"{'image -> caption' if direction == 'i2t' else 'caption -> image'} R@10 per epoch\n"
+                         "(encoder/strategy; dotted: mean vectors, solid: GRU)")
+            ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+def retrieval_comparison(rows: list[dict], path: str | Path) -> Path:
+    """1K-protocol R@10 of every compared run (strategy x encoder, first fold) in both directions, with the
+    target lines (the paper's best MS-COCO figures)."""
+    names = [f"{r['encoder']} / {r['strategy']}" for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.62 * len(rows) + 2), 4))
+    for shift, direction, colour, target, what in ((-0.2, "i2t", "tab:blue", 72.5, "image -> caption"),
+                                                   (0.2, "t2i", "tab:orange", 69.2, "caption -> image")):
+        values = [r["protocol_1k"][f"{direction}_r10"] for r in rows]
+        ax.bar(x + shift, values, 0.4, color=colour, label=f"{what} R@10")
+        ax.axhline(target, color=colour, ls="--", lw=1, label=f"target {what} ({target})")
+        for xi, v in zip(x + shift, values):
+            ax.text(xi, v + 0.8, f"{v:.0f}", ha="center", fontsize=7)
+    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    ax.set(ylabel="R@10 (%), 1K protocol", ylim=(0, 100),
+           title="Mining strategies x caption encoders (first fold, held-out 1K sets; one caption per image)")
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    return _save(fig, path)
+
+
+def photo_grid(cells: list[tuple[np.ndarray, str, bool]], path: str | Path, title: str) -> Path:
+    """Photos in rows of five, each with its text above (``(rgb image, text, highlighted)``; a highlighted text is
+    green, e.g. a retrieved photo's own caption)."""
+    cols = min(len(cells), 5)
+    rows = int(np.ceil(len(cells) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (picture, text, highlighted) in zip(axes.flat, cells):
+        ax.imshow(picture)
+        ax.set_title(text, fontsize=7.5, loc="left", color="tab:green" if highlighted else "black")
+    fig.suptitle(textwrap.fill(title, 120), fontsize=11)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     return _save(fig, path)

@@ -2,7 +2,7 @@
 
 A stage's artifact (a feature block, probabilities …) lives in ``output/artifacts/<stage>/<key>/`` where the
 key hashes its spec (settings that shape it, asset identities, input keys, data fingerprint; see
-:mod:`multilabel_fusion.registry`). A downstream stage computes the key from the current configuration and
+:mod:`multilabel_fusion.stages.context`). A downstream stage computes the key from the current configuration and
 finds exactly that folder, or stops with a one-line error naming the stage to run. Changing a setting and
 changing it back finds the old artifact again.
 

@@ -263,7 +263,7 @@ class StageContext(Workspace):
     @property
     def eval_idx(self) -> np.ndarray:
         """Records with a held-out prediction: every training record with K folds, the validation part with one."""
-        return np.sort(np.concatenate([held for _, held in self.folds]))
+        return F.held_out_rows(self.folds)[0]
 
     @property
     def y_eval(self) -> np.ndarray:
@@ -286,20 +286,13 @@ class StageContext(Workspace):
         return super().key(name or self.stage.name)
 
     def selection(self, k: int, fit_idx: np.ndarray, held_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(rows to train on, rows that choose the epoch) for fold ``k``: ``split.selection_fraction`` of the fit
-        part chooses, so the held-out rows stay unseen by every choice; with 0, the held-out rows choose."""
-        fraction = float(self.settings.split.selection_fraction)
-        if fraction == 0:
-            return fit_idx, held_idx
-        return F.selection_split(self.targets, fit_idx, fraction, self.settings.split.seed + 1 + k)
+        """(rows to train on, rows that choose the epoch) for fold ``k`` (:func:`multilabel_fusion.data.folds.selection`)."""
+        split = self.settings.split
+        return F.selection(self.targets, k, fit_idx, held_idx, split.selection_fraction, split.seed)
 
     @property
     def selection_note(self) -> str:
-        """How the epochs were chosen, for the console and the metrics files."""
-        fraction = float(self.settings.split.selection_fraction)
-        if fraction == 0:
-            return "epochs chosen on the held-out rows themselves (split.selection_fraction: 0; optimistic)"
-        return f"epochs chosen on {fraction:.0%} of each fit part, never trained on; held-out rows only scored"
+        return F.selection_note(self.settings.split.selection_fraction)
 
     def bad_images(self, part: str | None = None) -> list[str]:
         """Images that cannot be read: an error naming the first (``data.bad_images: error``), or the list to

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.folds import held_out_rows
 from ..evaluation import figures as plots
 from ..evaluation import submission
 from ..evaluation.scoring import decide_as, evaluate
@@ -84,8 +85,7 @@ def finish(ctx: StageContext, held_probs: np.ndarray, test_probs: np.ndarray, *,
     metrics = {"stage": stage, "title": title, "data": str(ctx.data.root), "demo_data": ctx.demo,
                "artifact_key": ctx.key(), "n_fit": len(ctx.train_idx), "n_val": len(ctx.val_idx),
                "warnings": list(ctx.warnings)}
-    position = {int(i): r for r, i in enumerate(ctx.eval_idx)}
-    groups = [np.array([position[int(i)] for i in held]) for _, held in ctx.folds]
+    groups = held_out_rows(ctx.folds)[1]
     metrics.update(evaluate(held_probs, ctx.y_eval, groups, ctx.settings.thresholds, estimate=ctx.estimate,
                             epoch_selection=ctx.selection_note))
     decided = {k: metrics[k] for k in ("decision", "thresholds", "at_least_one")}

@@ -106,13 +106,9 @@ def default() -> Registry:
     from .detector import Detector
     from .fused import FusedNetwork
     from .image import ImageNetwork
+    from .joint_embedding import JointEmbedding
+    from .label_decoder import LabelDecoder
     from .text import TextNgrams
 
-    research = []
-    try:  # TEMPORARY while stages 05/06 are ported
-        from .joint_embedding import JointEmbedding
-        from .label_decoder import LabelDecoder
-        research = [LabelDecoder(), JointEmbedding()]
-    except ImportError:
-        pass
-    return Registry([ImageNetwork(), CaptionNetwork(), Detector(), TextNgrams(), *research, FusedNetwork()])
+    return Registry([ImageNetwork(), CaptionNetwork(), Detector(), TextNgrams(), LabelDecoder(), JointEmbedding(),
+                     FusedNetwork()])
