@@ -22,13 +22,18 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def _loss_panel(ax, history: pd.DataFrame, title: str, held_out: str = "validation", ylabel: str = "BCE loss") -> None:
+    """The training and held-out loss per epoch."""
+    ax.plot(history["epoch"], history["train_loss"], label="train")
+    ax.plot(history["epoch"], history["val_loss"], label=held_out)
+    ax.set(xlabel="epoch", ylabel=ylabel, title=f"{title}: loss")
+    ax.legend()
+
+
 def training_curves(history: pd.DataFrame, path: str | Path, title: str) -> Path:
     """Loss (train and validation) and validation mean-F1 per epoch."""
     fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax_loss.plot(history["epoch"], history["train_loss"], label="train")
-    ax_loss.plot(history["epoch"], history["val_loss"], label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="BCE loss", title=f"{title}: loss")
-    ax_loss.legend()
+    _loss_panel(ax_loss, history, title)
     ax_f1.plot(history["epoch"], history["val_mean_f1"], color="tab:green")
     best = history["val_mean_f1"].idxmax()
     ax_f1.scatter([history.loc[best, "epoch"]], [history.loc[best, "val_mean_f1"]], color="tab:red", zorder=3,
@@ -152,10 +157,7 @@ def decoder_comparison(rows: list[dict], path: str | Path) -> Path:
 def decoder_curves(history: pd.DataFrame, path: str | Path, title: str) -> Path:
     """Sequence loss (train, held out) and mean-F1 of the decoded sets per epoch."""
     fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax_loss.plot(history["epoch"], history["train_loss"], label="train")
-    ax_loss.plot(history["epoch"], history["val_loss"], label="held out")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy per label token", title=f"{title}: loss")
-    ax_loss.legend()
+    _loss_panel(ax_loss, history, title, "held out", "cross-entropy per label token")
     for column, label in (("val_mean_f1", "F1"), ("val_precision", "precision"), ("val_recall", "recall")):
         if column in history:
             ax_f1.plot(history["epoch"], history[column], label=label)

@@ -240,6 +240,9 @@ def predictor_size_mb(ctx: StageContext, used: dict[str, dict], fusion_mb: float
             parts.update({p: round(mb, 1) for p, mb in ctx.registry.get(stage).predictor(ctx, blocks).parts_mb().items()})
         except (PredictorUnavailable, MissingArtifact) as err:
             parts[f"{stage} (no predictor: {err})"] = None
+        except Exception as err:  # noqa: BLE001 - a size report never costs the stage its results
+            log.warning(f"[fusion] the size of stage {stage}'s predictor is unknown: {type(err).__name__}: {err}")
+            parts[f"{stage} (size unknown: {type(err).__name__})"] = None
     k = len(ctx.folds)
     parts[f"fused networks ({k} folds)"] = round(fusion_mb * k, 1)
     known = {p: v for p, v in parts.items() if v is not None}

@@ -82,7 +82,7 @@ class JointEmbedding(Stage):
 
     # ------------------------------------------------------------------------------------------- the work
     def fit(self, ctx: StageContext) -> Artifact:
-        """One network per fold: the blocks, the retrieval figures and the first fold's network for retrieval."""
+        """One network per fold: the blocks, retrieval measured per fold, the first fold's network for retrieval."""
         with cpu_threads(ctx.device):  # one thread: measured 4-10x faster per batch than two on a busy 2-core CPU
             return self._embedding(ctx)[0]
 
@@ -113,10 +113,12 @@ class JointEmbedding(Stage):
         history = pd.DataFrame(info.pop("history", []))
         history = history[history["fold"] == 0] if len(history) else history
         figures_dir = ctx.output_dir / "figures"
-        figures = {"recall_per_epoch": plots.retrieval_recall(history, compared, figures_dir / "joint_embedding_recall.png",
+        figures = {"recall_per_epoch": plots.retrieval_recall(history, compared,
+                                                              figures_dir / "joint_embedding_recall.png",
                                                               f"joint embedding ({je.encoder}, {je.strategy})")}
         if comparison:
-            figures["comparison"] = plots.retrieval_comparison(comparison, figures_dir / "joint_embedding_comparison.png")
+            figures["comparison"] = plots.retrieval_comparison(comparison,
+                                                               figures_dir / "joint_embedding_comparison.png")
         finder = Retriever(ctx, found)
         _, figures["retrieval_text_query"] = finder.by_text(EXAMPLE_QUERY,
                                                             out=figures_dir / "joint_embedding_text_query.png")
@@ -149,7 +151,7 @@ class JointEmbedding(Stage):
         part = "train" if je.image_features == "pooled" else "train_depths"
         vocab = text.Vocabulary([str(t) for t in art["vocab"]])
         ids, lengths = vocab.encode(cleaned_tokens(ws)[0], je.seq_len)
-        prompt_ids, prompt_len = prompt_tokens(je, vocab)
+        prompt_ids, prompt_len = vocab.encode(prompt_words(je), je.seq_len)
         states = [best_weights(f["run_dir"], ws.models_dir, self) for f in art.info["retrieval"]["per_fold"]]
         matrix = _text_rows(states[0], je.encoder)
         description = {"image_dim": int(art.info["image_dim"]), "vocab_rows": int(matrix.shape[0]),
@@ -161,7 +163,8 @@ class JointEmbedding(Stage):
                    "labels": torch.from_numpy(ws.targets.astype(np.uint8)),
                    "prompt_ids": torch.from_numpy(prompt_ids.astype(np.int32)),
                    "prompt_lengths": torch.from_numpy(prompt_len.astype(np.int32)),
-                   **{f"fit_{k}": torch.from_numpy(np.asarray(fit, dtype=np.int64)) for k, (fit, _) in enumerate(ws.folds)}}
+                   **{f"fit_{k}": torch.from_numpy(np.asarray(fit, dtype=np.int64))
+                      for k, (fit, _) in enumerate(ws.folds)}}
         return JointEmbeddingPredictor(blocks, description, [_network(s, description) for s in states], vocab, gallery)
 
 
@@ -203,26 +206,26 @@ def image_features(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(block["train"], np.float32), np.asarray(block["test"], np.float32)
 
 
-def prompt_tokens(je, vocab: text.Vocabulary) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and lengths of the zero-shot label prompts (``joint_embedding.prompt`` of each label name)."""
-    return vocab.encode(text.clean_captions([je.prompt.format(name) for name in L.names()], desc=None), je.seq_len)
+def prompt_words(je) -> list[list[str]]:
+    """The cleaned words of the zero-shot label prompts (``joint_embedding.prompt`` of each label name)."""
+    return text.clean_captions([je.prompt.format(name) for name in L.names()], desc=None)
 
 
 def load_inputs(ctx: StageContext) -> Inputs:
     je = ctx.settings.joint_embedding
     image_train, image_test = image_features(ctx)
     train_tokens, test_tokens = cleaned_tokens(ctx)
-    prompts = [je.prompt.format(name) for name in L.names()]
-    prompt_tokens = text.clean_captions(prompts, desc=None)
+    prompts = prompt_words(je)
     asset = ctx.assets.word_vectors(ctx.settings.caption, ctx.models_dir / "vectors")
     vectors = load_vectors(asset)
-    vocab, matrix = text.build_vocabulary(train_tokens + test_tokens + prompt_tokens, vectors)
+    vocab, matrix = text.build_vocabulary(train_tokens + test_tokens + prompts, vectors)
     del vectors
     ids_train, len_train = vocab.encode(train_tokens, je.seq_len)
     ids_test, len_test = vocab.encode(test_tokens, je.seq_len)
-    prompt_ids, prompt_len = vocab.encode(prompt_tokens, je.seq_len)
+    prompt_ids, prompt_len = vocab.encode(prompts, je.seq_len)
     return Inputs(image_train, image_test, ids_train, len_train, ids_test, len_test, vocab, matrix, prompt_ids,
-                  prompt_len, prompts, ctx.key("image"), asset, text.oov_report(train_tokens, vocab))
+                  prompt_len, [je.prompt.format(name) for name in L.names()], ctx.key("image"), asset,
+                  text.oov_report(train_tokens, vocab))
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -734,14 +737,13 @@ class JointEmbeddingPredictor(BlockPredictor):
         states = [{n: t.cpu() for n, t in net.state_dict().items()} for net in self.networks]
         shared = [n for n in states[0] if all(torch.equal(s[n], states[0][n]) for s in states[1:])] \
             if len(states) > 1 else []
-        k = len(states)
+        networks = f"joint embedding networks ({len(states)} folds)"
         files = {"vocabulary.json": ("joint embedding vocabulary", json.dumps(self.vocabulary.tokens).encode()),
                  "gallery.pt": ("joint embedding: the training records (image features, caption ids, labels, folds)",
                                 tensor_bytes(self.gallery)),
-                 "shared.pt": (f"joint embedding networks ({k} folds)", tensor_bytes({n: states[0][n] for n in shared}))}
+                 "shared.pt": (networks, tensor_bytes({n: states[0][n] for n in shared}))}
         for i, state in enumerate(states):  # what every fold holds alike (frozen word vectors) is kept once
-            files[f"network_{i}.pt"] = (f"joint embedding networks ({k} folds)",
-                                        tensor_bytes({n: t for n, t in state.items() if n not in shared}))
+            files[f"network_{i}.pt"] = (networks, tensor_bytes({n: t for n, t in state.items() if n not in shared}))
         return dict(self.description), files
 
     @classmethod

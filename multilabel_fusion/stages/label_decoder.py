@@ -94,7 +94,8 @@ class LabelDecoder(Stage):
         decoders = decoders or Decoders(ctx, load_features(ctx, Variant.parse(ld.variant).caption))
         t0 = time.time()
         arrays, folds, history, decode_seconds = cross_fit_decoder(ctx, decoders)
-        arrays.update(train_ids=ctx.data.train["ImageID"].to_numpy(str), test_ids=ctx.data.test["ImageID"].to_numpy(str))
+        arrays.update(train_ids=ctx.data.train["ImageID"].to_numpy(str),
+                      test_ids=ctx.data.test["ImageID"].to_numpy(str))
         info = {"variant": Variant.parse(ld.variant).name, "folds": folds, "history": records(history),
                 "what": "per label: its highest probability over the best beam's steps (train: out of fold; "
                         "test: mean over the fold networks); *_sets: the decoded sets (test: fraction of folds)",
@@ -541,9 +542,9 @@ class LabelDecoderPredictor(BlockPredictor):
         return {"label_decoder": fold_mean(scores)}
 
     def export(self) -> tuple[dict[str, Any], dict[str, tuple[str, bytes]]]:
-        k = len(self.networks)
-        return dict(self.description), {f"network_{i}.pt": (f"label decoders ({k} folds)",
-                                                            tensor_bytes({n: t.cpu() for n, t in net.state_dict().items()}))
+        part = f"label decoders ({len(self.networks)} folds)"
+        return dict(self.description), {f"network_{i}.pt": (part, tensor_bytes({n: t.cpu() for n, t in
+                                                                                net.state_dict().items()}))
                                         for i, net in enumerate(self.networks)}
 
     @classmethod
