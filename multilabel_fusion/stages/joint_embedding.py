@@ -699,6 +699,10 @@ class JointEmbeddingPredictor(BlockPredictor):
         self.device = torch.device("cpu")
         self._scorers: list[Scorer] | None = None
 
+    @property
+    def folds(self) -> int | None:
+        return len(self.networks)
+
     def to(self, device: torch.device) -> "JointEmbeddingPredictor":
         self.device = device
         for net in self.networks:

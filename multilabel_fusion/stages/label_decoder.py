@@ -524,6 +524,10 @@ class LabelDecoderPredictor(BlockPredictor):
         self.needs = _needs(self.variant, description["depth_features"], description["caption_block"])
         self.device = torch.device("cpu")
 
+    @property
+    def folds(self) -> int | None:
+        return len(self.networks)
+
     def to(self, device: torch.device) -> "LabelDecoderPredictor":
         self.device = device
         for net in self.networks:
