@@ -143,8 +143,15 @@ class Predictor:
                 continue
             wanted[owner.name].append(block)
             queue += [b for b in owner.predictor_needs(ws.settings, wanted[owner.name]) if b not in queue]
-        order = ws.registry.names
-        return {name: wanted[name] for name in sorted(wanted, key=order.index)}
+        needs = {name: {ws.registry.block_owner(b).name for b in ws.registry.get(name).predictor_needs(
+            ws.settings, blocks)} - {name} for name, blocks in wanted.items()}
+        ordered: list[str] = []
+        while len(ordered) < len(wanted):  # each after the stages whose blocks it needs (the registry's order else)
+            ready = [n for n in ws.registry.names if n in wanted and n not in ordered and needs[n] <= set(ordered)]
+            if not ready:
+                raise PredictorError(f"the predictors of {sorted(set(wanted) - set(ordered))} need each other's blocks")
+            ordered.append(ready[0])
+        return {name: wanted[name] for name in ordered}
 
     @classmethod
     def _from_artifacts(cls, settings: S.Settings, demo_mode: bool | str, device: torch.device,
@@ -164,10 +171,9 @@ class Predictor:
                 parts[name] = registry.get(name).predictor(ws, blocks)
         except PredictorUnavailable as err:
             raise PredictorError(str(err)) from None
-        fused = parts[final.name]
-        k = fused.description["folds"]
+        k = parts[final.name].folds
         for name, part in parts.items():
-            count = part.description.get("heads") or part.description.get("networks") or part.description.get("folds")
+            count = part.folds
             if count and count != k:
                 raise PredictorError(f"{count} {name} fold models for {k} fused fold models: the artifacts were made "
                                      "with other folds")
@@ -210,7 +216,7 @@ class Predictor:
     def _computed(self, images: Sequence[str | Path], captions: Sequence[str]) -> dict[str, np.ndarray]:
         records = NewRecords.of(images, captions)
         given: dict[str, np.ndarray] = {}
-        for part in self.predictors.values():  # in the registry's order: what a predictor needs comes first
+        for part in self.predictors.values():  # in order: what a predictor needs comes first
             given.update({k: np.asarray(v, dtype=np.float32) for k, v in part.transform(records, given).items()})
         return given
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -22,11 +22,8 @@ import torch
 from ..io.artifacts import MissingArtifact
 from ..networks.heads import MLPHead
 
-if TYPE_CHECKING:  # annotations only: the context module imports this one
-    from ..io.artifacts import Artifact
-    from ..io.assets import Assets
-    from ..settings import Settings
-    from .context import StageContext, Workspace
+# Annotations name Settings, Workspace, StageContext and Artifact as text only: the context module imports this one,
+# and no import points back at it.
 
 
 class PredictorUnavailable(RuntimeError):
@@ -99,6 +96,12 @@ class BlockPredictor:
 
     def __init__(self, blocks: Sequence[str]):
         self.blocks = tuple(blocks)
+        self.description: dict[str, Any] = {}  # what it was made from (JSON): settings, the artifact's key
+
+    @property
+    def folds(self) -> int | None:
+        """How many fold models it averages (None: it has none); they must match the fused network's."""
+        return None
 
     def transform(self, records: NewRecords, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every block of ``self.blocks`` (float32, one row per record); ``given`` holds the blocks of ``needs``."""

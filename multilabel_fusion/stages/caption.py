@@ -254,6 +254,10 @@ class CaptionPredictor(BlockPredictor):
         self.description, self.vocabulary, self.networks = description, vocabulary, networks
         self.device = torch.device("cpu")
 
+    @property
+    def folds(self) -> int | None:
+        return len(self.networks)
+
     def to(self, device: torch.device) -> "CaptionPredictor":
         self.device = device
         for net in self.networks:
@@ -301,3 +305,6 @@ class CaptionPredictor(BlockPredictor):
                 state["embedding.weight"] = shared
             networks.append(_network(state, description))
         return cls(blocks, description, vocabulary, networks)
+
+
+CaptionNetwork.predictor_type = CaptionPredictor  # what reads its part of a bundle

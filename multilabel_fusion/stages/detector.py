@@ -255,3 +255,6 @@ class DetectorPredictor(BlockPredictor):
         path = Path(folder.name) / description["weights"]
         path.write_bytes(read(description["weights"]))
         return cls(blocks, description, path, keep=folder)
+
+
+Detector.predictor_type = DetectorPredictor  # what reads its part of a bundle

@@ -263,6 +263,10 @@ class FusionPredictor(BlockPredictor):
         self.needs = tuple(description["blocks"])
         self.device = torch.device("cpu")
 
+    @property
+    def folds(self) -> int | None:
+        return len(self.heads)
+
     def to(self, device: torch.device) -> "FusionPredictor":
         self.device = device
         for head in self.heads:
@@ -285,3 +289,6 @@ class FusionPredictor(BlockPredictor):
         heads = [mlp_head(load_tensors(read(f"network_{i}.pt")), description["hidden"], description["dropout"])
                  for i in range(int(description["folds"]))]
         return cls(blocks, description, heads)
+
+
+FusedNetwork.predictor_type = FusionPredictor  # what reads its part of a bundle

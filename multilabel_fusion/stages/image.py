@@ -401,6 +401,10 @@ class ImagePredictor(BlockPredictor):
         self.device = torch.device("cpu")
         self._plan = None
 
+    @property
+    def folds(self) -> int | None:
+        return len(self.heads) or None
+
     def to(self, device: torch.device) -> "ImagePredictor":
         m = self.description
         self.device = device
@@ -453,3 +457,6 @@ def _cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
     import copy
 
     return copy.deepcopy(module).cpu()
+
+
+ImageNetwork.predictor_type = ImagePredictor  # what reads its part of a bundle

@@ -31,8 +31,11 @@ class Registry:
             self._stages[stage.name] = stage
 
     def with_stage(self, stage: Stage) -> "Registry":
-        """This registry and one stage more (a stage of your own: one entry, nothing else to edit)."""
-        return Registry([*self._stages.values(), stage])
+        """This registry and one stage more (a stage of your own: one entry, nothing else to edit), run before the
+        final stage (the fused network reads the blocks of every other)."""
+        stages = list(self._stages.values())
+        at = next((i for i, s in enumerate(stages) if s.final), len(stages)) if not stage.final else len(stages)
+        return Registry([*stages[:at], stage, *stages[at:]])
 
     def __iter__(self) -> Iterator[Stage]:
         return iter(self._stages.values())

@@ -223,6 +223,10 @@ class TextPredictor(BlockPredictor):
         super().__init__(blocks)
         self.description, self.models = description, models
 
+    @property
+    def folds(self) -> int | None:
+        return len(self.models.folds)
+
     def transform(self, records: NewRecords, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"text": fold_mean(self.models.fold_probs(list(records.captions)))}
 
@@ -235,3 +239,6 @@ class TextPredictor(BlockPredictor):
     def from_bundle(cls, description: dict[str, Any], blocks: Sequence[str], read: Callable[[str], bytes],
                     names: set[str], device: torch.device) -> "TextPredictor":
         return cls(blocks, description, TextModels.from_bytes(read("models.pkl")))
+
+
+TextNgrams.predictor_type = TextPredictor  # what reads its part of a bundle
