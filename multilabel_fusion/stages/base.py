@@ -97,6 +97,7 @@ class BlockPredictor:
     def __init__(self, blocks: Sequence[str]):
         self.blocks = tuple(blocks)
         self.description: dict[str, Any] = {}  # what it was made from (JSON): settings, the artifact's key
+        self.device = torch.device("cpu")
 
     @property
     def folds(self) -> int | None:
@@ -107,7 +108,14 @@ class BlockPredictor:
         """Every block of ``self.blocks`` (float32, one row per record); ``given`` holds the blocks of ``needs``."""
         raise NotImplementedError
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The networks it runs (moved to the device by :meth:`to`)."""
+        return []
+
     def to(self, device: torch.device) -> "BlockPredictor":
+        self.device = device
+        for module in self.modules():
+            module.to(device)
         return self
 
     def export(self) -> tuple[dict[str, Any], dict[str, tuple[str, bytes]]]:

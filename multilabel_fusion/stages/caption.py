@@ -252,17 +252,13 @@ class CaptionPredictor(BlockPredictor):
                  networks: list[CaptionBiLSTM]):
         super().__init__(blocks)
         self.description, self.vocabulary, self.networks = description, vocabulary, networks
-        self.device = torch.device("cpu")
 
     @property
     def folds(self) -> int | None:
         return len(self.networks)
 
-    def to(self, device: torch.device) -> "CaptionPredictor":
-        self.device = device
-        for net in self.networks:
-            net.to(device)
-        return self
+    def modules(self) -> list[torch.nn.Module]:
+        return list(self.networks)
 
     def transform(self, records: NewRecords, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         c = self.description

@@ -143,9 +143,6 @@ class Workspace:
         return self._shared["replaced"][str(folder)]
 
     # ------------------------------------------------------------------------------------------- keys
-    def stage(self, name: str) -> Stage:
-        return self.registry.get(name)
-
     def spec(self, name: str) -> dict[str, Any]:
         """The full spec of stage ``name``'s artifact under these settings; its hash is the artifact's key.
 

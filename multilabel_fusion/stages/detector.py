@@ -218,7 +218,6 @@ class DetectorPredictor(BlockPredictor):
     def __init__(self, blocks: Sequence[str], description: dict[str, Any], weights: Path, keep: Any = None):
         super().__init__(blocks)
         self.description, self.weights = description, Path(weights)
-        self.device = torch.device("cpu")
         self.detector = None
         self._keep = keep  # a bundle's unpacked weights live as long as the predictor
 

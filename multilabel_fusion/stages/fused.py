@@ -261,17 +261,13 @@ class FusionPredictor(BlockPredictor):
         super().__init__(blocks)
         self.description, self.heads = description, heads
         self.needs = tuple(description["blocks"])
-        self.device = torch.device("cpu")
 
     @property
     def folds(self) -> int | None:
         return len(self.heads)
 
-    def to(self, device: torch.device) -> "FusionPredictor":
-        self.device = device
-        for head in self.heads:
-            head.to(device)
-        return self
+    def modules(self) -> list[torch.nn.Module]:
+        return list(self.heads)
 
     def transform(self, records: NewRecords, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = np.concatenate([given[name] for name in self.needs], 1)

@@ -398,18 +398,18 @@ class ImagePredictor(BlockPredictor):
     def __init__(self, blocks: Sequence[str], description: dict[str, Any], backbone: Backbone, heads: list[MLPHead]):
         super().__init__(blocks)
         self.description, self.backbone, self.heads = description, backbone, heads
-        self.device = torch.device("cpu")
         self._plan = None
 
     @property
     def folds(self) -> int | None:
         return len(self.heads) or None
 
+    def modules(self) -> list[torch.nn.Module]:
+        return list(self.heads)
+
     def to(self, device: torch.device) -> "ImagePredictor":
+        super().to(device)
         m = self.description
-        self.device = device
-        for head in self.heads:
-            head.to(device)
         settings = {key: m[key] for key in ("image_size", "channels_last", "fuse_conv_bn", "feature_batch_size",
                                             "cpu_precision")}
         self._plan = prepare_inference(self.backbone, settings, device, m["mixed_precision"],

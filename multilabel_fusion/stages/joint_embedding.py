@@ -696,18 +696,18 @@ class JointEmbeddingPredictor(BlockPredictor):
         super().__init__(blocks)
         self.description, self.networks, self.vocabulary, self.gallery = description, networks, vocabulary, gallery
         self.needs = (_image_block(description["image_features"]),)
-        self.device = torch.device("cpu")
         self._scorers: list[Scorer] | None = None
 
     @property
     def folds(self) -> int | None:
         return len(self.networks)
 
+    def modules(self) -> list[torch.nn.Module]:
+        return list(self.networks)
+
     def to(self, device: torch.device) -> "JointEmbeddingPredictor":
-        self.device = device
-        for net in self.networks:
-            net.to(device)
-        self._scorers = None
+        super().to(device)
+        self._scorers = None  # embedded again on the new device
         return self
 
     def scorers(self) -> list[Scorer]:

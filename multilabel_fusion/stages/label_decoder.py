@@ -522,17 +522,13 @@ class LabelDecoderPredictor(BlockPredictor):
         self.description, self.networks = description, networks
         self.variant = Variant.parse(description["variant"])
         self.needs = _needs(self.variant, description["depth_features"], description["caption_block"])
-        self.device = torch.device("cpu")
 
     @property
     def folds(self) -> int | None:
         return len(self.networks)
 
-    def to(self, device: torch.device) -> "LabelDecoderPredictor":
-        self.device = device
-        for net in self.networks:
-            net.to(device)
-        return self
+    def modules(self) -> list[torch.nn.Module]:
+        return list(self.networks)
 
     def transform(self, records: NewRecords, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         d = self.description
