@@ -8,7 +8,7 @@ first-fold network (kept in its artifact); a query is embedded by the same netwo
 through the image stage's predictor: its backbone with exactly the extraction's preprocessing. Nothing is trained
 here: the artifact of the configuration given (``--data``, ``--output``, ``--models``, ``--set``) is used, or a
 one-line error names the stage to run. The answer is printed and drawn as a grid (PNG, path printed).
-(The search itself is :class:`multilabel_fusion.stages.joint_embedding.Retriever`, which the stage also uses for its
+(The search itself is :class:`multilabel_fusion.stages.joint_embedding_search.Retriever`, which the stage also uses for its
 example figures; this adds finding the artifact of a configuration, and the command line in ``__main__``.)
 """
 
@@ -17,13 +17,13 @@ from __future__ import annotations
 from .. import pipeline
 from ..io.artifacts import MissingArtifact
 from ..settings import Settings
-from ..stages import joint_embedding
-from ..stages.joint_embedding import Hit, grid  # noqa: F401 - the API of retrieval
+from ..stages import joint_embedding_search
+from ..stages.joint_embedding_search import Hit, grid  # noqa: F401 - the API of retrieval
 
 __all__ = ["Hit", "Retriever", "grid"]
 
 
-class Retriever(joint_embedding.Retriever):
+class Retriever(joint_embedding_search.Retriever):
     """The stage-06 retriever of a configuration's artifact (:meth:`open`)."""
 
     @classmethod
