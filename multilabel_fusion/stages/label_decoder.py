@@ -65,6 +65,13 @@ class LabelDecoder(Stage):
     section = "label_decoder"
     blocks = ("label_decoder",)
     writes = "out-of-fold per-label scores of a recurrent label decoder, decoder submission, decoders vs BCE table"
+    summary = "recurrent label decoders (CNN-RNN, seq2seq with attention) + their block"
+    about = ("Recurrent label decoders (CNN-RNN joint embedding, CNN as initialisation, CNN sequence to sequence, with "
+             "or without attention; order-free training; image and caption) predict each image's labels one at a time "
+             "by beam search, trained per fold on the cached features of stages 01 and 02 (minutes on a CPU). The "
+             "chosen decoder's per-label scores give `output/submission_label_decoder.csv` and a block the fused "
+             "network can stack. With `label_decoder.comparisons=true` they are also measured against BCE heads on the "
+             "same features (the paper's table, with the published figures beside).")
 
     def reads(self, settings: Settings, registry) -> tuple[str, ...]:
         return ("image", "caption")
