@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..io.assets import Asset, backbone_weights
-from ..settings import FEATURE_DIMS, parse_backbone  # noqa: F401 - the backbones a setting can name
+from ..settings import FEATURE_DIMS  # the backbones a setting can name
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

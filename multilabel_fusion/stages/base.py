@@ -19,11 +19,12 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 import torch
 
-from ..io.artifacts import MissingArtifact
+from ..io.artifacts import Artifact, MissingArtifact
 from ..networks.heads import MLPHead
+from ..settings import Settings
 
-# Annotations name Settings, Workspace, StageContext and Artifact as text only: the context module imports this one,
-# and no import points back at it.
+# ``Workspace`` and ``StageContext`` (multilabel_fusion.stages.context) appear in annotations as text only: that module
+# imports this one, and no import points back at it.
 
 
 class PredictorUnavailable(RuntimeError):
@@ -99,18 +100,21 @@ class BlockPredictor:
         self.description: dict[str, Any] = {}  # what it was made from (JSON): settings, the artifact's key
         self.device = torch.device("cpu")
 
+    #: The fold networks it averages (one per fold of the shared split), if its outputs are fold averages.
+    fold_networks: Sequence[torch.nn.Module] = ()
+
     @property
     def folds(self) -> int | None:
         """How many fold models it averages (None: it has none); they must match the fused network's."""
-        return None
+        return len(self.fold_networks) or None
 
     def transform(self, records: NewRecords, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every block of ``self.blocks`` (float32, one row per record); ``given`` holds the blocks of ``needs``."""
         raise NotImplementedError
 
     def modules(self) -> list[torch.nn.Module]:
-        """The networks it runs (moved to the device by :meth:`to`)."""
-        return []
+        """The networks it runs (moved to the device by :meth:`to`): by default its fold networks."""
+        return list(self.fold_networks)
 
     def to(self, device: torch.device) -> "BlockPredictor":
         self.device = device
@@ -180,7 +184,7 @@ class Stage:
         """Feature blocks it reads (their keys are in its spec)."""
         return ()
 
-    def effective_settings(self, ws: "Workspace") -> "Settings":
+    def effective_settings(self, ws: "Workspace") -> "Settings":  # noqa: F821
         """The settings this stage runs with under ``ws.settings`` (the fused network leaves out the blocks whose
         asset cannot be had)."""
         return ws.settings
@@ -189,7 +193,7 @@ class Stage:
         """The settings that shape its artifact: its section's, as the schema marks them."""
         return {self.section: settings[self.section].shaping()} if self.section else {}
 
-    def spec(self, ws: "Workspace") -> dict[str, Any]:
+    def spec(self, ws: "Workspace") -> dict[str, Any]:  # noqa: F821
         """What else shapes its artifact under ``ws.settings`` (asset identities from ``ws.assets``, code versions,
         the shared split and seed); may replace ``settings``. Raises
         :class:`multilabel_fusion.io.assets.AssetUnavailable` when an asset cannot be had."""
@@ -204,15 +208,15 @@ class Stage:
         return None
 
     # ------------------------------------------------------------------------------------------- the work
-    def fit(self, ctx: "StageContext") -> "Artifact":
+    def fit(self, ctx: "StageContext") -> "Artifact":  # noqa: F821
         """The stage's artifact for the current settings: found by key, or computed and kept."""
         raise NotImplementedError
 
-    def run(self, ctx: "StageContext") -> dict[str, Any]:
+    def run(self, ctx: "StageContext") -> dict[str, Any]:  # noqa: F821
         """The artifact, then the stage's submission, metrics file and figures; returns the metrics."""
         raise NotImplementedError
 
-    def block_arrays(self, ctx: "StageContext", block: str) -> tuple[np.ndarray, np.ndarray]:
+    def block_arrays(self, ctx: "StageContext", block: str) -> tuple[np.ndarray, np.ndarray]:  # noqa: F821
         """(train rows, test rows) of block ``block``: by default the artifact's ``train``/``test`` arrays for a
         block named as the stage, its out-of-fold ``probs``/``test_probs`` for ``<stage>_probs``."""
         art = ctx.require(self.name)
@@ -230,7 +234,7 @@ class Stage:
         """Blocks of other stages its predictor reads to compute ``blocks`` for a new record."""
         return ()
 
-    def predictor(self, ws: "Workspace", blocks: Sequence[str]) -> BlockPredictor:
+    def predictor(self, ws: "Workspace", blocks: Sequence[str]) -> BlockPredictor:  # noqa: F821
         """The :class:`BlockPredictor` of ``blocks`` from the artifacts of the workspace's settings (never trains;
         a missing artifact is a one-line error naming this stage's script)."""
         raise PredictorUnavailable(f"stage {self.label} offers no predictor for new records")

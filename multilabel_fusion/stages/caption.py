@@ -254,10 +254,7 @@ class CaptionPredictor(BlockPredictor):
         self.description, self.vocabulary, self.networks = description, vocabulary, networks
 
     @property
-    def folds(self) -> int | None:
-        return len(self.networks)
-
-    def modules(self) -> list[torch.nn.Module]:
+    def fold_networks(self) -> list[torch.nn.Module]:
         return list(self.networks)
 
     def transform(self, records: NewRecords, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

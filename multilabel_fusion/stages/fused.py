@@ -263,10 +263,7 @@ class FusionPredictor(BlockPredictor):
         self.needs = tuple(description["blocks"])
 
     @property
-    def folds(self) -> int | None:
-        return len(self.heads)
-
-    def modules(self) -> list[torch.nn.Module]:
+    def fold_networks(self) -> list[torch.nn.Module]:
         return list(self.heads)
 
     def transform(self, records: NewRecords, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -401,10 +400,7 @@ class ImagePredictor(BlockPredictor):
         self._plan = None
 
     @property
-    def folds(self) -> int | None:
-        return len(self.heads) or None
-
-    def modules(self) -> list[torch.nn.Module]:
+    def fold_networks(self) -> list[torch.nn.Module]:
         return list(self.heads)
 
     def to(self, device: torch.device) -> "ImagePredictor":

@@ -570,10 +570,7 @@ class JointEmbeddingPredictor(BlockPredictor):
         self._scorers: list[Scorer] | None = None
 
     @property
-    def folds(self) -> int | None:
-        return len(self.networks)
-
-    def modules(self) -> list[torch.nn.Module]:
+    def fold_networks(self) -> list[torch.nn.Module]:
         return list(self.networks)
 
     def to(self, device: torch.device) -> "JointEmbeddingPredictor":

@@ -531,10 +531,7 @@ class LabelDecoderPredictor(BlockPredictor):
         self.needs = _needs(self.variant, description["depth_features"], description["caption_block"])
 
     @property
-    def folds(self) -> int | None:
-        return len(self.networks)
-
-    def modules(self) -> list[torch.nn.Module]:
+    def fold_networks(self) -> list[torch.nn.Module]:
         return list(self.networks)
 
     def transform(self, records: NewRecords, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
