@@ -85,4 +85,7 @@ def run_stage(name: str, settings: Settings, demo_mode: bool | str = False, resu
     """Stage ``name`` as its script and its notebook run it: first the (earlier) stages whose artifacts it reads,
     those missing for the current settings, then the stage; its metrics."""
     registry = registry or stage_registry.default()
-    return run_all(settings, demo_mode=demo_mode, stages=[name], resume=resume, registry=registry)[name]
+    results = run_all(settings, demo_mode=demo_mode, stages=[name], resume=resume, registry=registry)
+    if name in results["skipped"]:  # the main job goes on without it; asked for on its own, it cannot run
+        raise AssetUnavailable(results["skipped"][name])
+    return results[name]

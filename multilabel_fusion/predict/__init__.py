@@ -196,6 +196,7 @@ class Predictor:
         for name in set(settings.fusion.blocks) - set(narrowed.fusion.blocks):
             log.info(f"[predict] the fused network leaves out the '{name}' block, as its stage does")
         ws = ws.derive(narrowed)
+        ws.require(final.name)  # its networks first: the decision is only ever kept beside them
         decision = require_decision(ws, final.name)
         parts = {}
         try:
