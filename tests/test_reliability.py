@@ -91,7 +91,8 @@ def test_2_an_artifact_whose_array_was_overwritten_is_computed_again(small, tmp_
     assert again["probabilities"] == "computed" and again["artifact_key"] == first["artifact_key"]
     rows = (tmp_path / "out" / "submission_text.csv").read_text().splitlines()[1:]
     assert not all(len(r.split(",")[1].split()) == 18 for r in rows)  # not every label for every image
-    assert np.asarray(store.require("text", first["artifact_key"], "04")["test_probs"]).max() < 0.99 + 1e-6
+    kept = np.asarray(store.require("text", first["artifact_key"], "04")["test_probs"])
+    assert not np.isclose(kept, 0.99).all() and kept.std() > 0.01  # the recomputed probabilities, not the 0.99s
 
 
 # ----------------------------------------------------------------------------------------------- 3. a changed photo
@@ -211,7 +212,7 @@ def test_6_a_full_disk_is_one_line_naming_the_folder_and_the_bytes(small, tmp_pa
 
     monkeypatch.setattr(os, "posix_fallocate", full)
     store = ArtifactStore(tmp_path / "out")
-    with pytest.raises(DiskFull, match=r"no space left on the device of .*artifacts/image \(80,000 bytes needed"):
+    with pytest.raises(DiskFull, match=rf"no space left on the device of {re.escape(str(tmp_path / 'out' / 'artifacts' / 'image'))} \(80,\d+ bytes needed"):
         with store.writer("image", "k", {}) as w:
             w.array("train", (100, 400), "float16")  # reserved before a row is written: never a bus error
     assert store.load("image", "k") is None and not (tmp_path / "out" / "artifacts" / "image" / "k").exists()

@@ -88,7 +88,7 @@ class ArtifactStore:
         that was killed is removed by the next writer of the same artifact.
         """
         with atomic_dir(self.dir(stage, key)) as tmp:
-            w = ArtifactWriter(tmp)
+            w = ArtifactWriter(tmp, self.root / stage)
             yield w
             arrays = w.close()
             write_json(tmp / MANIFEST, {"stage": stage, "key": key, "spec": spec, "arrays": arrays,
@@ -106,8 +106,9 @@ class ArtifactStore:
 class ArtifactWriter:
     """Arrays of one artifact being written: :meth:`array` (memory-mapped, filled in place) or :meth:`put`."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, target: Path | None = None):
         self.folder = folder
+        self.target = target or folder  # the folder a user knows (the temporary one is renamed into it)
         self.info: dict[str, Any] = {}
         self._open: dict[str, np.ndarray] = {}
         self._specs: dict[str, dict] = {}
@@ -117,15 +118,16 @@ class ArtifactWriter:
         allocated first, so a full disk is an error here (naming the folder and the bytes), not a crash later."""
         path = self.folder / f"{name}.npy"
         dtype, shape = np.dtype(dtype), tuple(shape)
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-        allocate(path, path.stat().st_size)
+        with disk_space(self.target, int(np.prod(shape)) * dtype.itemsize):
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+            allocate(path, path.stat().st_size, self.target)
         self._open[name] = out
         return out
 
     def put(self, name: str, array: np.ndarray) -> None:
         array = np.asarray(array)
         path = self.folder / f"{name}.npy"
-        with disk_space(self.folder, array.nbytes), open(path, "wb") as f:
+        with disk_space(self.target, array.nbytes), open(path, "wb") as f:
             np.save(f, array, allow_pickle=False)
         self._specs[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "sha256": file_digest(path, None)}
 

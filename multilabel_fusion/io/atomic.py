@@ -32,15 +32,15 @@ class DiskFull(OSError):
         return self.strerror
 
 
-def allocate(path: str | os.PathLike, nbytes: int) -> None:
+def allocate(path: str | os.PathLike, nbytes: int, where: str | os.PathLike | None = None) -> None:
     """Reserve ``nbytes`` for the file ``path`` now, so that writing it later (a memory-mapped array) cannot run out
-    of space half-way (which would be a bus error, not an exception)."""
+    of space half-way (which would be a bus error, not an exception); ``where``: the folder to name if it cannot."""
     fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, max(int(nbytes), 1))
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            raise DiskFull(Path(path).parent, nbytes) from None
+            raise DiskFull(where or Path(path).parent, nbytes) from None
         if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV):  # a file system without it: written
             raise
     finally:
