@@ -1,7 +1,7 @@
 # Shortcuts for the commands in README.md.
 DATA ?= ../shared/comp5329
 
-.PHONY: run test bench bench-image holdout results-sections notebooks
+.PHONY: run test bench bench-image research holdout results-sections notebooks
 run:        ## the main job: every stage, ending in output/predictions.csv
 	./setup.sh && python3 -m multilabel_fusion
 test:       ## the test suite
@@ -10,6 +10,9 @@ bench:      ## regenerate docs/RESULTS.md from cold and warm runs on $(DATA)
 	python3 -m multilabel_fusion.reports.bench --data $(DATA)
 bench-image: ## time the extraction of every image of $(DATA) with each backbone (output/metrics/image_benchmark.json)
 	python3 stages/01_image_network.py --data $(DATA) --bench all --backbones efficientnet_lite0 resnet50 vgg16
+research:   ## stages 05 and 06 with their comparison tables, sweeps and learning curves (about an hour on 2 CPU cores)
+	python3 stages/05_label_decoder.py --data $(DATA) --set label_decoder.comparisons=true
+	python3 stages/06_joint_embedding.py --data $(DATA) --set joint_embedding.comparisons=true
 holdout:    ## hold out 20 % of $(DATA)'s labelled records, run the main job on the rest, score it on them
 	python3 -m multilabel_fusion.reports.holdout_check --data $(DATA)
 results-sections: ## re-render only the stage 05/06 sections of docs/RESULTS.md from their snapshots (docs/stage_results/)

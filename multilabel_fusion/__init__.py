@@ -1,10 +1,12 @@
 """Multi-label photo+caption classifier for the COMP5329 competition.
 
-The stages in ``stages/`` and the notebooks are thin wrappers around this package: ``registry`` lists the
-stages, ``stages/`` holds one module per stage, and ``data``, ``engine``, ``evaluation``, ``networks``,
-``reports`` hold what they share (see README.md, "Layout").
+The scripts in ``stages/`` and the notebooks are thin wrappers around this package. Layers, bottom to top (each
+imports only from those below it; docs/ARCHITECTURE.md): ``settings`` and ``io``; ``data``; ``networks`` and
+``evaluation``; ``features``; ``training``; ``stages`` (one object per stage, and the registry that lists them);
+``pipeline``, ``predict`` and ``retrieve``; ``logs``; ``reports``; ``cli``.
 """
 
+import logging as _logging
 import os as _os
 import sys as _sys
 
@@ -31,3 +33,8 @@ if not getattr(_sys.stderr, "isatty", lambda: False)():
         if isinstance(_init, _functools.partialmethod):  # tqdm's own env wrapping (tqdm >= 4.66), applied again
             _tqdm_std.tqdm.__init__ = _envwrap("tqdm", is_method=True, types={
                 "total": float, "ncols": int, "miniters": float, "position": int, "nrows": int})(_init.func)
+
+# A library logs, the command lines and notebooks show (multilabel_fusion.logs): INFO records are made, and reach
+# whatever handler the application attaches; none is attached here.
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+_logging.getLogger(__name__).setLevel(_logging.INFO)

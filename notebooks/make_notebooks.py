@@ -20,7 +20,9 @@ import nbformat
 from nbformat import v4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from multilabel_fusion import registry  # noqa: E402  (the list of stages)
+from multilabel_fusion.stages.registry import default as default_registry  # noqa: E402  (the list of stages)
+
+REGISTRY = default_registry()
 
 #: The repository the notebooks clone in Colab and README.md's badges open: a fork changes this line only.
 REPO_URL = "https://github.com/OWNER/multilabel-fusion"
@@ -92,8 +94,10 @@ if str(REPO) not in sys.path:
 
 import torch
 
-from multilabel_fusion.engine.trainer import select_device
+from multilabel_fusion import logs
+from multilabel_fusion.networks.device import select_device
 
+logs.show()  # the pipeline's messages appear below each cell
 device = select_device("auto")
 gpu = f" ({{torch.cuda.get_device_name(0)}})" if device.type == "cuda" else ""
 print(f"repository: {{REPO}} | Colab: {{IN_COLAB}} | torch {{torch.__version__}} | device: {{device}}{{gpu}}")
@@ -227,12 +231,12 @@ OVERRIDES += [s.strip() for s in os.environ.get("MLF_OVERRIDES", "").split(";") 
 '''
 
 CONFIG = '''\
-from multilabel_fusion import config, registry
-from multilabel_fusion.stages import base
+from multilabel_fusion import pipeline, settings
+from multilabel_fusion.stages.context import resolve_data
 
-cfg = config.load(overrides=OVERRIDES, data=DATA, output=OUTPUT, models=MODELS)
-data_dir, IS_DEMO = base.resolve_data_dir(cfg, DEMO)  # "auto": the demo data when DATA holds none (output/demo/)
-OUT = cfg.path("output")
+cfg = settings.load(overrides=OVERRIDES, data=DATA, output=OUTPUT, models=MODELS)
+cfg, IS_DEMO = resolve_data(cfg, DEMO)  # "auto": the demo data when DATA holds none (output/demo/)
+data_dir, OUT = cfg.path("data"), cfg.path("output")
 print(f"data: {data_dir}{' (generated demo data)' if IS_DEMO else ''}\\noutput: {OUT}\\nmodels: {cfg.path('models')}")
 if OVERRIDES:
     print("overrides:", "; ".join(OVERRIDES))
@@ -251,7 +255,7 @@ from multilabel_fusion.data import reader as D
 from multilabel_fusion.data.images import read_rgb
 from multilabel_fusion.evaluation import submission
 from multilabel_fusion.evaluation.metrics import sample_f1
-from multilabel_fusion.evaluation.thresholds import decide
+from multilabel_fusion.evaluation.scoring import decide_as
 
 
 def show_figures(metrics):
@@ -281,13 +285,13 @@ def names(label_ids):
 
 
 def sample_predictions(stage, metrics, n=8, seed=0):
-    """A few validation images with their caption, true and predicted labels (the stage's tuned thresholds)."""
+    """A few validation images with their caption, true and predicted labels (by the stage's own decision)."""
     saved = np.load(OUT / "probabilities" / f"{stage}.npz")
     data = competition_data()
     n_val = len(saved["val_idx"])
     pick = np.sort(np.random.default_rng(seed).choice(n_val, min(n, n_val), replace=False))
     rows = data.train.iloc[saved["val_idx"][pick]]
-    pred = decide(saved["val"][pick], np.asarray(metrics["thresholds"]), at_least_one=cfg.thresholds.at_least_one)
+    pred = decide_as(metrics, saved["val"][pick])
     true = L.encode(rows["Labels"].tolist())
     f1 = sample_f1(true, pred)
     fig, axes = plt.subplots(2, (len(rows) + 1) // 2, figsize=(16, 7.5), squeeze=False)
@@ -330,92 +334,23 @@ else:
 '''
 
 # ----------------------------------------------------------------------------------------------- per notebook
-#: What each stage's notebook says about it; the list of stages itself comes from the registry.
-ABOUT = {
-    "image": "A ResNet50 (ImageNet weights) turns every photo into a 2048-d feature vector, kept in "
-             "`output/artifacts/image/<key>/` (the key names the backbone, its weights and the image size); a small "
-             "head trained per fold on those features gives out-of-fold probabilities (the block `image_probs` of "
-             "stage 03) and the CNN-only submission `output/submission_image.csv`. `image.fine_tune=true` runs the "
-             "published end-to-end fine-tuning instead, one network per fold, so that features and probabilities of "
-             "a training record still come from a network that never saw it (five fine-tunings: use a GPU).",
-    "caption": "A Bi-LSTM over pretrained word vectors (GloVe-twitter-100) reads each cleaned caption; its 100-d "
-               "caption features are kept in `output/artifacts/caption/<key>/` for stage 03, and its predictions give "
-               "the caption-only submission `output/submission_caption.csv`.",
-    "fusion": "An MLP on the concatenated feature blocks (`fusion.blocks`: image, caption and detector) writes "
-              "**`output/predictions.csv`**, the file to upload. A block missing for the current settings is computed "
-              "first by its own stage (quick once notebooks 01, 02 and 04 ran); the detector block is left out, "
-              "saying so, where no COCO detector weights can be had.",
-    "text": "TF-IDF word and character n-grams of each caption with one logistic regression per label, trained "
-            "per fold: out-of-fold probabilities for every training record (the fused network's `text` block) and the "
-            "text-only submission `output/submission_text.csv`. Seconds on a CPU.",
-    "detector": "A COCO-pretrained YOLOv5 detects objects in every image; per-label detection scores give the "
-                "detector baseline `output/submission_detector.csv` and a feature block that stage 03 fuses with the "
-                "image and caption blocks. Much faster on a GPU.",
-    "label_decoder": "Recurrent label decoders (CNN-RNN joint embedding, CNN as initialisation, CNN sequence to sequence, "
-                     "with or without attention; order-free training; image and caption) predict each image's labels "
-                     "one at a time by beam search, trained on the cached features of stages 01 and 02 (minutes on a "
-                     "CPU). They are measured against BCE heads on the same features (the paper's table, with the "
-                     "published figures beside); the chosen decoder's per-label scores give "
-                     "`output/submission_label_decoder.csv` and a feature block stage 03 can fuse.",
-    "joint_embedding": "A two-branch network maps each photo's CNN features and its caption into one space where a "
-                       "matching pair lies close (bi-directional triplet ranking loss, negatives mined in the "
-                       "mini-batch), measured by retrieval: R@1/5/10 in both directions on 1,000-pair sets of the "
-                       "held-out folds, and a table of mining strategies x caption encoders. It gives the fused network "
-                       "the `joint_embedding` block (zero-shot and nearest-neighbour label scores) and a submission, and "
-                       "lets you search the data: `python3 -m multilabel_fusion.retrieve --text \"a dog asleep on a "
-                       "couch\"` or `--image PATH` (first run notebook 01 for the image features).",
-}
-#: One line per notebook for README.md's table.
-SUMMARY = {
-    "image": "image features + CNN-only submission",
-    "caption": "caption features + caption-only submission",
-    "fusion": "`output/predictions.csv` (first runs 01, 02, 04 or 07 for any block not cached yet)",
-    "detector": "YOLOv5 baseline + detector block",
-    "label_decoder": "recurrent label decoders (CNN-RNN, seq2seq with attention) + their block",
-    "joint_embedding": "image-caption joint embedding, retrieval of photos and captions + its block",
-    "text": "TF-IDF n-grams + logistic regression, the out-of-fold `text` block",
-}
+#: One notebook per stage of the registry, named as its script; what it says comes from the stage.
 STAGE_NOTEBOOKS = {f"{s.number}_{s.module}": {"stage": s.name, "title": f"Stage {s.number}: the {s.title}",
-                                              "about": ABOUT[s.name]} for s in registry.STAGES.values()}
+                                              "about": s.about} for s in REGISTRY}
 
 FULL_TITLE = "The whole pipeline: every stage, ending in `output/predictions.csv`"
 FULL_ABOUT = ("Runs every stage of `pipeline.stages` in `config.yaml` (image network, caption network, detector, "
-              "fused network; choose others with `STAGES` below) with `run_all`, as `python -m multilabel_fusion` "
+              "text n-grams, fused network; choose others with `STAGES` below) with `run_all`, as "
+              "`python -m multilabel_fusion` "
               "does, shows their figures and comparison, and validates **`output/predictions.csv`**, the file to "
               "upload to Kaggle. "
               "Every stage caches its work, so running it again, or after a disconnect with Drive, is quick. "
-              "Each stage also has its own notebook (01–04).")
+              "Each stage also has its own notebook (01–07).")
 
 RUN_STAGE = '''\
-from multilabel_fusion.__main__ import run_stage
-
-# as stages/{script} does: first the stages whose artifacts it reads, where missing for these settings (the registry
-# says which), then the stage itself
-metrics = run_stage("{stage}", cfg, demo_mode=IS_DEMO, resume=RESUME)
-'''
-
-COMPARISON = '''\
-compared = results_of_fusion["comparison"]  # every stage whose metrics file describes the current settings
-display(pd.DataFrame([{"stage": r["stage"], "mean-F1 at 0.5": r["at_0.5"], "one tuned threshold": r["global"],
-                       "tuned per-class thresholds": r["tuned"]} for r in compared]).set_index("stage"))
-pd.DataFrame({r["key"]: r["per_class_f1"] for r in compared}, index=L.names()).rename_axis("per-class F1")
-'''
-
-
-RETRIEVE = '''\
-from IPython.display import Image as ShowImage
-
-from multilabel_fusion.retrieve import Retriever
-
-retriever = Retriever.open(cfg, IS_DEMO)
-QUERY = "a dog asleep on a couch"  # any sentence
-hits, picture = retriever.by_text(QUERY, top=8)
-for hit in hits:
-    print(hit.describe())
-display(ShowImage(filename=str(picture)))
-PHOTO = sorted((data_dir / "data").glob("*.jpg"))[0]  # or the path of any photo
-hits, picture = retriever.by_image(PHOTO, top=8)
-display(ShowImage(filename=str(picture)))
+# as stages/{script} does: first the (earlier) stages whose artifacts it reads, where missing for these settings,
+# then the stage itself
+metrics = pipeline.run_stage("{stage}", cfg, demo_mode=IS_DEMO, resume=RESUME)
 '''
 
 
@@ -452,50 +387,44 @@ def stage_cells(name: str, spec: dict) -> list:
                  "Cached work (features, finished training runs) is reused; any change of setting recomputes what "
                  "depends on it. A stage that reads other stages' artifacts runs those stages first where their "
                  "artifacts are missing, exactly as its script does."),
-              code(RUN_STAGE.format(stage=stage, script=registry.get(stage).script.split("/")[1]))]
+              code(RUN_STAGE.format(stage=stage, script=REGISTRY.get(stage).script.split("/")[1]))]
     cells += [md("## Results\nValidation figures (the held-out part of `train.csv`), per-class F1 and a few "
                  "validation samples."),
               code("show_figures(metrics)"), code("per_class_table(metrics)"),
               code(f'sample_predictions("{stage}", metrics)')]
-    if stage == "fusion":
-        cells += [code("results_of_fusion = metrics"), code(COMPARISON)]
-    if stage == "joint_embedding":
-        cells += [md("## Search the data\nType a sentence to find the photos that match it, or give a photo (a file "
-                     "of the data or any other) to find the captions that match it, as "
-                     "`python3 -m multilabel_fusion.retrieve --text ...` / `--image PATH` does."), code(RETRIEVE)]
+    for text, source in REGISTRY.get(stage).notebook_cells:  # what the stage itself has to show
+        cells += [md(text), code(source)]
     return cells + tail('metrics["submission"]', spec["title"])
 
 
 def full_cells() -> list:
-    name = "00_full_pipeline"
+    name, final = "00_full_pipeline", REGISTRY.final()
     stages_param = ('STAGES = None  # None: pipeline.stages of config.yaml; without the detector: '
                     '["image", "caption", "fusion"]\n'
                     '#   and OVERRIDES += ["fusion.blocks=[image, caption]"]\n')
     run = '''\
 import time
 
-from multilabel_fusion.__main__ import run_all
-
 started = time.time()
-results = run_all(cfg, demo_mode=IS_DEMO, stages=STAGES, resume=RESUME)
+results = pipeline.run_all(cfg, demo_mode=IS_DEMO, stages=STAGES, resume=RESUME)
 print(f"notebook: the pipeline took {time.time() - started:.0f} s")
 '''
     figures = '''\
-for stage, metrics in results.items():
+for stage, stage_metrics in results.items():
     if stage == "skipped":
-        for name, why in metrics.items():
+        for name, why in stage_metrics.items():
             display(Markdown(f"### {name}: skipped ({why})"))
         continue
-    display(Markdown(f"### {metrics['title']}"))
-    show_figures(metrics)
+    display(Markdown(f"### {stage_metrics['title']}"))
+    show_figures(stage_metrics)
 '''
     return (head(name, FULL_TITLE, FULL_ABOUT) + common(stages_param)
             + [md("## Run the pipeline\nCached work (features, finished training runs) is reused; any change of "
                   "setting recomputes only what depends on it."), code(run),
                md("## Results\nEvery stage's validation mean-F1 and per-class F1, their figures, and a few "
-                  "validation samples of the fused network."), code('results_of_fusion = results["fusion"]'),
-               code(COMPARISON), code(figures),
-               code('sample_predictions("fusion", results["fusion"])')]
+                  "validation samples of the fused network."), code(f'metrics = results["{final.name}"]')]
+            + [code(source) for _, source in final.notebook_cells]
+            + [code(figures), code(f'sample_predictions("{final.name}", metrics)')]
             + tail('OUT / "predictions.csv"', "fused network"))
 
 
@@ -531,8 +460,9 @@ def build() -> dict[str, str]:
 
 def readme_table() -> str:
     """README.md's table of notebooks with their "Open in Colab" badges (from REPO_URL)."""
-    rows = [("00_full_pipeline", "every stage (01, 02, 04, 07, then 03), ending in `output/predictions.csv`")]
-    rows += [(name, f"stage {name[:2]}: {SUMMARY[spec['stage']]}") for name, spec in sorted(STAGE_NOTEBOOKS.items())]
+    rows = [("00_full_pipeline", "every stage of `pipeline.stages` in order, ending in `output/predictions.csv`")]
+    rows += [(name, f"stage {name[:2]}: {REGISTRY.get(spec['stage']).summary}")
+             for name, spec in sorted(STAGE_NOTEBOOKS.items())]
     lines = ["| notebook | what it runs | |", "|---|---|---|"]
     lines += [f"| [`{name}`](notebooks/{name}.ipynb) | {what} | {badge(name)} |" for name, what in rows]
     return "\n".join([TABLE_START, *lines, TABLE_END])

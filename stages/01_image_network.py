@@ -1,4 +1,4 @@
-"""Stage 01: the image network (ResNet50 by default) -> cached image features + CNN-only submission.
+"""Stage 01: the image network (network 1: ResNet50 by default) -> cached image features + CNN-only submission.
 
     python stages/01_image_network.py --data ../shared/comp5329            # frozen backbone (fast on CPU)
     python stages/01_image_network.py --set image.fine_tune=true --resume  # the published fine-tuning
@@ -6,15 +6,16 @@
     python stages/01_image_network.py --bench all --backbones efficientnet_lite0 resnet50 vgg16
 """
 
-from multilabel_fusion.networks.backbones import FEATURE_DIMS
+from multilabel_fusion import pipeline
+from multilabel_fusion.cli import stage_main
 from multilabel_fusion.reports import extraction_benchmark
-from multilabel_fusion.stages import base, image_network
+from multilabel_fusion.settings import FEATURE_DIMS
 
 
-def run(cfg, demo_mode=False, resume=False, args=None):
+def run(settings, demo_mode=False, resume=False, args=None):
     if args is not None and args.bench:
-        return extraction_benchmark.benchmark(cfg, args.bench, demo_mode, args.backbones)
-    return image_network.run_stage(cfg, demo_mode, resume)
+        return extraction_benchmark.benchmark(settings, args.bench, demo_mode, args.backbones)
+    return pipeline.run_stage("image", settings, demo_mode, resume)
 
 
 def _images(text):
@@ -35,4 +36,4 @@ def _extra(parser):
 
 
 if __name__ == "__main__":
-    base.stage_cli("image", run=run, extra_args=_extra)
+    stage_main("image", run=run, extra_args=_extra)

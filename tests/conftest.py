@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from multilabel_fusion import assets, registry
 from multilabel_fusion.data import demo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,16 +24,6 @@ def shared_data() -> Path:
 def demo_data(tmp_path_factory) -> Path:
     """A small generated dataset in the exact raw competition format."""
     return demo.generate(tmp_path_factory.mktemp("demo") / "data", n_train=120, n_test=40, seed=1)
-
-
-@pytest.fixture
-def fresh_resolution():
-    """Asset resolution and artifact specs are memoised per process; a test using this starts from what is on disk."""
-    assets._RESOLVED.clear()
-    registry._SPECS.clear()
-    yield
-    assets._RESOLVED.clear()
-    registry._SPECS.clear()
 
 
 @pytest.fixture(scope="module")

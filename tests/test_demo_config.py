@@ -4,7 +4,7 @@ import io
 import pytest
 from PIL import Image
 
-from multilabel_fusion import config
+from multilabel_fusion import settings as config
 from multilabel_fusion.data import reader as data
 
 
@@ -31,7 +31,7 @@ def test_config_defaults_and_overrides():
     assert cfg.image.backbone == "resnet50" and cfg.caption.seq_len == 8 and cfg.fusion.hidden == 2000
     assert cfg.path("data") == config.ROOT / "input"
     cfg = config.load(overrides=["fusion.lr=0.01", "fusion.blocks=[image, caption, detector]"], data="/tmp/x")
-    assert cfg.fusion.lr == 0.01 and cfg.fusion.blocks == ["image", "caption", "detector"]
+    assert cfg.fusion.lr == 0.01 and cfg.fusion.blocks == ("image", "caption", "detector")
     assert str(cfg.path("data")) == "/tmp/x"
     with pytest.raises(config.ConfigError, match=r"unknown key fusion.lrr \(did you mean fusion.lr\?\)"):
         config.load(overrides=["fusion.lrr=1"])

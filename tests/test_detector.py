@@ -16,16 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from multilabel_fusion import assets, config, registry
+from multilabel_fusion import pipeline
+from multilabel_fusion import settings as config
+from multilabel_fusion.io import assets
 from multilabel_fusion.data import demo
 from multilabel_fusion.data import labels as L
 from multilabel_fusion.data import reader as D
 from multilabel_fusion.data.images import letterbox, unletterbox
-from multilabel_fusion.engine.artifacts import ArtifactStore
+from multilabel_fusion.io.artifacts import ArtifactStore
 from multilabel_fusion.evaluation import submission
 from multilabel_fusion.networks import yolov5
 from multilabel_fusion.networks.yolov5 import Detections, Detector
-from multilabel_fusion.stages import base
 from multilabel_fusion.stages import detector as stage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ SMALL = ["trainer.num_workers=0", "detector.image_size=64", "detector.batch_size
 
 
 #: asset resolution and artifact specs start from what is on disk; one intra-op thread (see tests/conftest.py)
-pytestmark = pytest.mark.usefixtures("fresh_resolution", "one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,7 @@ def test_ultralytics_path_detects_through_yolo_predict(tiny):
 
 
 # --------------------------------------------------------------------------------- weights
-def test_weight_resolution_order(tmp_path, monkeypatch, capsys):
+def test_weight_resolution_order(tmp_path, monkeypatch, caplog):
     folder, cached_dir = tmp_path / "assets", tmp_path / "ul_weights"
     folder.mkdir()
     cached_dir.mkdir()
@@ -165,13 +166,13 @@ def test_weight_resolution_order(tmp_path, monkeypatch, capsys):
     found = resolve("yolov5su.pt", download=lambda name: calls.append(name) or got)
     assert (found.source, found.path) == ("download", got) and calls == ["yolov5su.pt"]
     # 5. ... and the offline copy when it fails, saying what was tried and what was asked for
-    capsys.readouterr()
+    caplog.clear()
     found = resolve("yolov5su.pt")
     assert (found.source, found.path, found.name) == ("offline fallback", folder / "yolov5n.pt", "yolov5n.pt")
     assert found.requested == "yolov5su.pt" and calls == ["yolov5su.pt"] * 2
     assert found.tried == ["path: absent", "assets folder: absent", "ultralytics cache: absent",
                            "ultralytics download: ConnectionError: offline"]
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "ultralytics download: ConnectionError: offline" in out
     assert "using detector weights yolov5n.pt instead of yolov5su.pt: offline fallback" in out
     # the offline copy may also be a path outside the assets folder
@@ -250,14 +251,14 @@ def test_stage_keeps_detections_by_key_and_recomputes_on_changed_settings(tiny, 
     real_detect = stage.detect_images
 
     def run(*extra):
-        return stage.run_stage(_cfg(tiny, tmp_path, f"detector.weights={weights}", *extra))
+        return pipeline.run_stage("detector", _cfg(tiny, tmp_path, f"detector.weights={weights}", *extra))
 
     m1 = run()
     assert loads == [weights] and m1["detections"] == "computed" and m1["weights"]["source"] == "path"
     assert m1["weights"]["identity"] == f"sha256:{assets.file_sha256(weights)}" and m1["bad_images"] == []
     out = tmp_path / "out"
     data = D.load(tiny)
-    block = ArtifactStore(out).require("detector", m1["artifact_key"], "stage 04")  # what stage 03 reads
+    block = ArtifactStore(out).require("detector", m1["artifact_key"], "stage 03")  # what the fused network reads
     assert block.dir == Path(m1["artifact"])
     n_train, n_test = len(data.train), len(data.test)
     assert block["train"].shape == (n_train, 18) and block["test"].shape == (n_test, 18)
@@ -295,8 +296,6 @@ def test_stage_keeps_detections_by_key_and_recomputes_on_changed_settings(tiny, 
     assert m4["detections"] == "reused" and m4["artifact_key"] == m1["artifact_key"]
     # other weights behind the same name are other detections (keyed by the file's sha256, not its name)
     weights.write_bytes(b"other weights")
-    assets._RESOLVED.clear()
-    registry._SPECS.clear()
     with pytest.raises(AssertionError, match="detection ran"):
         run()
 
@@ -349,7 +348,7 @@ def _broken_copy(tiny, tmp_path, *kinds: str) -> tuple[Path, dict[str, Path]]:
     """A copy of the demo data with bad images: a train JPEG (a validation one) cut in half, an empty test JPEG."""
     broken = tmp_path / "broken"
     shutil.copytree(tiny, broken)
-    val_row = int(base.prepare(config.load(data=tiny), "detector").val_idx[0])
+    val_row = int(pipeline.workspace(config.load(data=tiny)).folds[0][1][0])
     bad = {}
     if "truncated" in kinds:
         bad["truncated"] = broken / "data" / f"{val_row}.jpg"
@@ -374,7 +373,7 @@ def _weights_file(tmp_path) -> Path:
 @pytest.mark.parametrize("kind", ["truncated", "empty"])
 def test_a_bad_image_stops_the_stage_script_with_one_line(tiny, tmp_path, kind):
     broken, bad = _broken_copy(tiny, tmp_path, kind)
-    args = [sys.executable, str(REPO / "stages" / "04_detector.py"), "--data", str(broken),
+    args = [sys.executable, str(REPO / "stages" / "03_detector.py"), "--data", str(broken),
             "--output", str(tmp_path / "out"), "--models", str(tmp_path / "models"),
             "--set", f"detector.weights={_weights_file(tmp_path)}"]
     for item in SMALL:
@@ -394,14 +393,14 @@ def test_bad_images_replaced_when_asked_and_listed(tiny, tmp_path, monkeypatch):
     _fake_loader(monkeypatch)
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"weights")
-    n_val = len(base.prepare(config.load(data=tiny), "detector").val_idx)
-    m = stage.run_stage(_cfg(broken, tmp_path, f"detector.weights={weights}", "data.bad_images=replace",
+    n_val = len(pipeline.workspace(config.load(data=tiny)).folds[0][1])
+    m = pipeline.run_stage("detector", _cfg(broken, tmp_path, f"detector.weights={weights}", "data.bad_images=replace",
                              f"detector.examples={n_val}"))  # every validation image, the bad one too
     saved = json.loads((tmp_path / "out" / "metrics" / "detector.json").read_text())
     assert saved["bad_images"] == m["bad_images"] and len(saved["bad_images"]) == 2
     assert saved["bad_images"][0].startswith(f"{bad['truncated']}: truncated JPEG")
     assert saved["bad_images"][1].startswith(f"{bad['empty']}: empty file")
-    block = ArtifactStore(tmp_path / "out").require("detector", m["artifact_key"], "stage 04")
+    block = ArtifactStore(tmp_path / "out").require("detector", m["artifact_key"], "stage 03")
     assert block.info["bad_images"] == saved["bad_images"] and block["train"].shape == (30, 18)
     # the examples figure shows the validation images, the replaced one included
     assert saved["figures"]["examples"].endswith("detector_examples.png")
@@ -418,16 +417,16 @@ def test_repaired_images_are_not_served_from_the_replaced_artifact(tiny, tmp_pat
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"weights")
     cfg = [f"detector.weights={weights}", "data.bad_images=replace"]
-    assert len(stage.run_stage(_cfg(broken, tmp_path, *cfg))["bad_images"]) == 1
+    assert len(pipeline.run_stage("detector", _cfg(broken, tmp_path, *cfg))["bad_images"]) == 1
     shutil.copy(tiny / "data" / bad["truncated"].name, bad["truncated"])  # repaired
-    again = stage.run_stage(_cfg(broken, tmp_path, *cfg))
+    again = pipeline.run_stage("detector", _cfg(broken, tmp_path, *cfg))
     assert again["bad_images"] == [] and again["detections"] == "computed"
 
 
 def test_the_detections_of_a_derived_data_set_are_the_same_photos_rows_renumbered():
     """rows_for (the held-out check's reuse): per-record arrays by row, each box moved to its photo's new row, so
     every block computed from them equals the source's rows; a photo without boxes keeps none."""
-    from multilabel_fusion.engine.artifacts import Artifact
+    from multilabel_fusion.io.artifacts import Artifact
 
     rng = np.random.default_rng(0)
     n, per_image = 12, rng.integers(0, 4, 12)  # some photos have no box at all
@@ -442,7 +441,7 @@ def test_the_detections_of_a_derived_data_set_are_the_same_photos_rows_renumbere
               "test_box_class": np.zeros(0, np.int16), "class_column": column, "class_names": np.array(["x"] * 80)}
     art = Artifact(manifest={"arrays": {k: {} for k in arrays}}, **arrays)
     kept, held = np.array([0, 2, 3, 5, 7, 8, 11]), np.array([1, 4, 6, 9, 10])
-    out = stage.rows_for(config.load(), art, {"train": ("train", kept), "test": ("train", held)})
+    out = stage.Detector().rows_for(config.load(), art, {"train": ("train", kept), "test": ("train", held)})
     assert set(out) == set(arrays)
     full = stage.box_features(boxes, box_class, column, n)
     for part, picked in (("train", kept), ("test", held)):

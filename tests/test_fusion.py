@@ -4,12 +4,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from multilabel_fusion import config, registry
+from multilabel_fusion import pipeline
+from multilabel_fusion import settings as config
 from multilabel_fusion.data import demo
 from multilabel_fusion.data import reader as data
-from multilabel_fusion.engine.artifacts import ArtifactStore, MissingArtifact
+from multilabel_fusion.io.artifacts import ArtifactStore, MissingArtifact
+from multilabel_fusion.io.hashing import digest
 from multilabel_fusion.evaluation import submission
-from multilabel_fusion.stages import fusion
 
 SMALL = ["fusion.hidden=64", "fusion.epochs=40", "fusion.patience=40", "fusion.batch_size=64", "fusion.lr=0.01",
          "fusion.plateau_patience=10"]
@@ -28,6 +29,12 @@ def _cfg(demo_data, tmp_path, blocks, *extra):
                        output=tmp_path / "out", models=tmp_path / "models")
 
 
+def _run_fusion(cfg):
+    """The fused network's stage alone (what stages/07_fused_network.py runs once its blocks exist)."""
+    ws = pipeline.workspace(cfg)
+    return ws.registry.get("fusion").run(ws.context("fusion"))
+
+
 def _write_blocks(demo_data, tmp_path, seed=0, ids_order=slice(None)):
     """Generated blocks stored under the keys the current settings give: 'image' sees only the first 9 classes,
     'caption' only the last 9 (noisily)."""
@@ -44,8 +51,8 @@ def _write_blocks(demo_data, tmp_path, seed=0, ids_order=slice(None)):
             x[:, :9] = y[:, cols] * 2.0
             return x + rng.normal(0, 0.3, x.shape).astype(np.float32)
 
-        spec = registry.artifact_spec(name, cfg, d.fingerprint())
-        store.save(name, registry.digest(spec), spec,
+        spec = pipeline.workspace(cfg).spec(name)
+        store.save(name, digest(spec), spec,
                    {"train": feats(y_train), "test": feats(y_test.astype(np.float32)), **ids})
     return d
 
@@ -54,7 +61,7 @@ def test_fusion_beats_each_block_alone_and_writes_valid_predictions(demo_data, t
     d = _write_blocks(demo_data, tmp_path)
     scores = {}
     for blocks in (["image"], ["caption"], ["image", "caption"]):
-        scores["+".join(blocks)] = fusion.run_stage(_cfg(demo_data, tmp_path, blocks))["val_mean_f1_tuned"]
+        scores["+".join(blocks)] = _run_fusion(_cfg(demo_data, tmp_path, blocks))["val_mean_f1_tuned"]
     assert scores["image+caption"] > max(scores["image"], scores["caption"]) + 0.05
     assert scores["image+caption"] > 0.9
     predictions = tmp_path / "out" / "predictions.csv"
@@ -66,16 +73,16 @@ def test_fusion_beats_each_block_alone_and_writes_valid_predictions(demo_data, t
     assert all(Path(path).stat().st_size > 10_000 for path in figures.values())
     # the resolved configuration is saved beside the outputs and loads back to the same settings
     again = config.load(saved["config"])
-    assert again.fusion.blocks == ["image", "caption"] and again.fusion.hidden == 64
+    assert again.fusion.blocks == ("image", "caption") and again.fusion.hidden == 64
 
 
-def test_fusion_reuses_a_finished_run_and_each_block_set_has_its_own_run(demo_data, tmp_path, capsys):
+def test_fusion_reuses_a_finished_run_and_each_block_set_has_its_own_run(demo_data, tmp_path, caplog):
     _write_blocks(demo_data, tmp_path)
-    first = fusion.run_stage(_cfg(demo_data, tmp_path, ["image", "caption"]))
-    other = fusion.run_stage(_cfg(demo_data, tmp_path, ["image"]))
-    capsys.readouterr()
-    second = fusion.run_stage(_cfg(demo_data, tmp_path, ["image", "caption"]))
-    assert "reusing" in capsys.readouterr().out
+    first = _run_fusion(_cfg(demo_data, tmp_path, ["image", "caption"]))
+    other = _run_fusion(_cfg(demo_data, tmp_path, ["image"]))
+    caplog.clear()
+    second = _run_fusion(_cfg(demo_data, tmp_path, ["image", "caption"]))
+    assert "reusing" in caplog.text
     assert second["val_mean_f1_tuned"] == first["val_mean_f1_tuned"]
     assert first["run_dir"] == second["run_dir"] != other["run_dir"]  # another block set never overwrote it
 
@@ -85,11 +92,11 @@ def test_missing_or_mismatched_blocks_are_clear_errors(demo_data, tmp_path):
     # a block made with other settings is not used: its key differs, and the error names the stage to run
     with pytest.raises(MissingArtifact, match=r"no 'caption' artifact for the current settings.*run "
                                               r"stages/02_caption_network.py"):
-        fusion.run_stage(_cfg(demo_data, tmp_path, ["image", "caption"], "caption.seq_len=6"))
+        _run_fusion(_cfg(demo_data, tmp_path, ["image", "caption"], "caption.seq_len=6"))
     _write_blocks(demo_data, tmp_path / "reordered", ids_order=slice(None, None, -1))
     cfg = _cfg(demo_data, tmp_path / "reordered", ["image", "caption"])
     with pytest.raises(ValueError, match="its train ImageIDs differ"):
-        fusion.run_stage(cfg)
+        _run_fusion(cfg)
 
 
 def test_at_least_one_setting_means_the_same_in_the_report_and_the_written_predictions(demo_data, tmp_path):
@@ -97,7 +104,7 @@ def test_at_least_one_setting_means_the_same_in_the_report_and_the_written_predi
     from multilabel_fusion.evaluation.metrics import mean_f1
 
     d = _write_blocks(demo_data, tmp_path)
-    m = fusion.run_stage(_cfg(demo_data, tmp_path, ["image", "caption"], "thresholds.at_least_one=false"))
+    m = _run_fusion(_cfg(demo_data, tmp_path, ["image", "caption"], "thresholds.at_least_one=false"))
     assert m["at_least_one"] is False
     # rebuild the validation predictions from the probabilities and thresholds the stage used
     art = ArtifactStore(tmp_path / "out").load("fusion", m["artifact_key"])

@@ -82,9 +82,9 @@ def test_the_check_runs_the_main_job_and_scores_each_stage_on_the_hidden_labels(
 def test_a_draw_reuses_the_main_jobs_frozen_features_instead_of_extracting_again(labelled, tmp_path, one_thread):
     """With the main job's image features of the source data at hand (same settings), the draw's features are
     those rows, picked by photo: equal to what extracting them again gives, and no photo is extracted again."""
-    from multilabel_fusion import config as C
-    from multilabel_fusion.__main__ import run_all
-    from multilabel_fusion.engine.artifacts import ArtifactStore
+    from multilabel_fusion import settings as C
+    from multilabel_fusion.io.artifacts import ArtifactStore
+    from multilabel_fusion.pipeline import run_all
 
     small = ["image.offline_fallback=efficientnet_lite0", "image.image_size=64", "image.cpu_precision=fp32",
              "image.head_epochs=2", "image.head_hidden=16", "trainer.num_workers=0", "pipeline.stages=[image]",

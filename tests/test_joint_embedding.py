@@ -2,19 +2,22 @@
 network, one real training step with the shared trainer, and the stage + retrieval end to end on demo data."""
 
 import json
+import logging
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from multilabel_fusion import config, registry, retrieve
+from multilabel_fusion import pipeline, retrieve
+from multilabel_fusion import settings as C
 from multilabel_fusion.data import demo
 from multilabel_fusion.data import reader as data
-from multilabel_fusion.engine import trainer
-from multilabel_fusion.engine.artifacts import ArtifactStore
+from multilabel_fusion.io.artifacts import ArtifactStore
 from multilabel_fusion.networks import joint_embedding as J
-from multilabel_fusion.stages import joint_embedding as stage
+from multilabel_fusion.reports import joint_embedding_page
+from multilabel_fusion.retrieve.__main__ import main as retrieve_main
+from multilabel_fusion.training import trainer
 
 M = 0.1
 #: anchors in rows, positives on the diagonal. Row 0 (positive 0.90): 0.95 hard, 0.85 semi-hard, 0.20 easy.
@@ -203,7 +206,7 @@ def test_training_learns_to_retrieve_matching_pairs(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ end to end
 
-SMALL = ["split.folds=2", "image.backbone=efficientnet_lite0", "image.image_size=64", "joint_embedding.epochs=2",
+SMALL = ["joint_embedding.comparisons=true", "split.folds=2", "image.backbone=efficientnet_lite0", "image.image_size=64", "joint_embedding.epochs=2",
          "joint_embedding.hidden=32", "joint_embedding.embed_dim=16", "joint_embedding.rnn_hidden=8",
          "joint_embedding.batch_size=16", "joint_embedding.selection_size=20", "joint_embedding.knn=5",
          "joint_embedding.compare_strategies=[top1]", "joint_embedding.compare_encoders=[mean, gru]",
@@ -216,38 +219,42 @@ def demo_dir(tmp_path_factory):
 
 
 def _cfg(demo_dir, tmp_path, *extra):
-    return config.load(overrides=SMALL + list(extra), data=demo_dir, output=tmp_path / "out",
-                       models=tmp_path / "models")
+    return C.load(overrides=SMALL + list(extra), data=demo_dir, output=tmp_path / "out", models=tmp_path / "models")
 
 
 def _fake_image_artifact(cfg, demo_dir, tmp_path):
-    """Image features under the key the settings give (1280-d like EfficientNet-Lite0), tied to the labels."""
+    """Image features under the key the settings give (1280-d like EfficientNet-Lite0), tied to the labels, described
+    as the image stage describes its extraction (what its predictor reads to embed a new photo)."""
     d = data.load(demo_dir)
     rng = np.random.default_rng(0)
     proj = rng.normal(size=(18, 1280))
     feats = {part: (getattr(d, f"{part}_targets") if part == "train" else rng.random((len(d.test), 18)) < 0.2)
              @ proj + 0.5 * rng.normal(size=(len(getattr(d, part)), 1280)) for part in ("train", "test")}
-    spec = registry.artifact_spec("image", cfg, d.fingerprint())
-    ArtifactStore(tmp_path / "out").save("image", registry.digest(spec), spec, {
+    ws = pipeline.workspace(cfg)
+    ArtifactStore(tmp_path / "out").save("image", ws.key("image"), ws.spec("image"), {
         "train": feats["train"].astype(np.float16), "test": feats["test"].astype(np.float16),
-        "train_ids": d.train["ImageID"].to_numpy(str), "test_ids": d.test["ImageID"].to_numpy(str)})
+        "train_ids": d.train["ImageID"].to_numpy(str), "test_ids": d.test["ImageID"].to_numpy(str)},
+        {"backbone": {"name": "efficientnet_lite0", "weights_used": "ImageNet", "dim": 1280},
+         "extraction": {"precision": "fp32"}})
     return d
 
 
 @pytest.mark.slow
-def test_stage_and_retrieval_end_to_end_on_demo_data(demo_dir, tmp_path, capsys):
+def test_stage_and_retrieval_end_to_end_on_demo_data(demo_dir, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="multilabel_fusion")
     cfg = _cfg(demo_dir, tmp_path)
     # no image features yet: one line naming the stage to run, from the stage and from the retrieval command
     with pytest.raises(SystemExit, match=r"run stages/06_joint_embedding.py .* run stages/01_image_network.py"):
-        retrieve.main(["--data", str(demo_dir), "--output", str(tmp_path / "out"), "--models", str(tmp_path / "models"),
+        retrieve_main(["--data", str(demo_dir), "--output", str(tmp_path / "out"), "--models", str(tmp_path / "models"),
                        *sum((["--set", s] for s in SMALL), []), "--text", "a dog"])
     d = _fake_image_artifact(cfg, demo_dir, tmp_path)
     with pytest.raises(SystemExit, match=r"no 'joint_embedding' artifact .* run stages/06_joint_embedding.py"):
-        retrieve.main(["--data", str(demo_dir), "--output", str(tmp_path / "out"), "--models", str(tmp_path / "models"),
+        retrieve_main(["--data", str(demo_dir), "--output", str(tmp_path / "out"), "--models", str(tmp_path / "models"),
                        *sum((["--set", s] for s in SMALL), []), "--text", "a dog"])
-    metrics = stage.run_stage(cfg)
+    caplog.clear()
+    metrics = pipeline.run_stage("joint_embedding", cfg)
     said = capsys.readouterr()  # the selection score is the R-sum of retrieval, and is called so
-    assert "best selection R-sum" in said.out and "best val mean-F1" not in said.out
+    assert "best selection R-sum" in caplog.text and "best val mean-F1" not in caplog.text
     assert "val_f1=" not in said.err  # the progress bar (when one is drawn) says selection_R_sum=
     saved = json.loads((tmp_path / "out" / "metrics" / "joint_embedding.json").read_text())
     assert saved["artifact_key"] == metrics["artifact_key"]
@@ -259,10 +266,10 @@ def test_stage_and_retrieval_end_to_end_on_demo_data(demo_dir, tmp_path, capsys)
     assert [(r["fraction"], r["test_pairs"]) for r in curve] == [(0.5, False), (1.0, False), (1.0, True)]
     assert curve[0]["training_pairs"] < curve[1]["training_pairs"] < curve[2]["training_pairs"]
     assert curve[1]["protocol_1k"] == saved["retrieval"]["per_fold"][0]["protocol_1k"]  # the stage's own run
-    doc = stage.results_markdown(saved, [{"blocks": ["image", "joint_embedding"], "val_mean_f1_tuned": 0.5,
-                                          "mean_f1_threshold_cv": 0.49, "val_mean_f1_at_0.5": 0.4}])
+    doc = joint_embedding_page.results_markdown(saved, [{"blocks": ["image", "joint_embedding"], "val_mean_f1_tuned": 0.5,
+                                                          "mean_f1_threshold_cv": 0.49, "val_mean_f1_at_0.5": 0.4}])
     assert "| 1K sets" in doc and "Learning curve" in doc and "| image, joint_embedding | 0.4000 | 0.5000 | 0.4900 |" in doc
-    assert "One caption per image" in doc and saved["closing_note"] in doc
+    assert "One caption per image" in doc and joint_embedding_page.closing_note(saved) in doc
     # its section of docs/RESULTS.md, refreshed alone from the metrics file, with its figures
     from multilabel_fusion.reports import bench
 
@@ -285,7 +292,7 @@ def test_stage_and_retrieval_end_to_end_on_demo_data(demo_dir, tmp_path, capsys)
     capsys.readouterr()
     args = ["--data", str(demo_dir), "--output", str(tmp_path / "out"), "--models", str(tmp_path / "models"),
             *sum((["--set", s] for s in SMALL), [])]
-    hits = retrieve.main(args + ["--text", "a dog and a person"])
+    hits = retrieve_main(args + ["--text", "a dog and a person"])
     out = capsys.readouterr().out
     assert len(hits) == 4 and "grid: " in out and "train joint" not in out
     assert all(h1.score >= h2.score for h1, h2 in zip(hits, hits[1:]))
@@ -296,23 +303,23 @@ def test_stage_and_retrieval_end_to_end_on_demo_data(demo_dir, tmp_path, capsys)
     hits, path = finder.by_image(photo, top=len(d.train) + len(d.test))
     assert path.is_file() and sum(h.own for h in hits) == 1  # its own caption is among all, marked
     # a second run reuses everything: the artifact and every training run
-    again = stage.run_stage(cfg)
+    again = pipeline.run_stage("joint_embedding", cfg)
     assert again["embedding"] == "reused" and all(row["reused"] for row in again["comparison"])
     assert again["retrieval"] == saved["retrieval"]
 
 
 @pytest.mark.slow
 def test_stage_command_line_runs_stage_01_first_and_writes_its_results_page(demo_dir, tmp_path):
-    from multilabel_fusion.stages import base
+    from multilabel_fusion.cli import stage_main
 
-    page = tmp_path / "RESULTS_joint_embedding.md"
+    results_doc = tmp_path / "RESULTS_joint_embedding.md"
     args = ["--data", str(demo_dir), "--output", str(tmp_path / "out"), "--models", str(tmp_path / "models"),
             *sum((["--set", x] for x in SMALL + ["joint_embedding.compare_strategies=[]", "joint_embedding.learning_curve=[]",
-                                                 "image.head_epochs=1"]), []), "--results-doc", str(page)]
-    m = base.stage_cli("joint_embedding", args, extra_args=stage.extra_args, run=stage.run_cli)
+                                                 "image.head_epochs=1"]), []), "--results-doc", str(results_doc)]
+    m = stage_main("joint_embedding", args, extra_args=joint_embedding_page.arguments, run=joint_embedding_page.run)
     assert (tmp_path / "out" / "metrics" / "image.json").is_file()  # stage 01 ran first: no features were there
     assert m["embedding"] == "computed" and m["image_dim"] == 1280
-    text = page.read_text()
+    text = results_doc.read_text()
     assert text.startswith("# Stage 06") and "| 1K sets" in text and "](out/figures/joint_embedding_recall.png)" in text
 
 
@@ -330,7 +337,7 @@ def test_a_new_photo_goes_through_the_backbone_like_the_extraction(demo_dir, tmp
 
     cfg = _cfg(demo_dir, tmp_path, "joint_embedding.compare_strategies=[]")
     _fake_image_artifact(cfg, demo_dir, tmp_path)
-    stage.run_stage(cfg)
+    pipeline.run_stage("joint_embedding", cfg)
     photo = tmp_path / "elsewhere.jpg"
     shutil.copy(data.load(demo_dir).image_paths("test")[0], photo)
     finder = retrieve.Retriever.open(cfg)

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from multilabel_fusion import config as C
-from multilabel_fusion.config import DECODER_ARCHS
-from multilabel_fusion.engine import trainer
+from multilabel_fusion import settings as C
 from multilabel_fusion.networks import label_decoder as LD
 from multilabel_fusion.networks.label_decoder import END, N_OUT, NUM_LABELS, PAD, START, LabelDecoder, Variant
+from multilabel_fusion.settings import DECODER_ARCHS
+from multilabel_fusion.training import trainer
 
 CPU = torch.device("cpu")
 
@@ -286,10 +286,11 @@ def test_sequence_training_resumes_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_stage_on_demo_data_block_table_and_fusion(tmp_path):
-    from multilabel_fusion.__main__ import run_all
     from multilabel_fusion.evaluation import submission
+    from multilabel_fusion.pipeline import run_all
 
-    small = ["image.offline_fallback=efficientnet_lite0", "image.image_size=64", "image.feature_batch_size=32", "image.head_epochs=2", "image.head_hidden=16",
+    small = ["label_decoder.comparisons=true", "image.offline_fallback=efficientnet_lite0", "image.image_size=64",
+             "image.feature_batch_size=32", "image.head_epochs=2", "image.head_hidden=16",
              "trainer.num_workers=0", "caption.epochs=2", "label_decoder.epochs=2", "label_decoder.hidden=16",
              "label_decoder.embed=8", "label_decoder.compare=[joint+attention, init_input+pla, seq2seq+caption]",
              "label_decoder.data_sizes=[60, 120]",
@@ -326,19 +327,20 @@ def test_stage_command_line_and_its_section_of_results_md(tmp_path):
     then the stage's section of docs/RESULTS.md from a snapshot of that run with the fused runs without / with the
     block: figures copied, refreshed alone without touching the rest of the page, and part of what the benchmark
     renders."""
-    from multilabel_fusion.__main__ import run_all
-    from multilabel_fusion.reports import bench, stage_results
-    from multilabel_fusion.stages import base, label_decoder as stage
+    from multilabel_fusion.cli import stage_main
+    from multilabel_fusion.pipeline import run_all
+    from multilabel_fusion.reports import bench, label_decoder_page, stage_results
 
-    small = ["image.offline_fallback=efficientnet_lite0", "image.image_size=64", "image.feature_batch_size=32", "image.head_epochs=2", "image.head_hidden=16",
+    small = ["label_decoder.comparisons=true", "image.offline_fallback=efficientnet_lite0", "image.image_size=64",
+             "image.feature_batch_size=32", "image.head_epochs=2", "image.head_hidden=16",
              "trainer.num_workers=0", "caption.epochs=2", "label_decoder.epochs=1", "label_decoder.hidden=16",
              "label_decoder.embed=8", "label_decoder.compare=[joint]", "label_decoder.data_sizes=[]",
              "fusion.epochs=2", "fusion.hidden=16", "fusion.blocks=[image, caption]"]
     out, models = tmp_path / "output", tmp_path / "models"
     page_05 = tmp_path / "page" / "RESULTS_label_decoder.md"
-    m = base.stage_cli("label_decoder", ["--demo", "--output", str(out), "--models", str(models),
-                                         *sum((["--set", x] for x in small), []), "--results-doc", str(page_05)],
-                       extra_args=stage.cli_arguments, run=stage.run_cli)
+    m = stage_main("label_decoder", ["--demo", "--output", str(out), "--models", str(models),
+                                     *sum((["--set", x] for x in small), []), "--results-doc", str(page_05)],
+                   extra_args=label_decoder_page.arguments, run=label_decoder_page.run)
     metrics = out / "demo" / "metrics"  # --demo results go to output/demo/
     assert {"image.json", "caption.json", "label_decoder.json"} <= {p.name for p in metrics.iterdir()}
     text = page_05.read_text()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from multilabel_fusion.evaluation import submission
-from multilabel_fusion.stages import base
+from multilabel_fusion.io.progress import BarLog
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["image.offline_fallback=efficientnet_lite0", "image.image_size=64", "image.head_epochs=2", "image.head_hidden=16", "caption.epochs=2", "fusion.epochs=2",
@@ -50,10 +50,10 @@ def test_a_demo_main_job_leaves_real_results_alone_and_keeps_its_log(tmp_path):
 
 
 def test_a_stage_script_error_ends_its_log_and_the_console_stays_one_line(tmp_path):
-    result = _run("stages/07_text_ngrams.py", "--data", str(tmp_path / "nothing"), "--output", str(tmp_path / "out"))
+    result = _run("stages/04_text_ngrams.py", "--data", str(tmp_path / "nothing"), "--output", str(tmp_path / "out"))
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     log = next((tmp_path / "out" / "logs").glob("text-*.log")).read_text()
-    assert log.startswith("# 07_text_ngrams.py --data") and log.rstrip().splitlines()[-1].startswith("# error: ")
+    assert log.startswith("# 04_text_ngrams.py --data") and log.rstrip().splitlines()[-1].startswith("# error: ")
 
 
 def test_progress_bars_outside_a_terminal_write_at_most_every_few_seconds_even_after_torch(tmp_path):
@@ -61,7 +61,7 @@ def test_progress_bars_outside_a_terminal_write_at_most_every_few_seconds_even_a
     script = ("import sys, time, torch, multilabel_fusion\n"
               "from tqdm.auto import tqdm\n"
               "from torch.utils.data import DataLoader, TensorDataset\n"
-              "from multilabel_fusion.engine import trainer\n"
+              "from multilabel_fusion.training import trainer\n"
               "for epoch in tqdm(range(3), desc='outer'):\n"
               "    for batch in tqdm(range(40), desc=f'epoch {epoch}', leave=False):\n"
               "        time.sleep(0.005)\n"
@@ -83,12 +83,20 @@ def test_progress_bars_outside_a_terminal_write_at_most_every_few_seconds_even_a
 
 
 def test_a_log_keeps_lines_and_a_bar_every_few_seconds(tmp_path):
-    clock = iter([0.0, 0.0, 1.0, 2.0, 6.0, 7.0, 7.5])  # one reading at each carriage return
-    with open(tmp_path / "log", "w") as f:
-        lines = base._LogLines(f, base.threading.Lock(), clock=lambda: next(clock))
-        lines.write("data: here\n")
-        for i in range(5):  # five updates of one bar: at t = 0, 1, 2, 6, 7 s
-            lines.write(f"\rbar: {i * 20}%\x1b[A")
-        lines.write("\rbar: 100%\n")
-        lines.write("done\n")
+    import logging
+
+    logger = logging.getLogger("multilabel_fusion.test_bar_log")
+    handler = logging.FileHandler(tmp_path / "log")
+    logger.addHandler(handler)
+    try:
+        clock = iter([0.0, 1.0, 2.0, 6.0, 7.0])  # one reading at each update of the bar
+        bar = BarLog(logger, clock=lambda: next(clock))
+        logger.info("data: here")
+        for i in range(5):  # five updates of one bar: at t = 0, 1, 2, 6, 7 s (terminal codes dropped)
+            bar.update(f"bar: {i * 20}%\x1b[A")
+        bar.close("bar: 100%")
+        logger.info("done")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
     assert (tmp_path / "log").read_text().splitlines() == ["data: here", "bar: 0%", "bar: 60%", "bar: 100%", "done"]

@@ -17,19 +17,20 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from multilabel_fusion import registry
+from multilabel_fusion.stages.registry import default as default_registry
 from multilabel_fusion.evaluation import submission
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
-#: Execution order: 03 first on an empty output folder (it must compute the image and caption blocks itself),
-#: then the stages that reuse them, then the whole pipeline (everything cached).
-ORDER = ["03_fusion", "01_image_network", "02_caption_network", "04_detector", "05_label_decoder",
-         "06_joint_embedding", "07_text_ngrams", "00_full_pipeline"]
+#: Execution order: 07 first on an empty output folder (it must compute the blocks it reads itself), then the
+#: stages that reuse them, then the whole pipeline (everything cached).
+ORDER = ["07_fused_network", "01_image_network", "02_caption_network", "03_detector", "04_text_ngrams",
+         "05_label_decoder", "06_joint_embedding", "00_full_pipeline"]
 SMALL = ["image.offline_fallback=efficientnet_lite0", "image.image_size=64", "image.feature_batch_size=32", "image.head_epochs=3", "image.head_hidden=32",
          "trainer.num_workers=0", "caption.epochs=3", "fusion.epochs=3", "fusion.hidden=64",
          "detector.image_size=160", "label_decoder.epochs=2", "label_decoder.hidden=32",
-         "label_decoder.embed=16", "label_decoder.compare=[joint+attention, seq2seq+caption]", "label_decoder.data_sizes=[100]"]
+         "label_decoder.embed=16", "label_decoder.comparisons=true",
+         "label_decoder.compare=[joint+attention, seq2seq+caption]", "label_decoder.data_sizes=[100]"]
 CELL_TIMEOUT_S = 600
 
 
@@ -81,7 +82,7 @@ def test_readme_links_every_notebook_with_a_colab_badge_made_from_the_one_repo_u
     for text in generator.build().values():
         assert f'REPO_URL = \\"{generator.REPO_URL}\\"' in text
     other = generator.readme_table().replace(generator.REPO_URL.split("github.com/")[1], "someone/fork")
-    assert "someone/fork/blob/main/notebooks/03_fusion.ipynb" in other
+    assert "someone/fork/blob/main/notebooks/07_fused_network.ipynb" in other
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_notebook_runs_top_to_bottom_on_demo_data(name, workspace, monkeypatch):
 
     out = workspace / "output" / "demo"  # without data, the demo data and its results: never over real results
     demo_test = out / "input" / "test.csv"
-    stage = {"00_full_pipeline": "fusion", **{f"{s.number}_{s.module}": s.name for s in registry.STAGES.values()}}[name]
+    stage = {"00_full_pipeline": "fusion", **{f"{s.number}_{s.module}": s.name for s in default_registry()}}[name]
     metrics = json.loads((out / "metrics" / f"{stage}.json").read_text())
     assert metrics["demo_data"] is True
     assert submission.validate_file(metrics["submission"], demo_test) > 0
@@ -225,7 +226,7 @@ def _run_cells(notebook: str, cwd: Path, colab: bool, replace: dict[str, str], z
 def test_setup_and_data_cells_on_a_fresh_checkout_outside_colab(remote, tmp_path):
     checkout = tmp_path / "checkout"
     subprocess.run(["git", "clone", "-q", str(remote), str(checkout)], check=True)
-    out, found = _run_cells("03_fusion", checkout / "notebooks", colab=False, replace={})
+    out, found = _run_cells("07_fused_network", checkout / "notebooks", colab=False, replace={})
     assert found["REPO"] == str(checkout) and found["IN_COLAB"] == "False"  # the checkout holding the notebook
     assert "$ git" not in out and "setup: done" not in out  # outside Colab nothing is cloned or installed
     assert "no competition data in" in out and found["IS_DEMO"] == "True"
@@ -247,7 +248,7 @@ def test_setup_and_data_cells_in_colab_keep_results_on_drive_and_data_on_the_loc
                "USE_DRIVE = False": "USE_DRIVE = True", 'KAGGLE_COMPETITION = ""': 'KAGGLE_COMPETITION = "comp5329"'}
     calls = content.parent / "kaggle_calls.txt"
 
-    out, found = _run_cells("03_fusion", content, True, replace, competition_zip, content)
+    out, found = _run_cells("07_fused_network", content, True, replace, competition_zip, content)
     assert (repo / ".git").is_dir() and found["REPO"] == str(repo) and found["IN_COLAB"] == "True"
     assert "setup: done (stand-in)" in out
     for name in ("output", "models"):
@@ -259,11 +260,11 @@ def test_setup_and_data_cells_in_colab_keep_results_on_drive_and_data_on_the_loc
     (repo / "output" / "from_runtime_1.txt").write_text("kept on Drive")
 
     shutil.rmtree(repo)  # a new runtime: the local disk is empty again, Drive is not
-    out, found = _run_cells("03_fusion", content, True, replace, competition_zip, content)
+    out, found = _run_cells("07_fused_network", content, True, replace, competition_zip, content)
     assert (repo / "output" / "from_runtime_1.txt").read_text() == "kept on Drive"
     assert "unpacking the competition zip kept on Drive" in out and (repo / "input" / "test.csv").is_file()
     assert calls.read_text().split() == ["comp5329"]  # no second download
-    out, found = _run_cells("03_fusion", content, True, replace, competition_zip, content)  # the same runtime again
+    out, found = _run_cells("07_fused_network", content, True, replace, competition_zip, content)  # the same runtime again
     assert "git -C" in out and "competition data found in" in out and found["IS_DEMO"] == "False"
 
     shutil.rmtree(repo)

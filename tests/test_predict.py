@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from multilabel_fusion import config
-from multilabel_fusion.__main__ import run_all
+from multilabel_fusion import pipeline
+from multilabel_fusion import settings as config
 from multilabel_fusion.data import demo
 from multilabel_fusion.data import labels as L
 from multilabel_fusion.data import reader as D
-from multilabel_fusion.predict import Predictor, fold_mean, main
-from multilabel_fusion.stages import base, fusion
+from multilabel_fusion.pipeline import run_all
+from multilabel_fusion.predict import Predictor, fold_mean
+from multilabel_fusion.predict.__main__ import main
+from multilabel_fusion.stages.outputs import load_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 #: the offline default is a two-network ensemble: the predictor must run it as stage 01 did (small sizes here)
@@ -40,7 +42,7 @@ def trained(tmp_path_factory):
     return root
 
 
-def _cfg(root: Path, *extra: str, output: Path | None = None) -> config.Config:
+def _cfg(root: Path, *extra: str, output: Path | None = None) -> config.Settings:
     return config.load(overrides=SMALL + list(extra), data=root / "data", output=output or root / "output",
                        models=root / "models")
 
@@ -58,7 +60,7 @@ def _cli(*args: str, cwd: Path = REPO):
 
 def test_fold_mean_is_the_stages_average_of_test_rows():
     folds = [np.float32([[0.1, 0.7]]), np.float32([[0.3, 0.2]]), np.float32([[0.9, 0.4]])]
-    expected = 0 + folds[0] / 3 + folds[1] / 3 + folds[2] / 3  # base.cross_fit's order of float32 additions
+    expected = 0 + folds[0] / 3 + folds[1] / 3 + folds[2] / 3  # cross_fit's order of float32 additions
     assert fold_mean(folds).dtype == np.float32 and np.array_equal(fold_mean(folds), expected)
 
 
@@ -68,7 +70,7 @@ def test_test_records_get_exactly_their_rows_of_predictions_csv(trained, tmp_pat
     cfg = _cfg(trained, *blocks)
     run_all(cfg, demo_mode=False, stages=["fusion"])  # reuses every trained run; writes this fusion's predictions
     predictor = Predictor.load(cfg)
-    assert predictor.manifest["decision"] == base.load_metrics(trained / "output", "fusion")["decision"]
+    assert predictor.manifest["decision"] == load_metrics(trained / "output", "fusion")["decision"]
     if blocks == ["thresholds.decision=expected_f1"]:
         assert predictor.manifest["decision"] == "expected_f1"
     data = D.load(trained / "data")
@@ -78,11 +80,11 @@ def test_test_records_get_exactly_their_rows_of_predictions_csv(trained, tmp_pat
     assert written.read_text() == (trained / "output" / "predictions.csv").read_text()
     probs, labels = predictor.predict(paths, captions)
     assert np.array_equal(probs, np.load(trained / "output" / "probabilities" / "fusion.npz")["test"])
-    ctx = base.prepare(fusion.fused_config(cfg), "fusion")
+    ctx = pipeline.workspace(cfg).context("fusion")  # the fused network's settings (blocks that can be had)
     rows = predictor.blocks(paths, captions)
-    assert list(rows) == list(fusion.fused_config(cfg).fusion.blocks)
+    assert list(rows) == list(ctx.settings.fusion.blocks)
     for name, computed in rows.items():  # each block as its stage computed the test rows
-        assert np.array_equal(computed, base.block_arrays(ctx, name)[1]), name
+        assert np.array_equal(computed, ctx.block_arrays(name)[1]), name
     for i in range(3):  # one record at a time: other batch shapes, the same labels
         one = predictor.predict_one(paths[i], captions[i])
         assert one.labels == L.decode(labels[i: i + 1])[0]
@@ -98,7 +100,7 @@ def test_one_photo_on_the_command_line_then_a_bundle_in_a_fresh_process_without_
     expected = (trained / "output" / "predictions.csv").read_text().splitlines()[4].split(",")[1].split()
     shown = [line.split() for line in result.stdout.splitlines() if line.endswith("<- predicted")]
     assert sorted(int(row[0]) for row in shown) == sorted(int(x) for x in expected)  # its row of predictions.csv
-    fused = base.load_metrics(trained / "output", "fusion")
+    fused = load_metrics(trained / "output", "fusion")
     for row in shown:
         assert L.LABEL_NAMES[int(row[0])].startswith(row[1])
         if fused["decision"] == "per_class":  # the threshold used, as fusion recorded it
@@ -106,7 +108,7 @@ def test_one_photo_on_the_command_line_then_a_bundle_in_a_fresh_process_without_
     assert "bundle" in result.stdout and "within the 100 MB limit" in result.stdout
     parts = {"image_probs": "image heads", "caption_probs": "caption networks", "detector": "detector weights",
              "detector_boxes": "detector weights", "text": "n-gram vectorisers", "image": "image backbone"}
-    for block in base.load_metrics(trained / "output", "fusion")["blocks"]:
+    for block in load_metrics(trained / "output", "fusion")["blocks"]:
         assert parts[block] in result.stdout, block
     assert "image backbone" in result.stdout and "fused networks" in result.stdout
 
@@ -141,15 +143,25 @@ def test_a_missing_piece_is_one_line_naming_the_stage_to_run(trained, tmp_path):
     result = _cli(*_args(trained, "fusion.hidden=48"), *photo)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[-1].startswith("error: ") and "no 'fusion' artifact" in lines[-1] and "stages/03_fusion.py" in lines[-1]
+    assert lines[-1].startswith("error: ") and "no 'fusion' artifact" in lines[-1] and "stages/07_fused_network.py" in lines[-1]
     assert sorted((trained / "models").glob("*/*")) == runs  # no training run started
 
     copy = tmp_path / "output"
     shutil.copytree(trained / "output", copy)
+    # the decision is the fused network's keyed artifact: fusion.json only reports it, and another stage's metrics
+    # file in its place changes no label ...
     (copy / "metrics" / "fusion.json").write_text((copy / "metrics" / "text.json").read_text())  # another stage's
-    assert "stages/03_fusion.py" in _stop(_args(trained, output=copy) + photo)
-    shutil.copy(trained / "output" / "metrics" / "fusion.json", copy / "metrics" / "fusion.json")
-    for kind, script in (("text_models", "stages/07_text_ngrams.py"), ("caption_vocabulary", "stages/02_caption_network.py"),
+    def answer(out: str) -> list[str]:  # the labelled record, without the timings
+        return [line for line in out.splitlines() if not line.startswith(("predictor:", "predicted in"))]
+
+    result = _cli(*_args(trained, output=copy), *photo)
+    assert result.returncode == 0, result.stderr
+    assert answer(result.stdout) == answer(_cli(*_args(trained), *photo).stdout) and answer(result.stdout)
+    # ... while without the decision artifact it stops, naming the stage that writes it
+    shutil.rmtree(copy / "artifacts" / "decision")
+    assert "stages/07_fused_network.py" in _stop(_args(trained, output=copy) + photo)
+    shutil.copytree(trained / "output" / "artifacts" / "decision", copy / "artifacts" / "decision")
+    for kind, script in (("text_models", "stages/04_text_ngrams.py"), ("caption_vocabulary", "stages/02_caption_network.py"),
                          ("image_head", "stages/01_image_network.py")):
         shutil.rmtree(copy / "artifacts" / kind)
         assert script in _stop(_args(trained, output=copy) + photo), kind

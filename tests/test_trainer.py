@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from multilabel_fusion.engine import trainer
-from multilabel_fusion.engine.precision import Precision, gpu_inference_dtype, training_precision
-from multilabel_fusion.engine.trainer import ResumeRequired
+from multilabel_fusion.networks.precision import Precision, gpu_inference_dtype, training_precision
+from multilabel_fusion.training import trainer
+from multilabel_fusion.training.trainer import ResumeRequired
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -220,14 +220,14 @@ def test_a_missed_random_state_would_be_caught(tmp_path, monkeypatch, missed):
 # ----------------------------------------------------------------------------------------------- reuse
 
 
-def test_a_finished_run_is_reused_and_fewer_epochs_reuse_it_with_a_warning(tmp_path, capsys):
+def test_a_finished_run_is_reused_and_fewer_epochs_reuse_it_with_a_warning(tmp_path, caplog):
     run = tmp_path / "run"
     first, first_probs = _job(run, epochs=3)
     assert {p.name for p in run.iterdir()} >= {"last.pt", "best.pt", "history.csv", "settings.json"}
     assert json.loads((run / "settings.json").read_text()) == {
         "toy": 1, "lr": 1e-2, "epochs": 3, "patience": 100}
     before = _snapshot(run)
-    capsys.readouterr()
+    caplog.clear()
 
     trained = []
     again, probs = _job(run, epochs=3, on_epoch_end=lambda epoch, row: trained.append(epoch))
@@ -235,18 +235,20 @@ def test_a_finished_run_is_reused_and_fewer_epochs_reuse_it_with_a_warning(tmp_p
     assert _rows(again.history) == _rows(first.history)
     assert (again.best_epoch, again.best_score) == (first.best_epoch, first.best_score)
     assert np.array_equal(probs, first_probs)  # the best weights are loaded
-    assert "warning" not in capsys.readouterr().out
+    assert not [m for m in caplog.messages if "warning" in m]
+    caplog.clear()
 
     fewer, _ = _job(run, epochs=2, on_epoch_end=lambda epoch, row: trained.append(epoch))
     assert fewer.reused and trained == [] and fewer.extra["trained_beyond_request"]
-    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    warnings = [m for m in caplog.messages if "warning" in m]
+    caplog.clear()
     assert len(warnings) == 1 and "trained 3 epochs, more than this request" in warnings[0]
     assert len(fewer.history) == 3
     assert _snapshot(run) == before
 
     # the caller keys the folder by the settings; given other ones, it says so (epochs / patience don't count)
     _job(run, epochs=3, lr=0.02)
-    assert "was trained with other settings" in capsys.readouterr().out
+    assert "was trained with other settings" in caplog.text
 
 
 def test_early_stop_is_reused_unless_patience_is_raised(tmp_path):

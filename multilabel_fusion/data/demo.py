@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..engine.atomic import atomic_dir
+from ..io.atomic import atomic_dir
 from . import labels as L
 
 # (RGB colour, shape) per class, in label order: distinct enough for a frozen ImageNet CNN to separate.

@@ -137,9 +137,9 @@ def find_bad_images(paths: Iterable[str | Path], *, desc: str | None = None) -> 
     """
     paths = [Path(p) for p in paths]
     if desc is not None:
-        from tqdm.auto import tqdm
+        from ..io.progress import progress
 
-        paths_iter = tqdm(paths, desc=desc, unit="img", mininterval=1.0)
+        paths_iter = progress(paths, desc=desc, unit="img", mininterval=1.0)
     else:
         paths_iter = paths
     bad = []

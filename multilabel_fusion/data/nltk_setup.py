@@ -18,8 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..assets import socket_timeout
-from ..config import ROOT
+from ..io.assets import socket_timeout
+from ..settings import ROOT
 
 #: Repository-local NLTK data folder (ignored by git).
 NLTK_DATA_DIR = ROOT / ".nltk_data"

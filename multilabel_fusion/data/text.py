@@ -16,7 +16,7 @@ from importlib import resources
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+from ..io.progress import progress
 
 from . import nltk_setup
 
@@ -67,7 +67,7 @@ def clean_caption(caption: str) -> list[str]:
 
 def clean_captions(captions: Iterable[str], desc: str | None = "cleaning captions") -> list[list[str]]:
     captions = list(captions)
-    return [clean_caption(c) for c in tqdm(captions, desc=desc, unit="caption", disable=desc is None,
+    return [clean_caption(c) for c in progress(captions, desc=desc, unit="caption", disable=desc is None,
                                            mininterval=1.0)]
 
 

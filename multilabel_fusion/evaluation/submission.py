@@ -17,7 +17,7 @@ import numpy as np
 
 from ..data import labels as L
 from ..data.reader import DataError, read_records
-from ..engine.atomic import write_text
+from ..io.atomic import write_text
 
 HEADER = "ImageID,Labels"
 LABELS_FORMAT = re.compile(r"^\d+( \d+)*$")
@@ -99,7 +99,7 @@ def validate_file(path: str | Path, test_csv: str | Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m multilabel_fusion.submission",
+        prog="python -m multilabel_fusion.evaluation.submission",
         description="Check a submission CSV against the competition's test.csv before uploading it to Kaggle.",
     )
     parser.add_argument("submission", help="the CSV to check, e.g. output/predictions.csv")

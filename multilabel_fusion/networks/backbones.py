@@ -1,6 +1,6 @@
 """ImageNet CNN backbones (ResNet50, VGG16, EfficientNet-Lite0/-Lite2) as pooled-feature extractors, ensembles of
 them (``name@size+name@size``: each member sees the image at its own size, features concatenated), and the
-fine-tunable classifier built on one. Weights come from :mod:`multilabel_fusion.assets`."""
+fine-tunable classifier built on one. Weights come from :mod:`multilabel_fusion.io.assets`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..assets import Asset, backbone_weights
+from ..io.assets import Asset, backbone_weights
+from ..settings import FEATURE_DIMS  # the backbones a setting can name
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-FEATURE_DIMS = {"resnet50": 2048, "vgg16": 4096, "efficientnet_lite0": 1280, "efficientnet_lite2": 1280}
 
 #: The last module of each resolution stage ("after each pooling stage"), whose outputs are pooled into the
 #: multi-depth features; the final pooled vector comes after them.
@@ -22,24 +22,6 @@ DEPTH_MODULES = {
     "efficientnet_lite0": ["_blocks.0", "_blocks.2", "_blocks.4", "_blocks.10", "_blocks.15"],
     "efficientnet_lite2": ["_blocks.0", "_blocks.3", "_blocks.6", "_blocks.14", "_blocks.20"],
 }
-
-
-def parse_backbone(spec: str) -> list[tuple[str, int | None]]:
-    """``"efficientnet_lite0@320+efficientnet_lite2@260"`` -> [(name, size), ...]; a size left out is
-    ``image.image_size``. ValueError for an unknown name or a bad size."""
-    members = []
-    for part in str(spec).split("+"):
-        name, _, size = part.strip().partition("@")
-        if name not in FEATURE_DIMS:
-            import difflib
-
-            near = difflib.get_close_matches(name, FEATURE_DIMS, n=1)
-            raise ValueError(f"unknown backbone {name!r}{f' (did you mean {near[0]}?)' if near else ''}: choose from "
-                             f"{', '.join(FEATURE_DIMS)}, as name[@size], several joined by +")
-        if size and (not size.isdigit() or int(size) < 32):
-            raise ValueError(f"backbone {part!r}: the size after @ must be a whole number of pixels >= 32")
-        members.append((name, int(size) if size else None))
-    return members
 
 
 class Backbone(nn.Module):
@@ -138,7 +120,7 @@ def _load_state_dict_file(path: Path) -> dict:
 
 
 def build_backbone(weights: Asset, image_size: int | None = None) -> Backbone:
-    """The backbone ``weights.name`` with the resolved weights (:func:`multilabel_fusion.assets.backbone_weights`);
+    """The backbone ``weights.name`` with the resolved weights (:func:`multilabel_fusion.io.assets.backbone_weights`);
     an ensemble when the asset has ``members`` (each member at its ``@size``, else ``image_size``)."""
     if weights.extra.get("members"):
         members = [build_backbone(m, image_size) for m in weights.extra["members"]]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Iterator
 
@@ -10,10 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
-from tqdm.auto import tqdm
 
 from ..data import labels as L
 from ..data import text
+from ..io.progress import progress
 
 FEATURE_DESCRIPTION = ("concatenated final hidden states of the forward and backward LSTM "
                        "(packed sequences: the state after each caption's last real word)")
@@ -90,7 +89,7 @@ def extract_features(model: CaptionBiLSTM, batches: Batches, device: torch.devic
     """The caption feature of every row of ``batches``, in order, as float32 [N, 2 * hidden]."""
     model.eval().to(device)
     out = [model.features(ids.to(device), lengths).float().cpu().numpy()
-           for (ids, lengths), _ in tqdm(batches, desc=desc, leave=False, disable=desc is None)]
+           for (ids, lengths), _ in progress(batches, desc=desc, leave=False, disable=desc is None)]
     return np.concatenate(out) if out else np.zeros((0, model.feature_dim), dtype=np.float32)
 
 
@@ -103,21 +102,3 @@ def make_optimizer(model: CaptionBiLSTM, lr: float, weight_decay: float) -> torc
     if vectors:
         groups.append({"params": vectors, "weight_decay": 0.0})
     return torch.optim.Adam(groups, lr=lr)
-
-
-@contextlib.contextmanager
-def cpu_threads(device: torch.device, threads: int = 1):
-    """One intra-op thread for this small network on CPU, restored afterwards.
-
-    Batches of 250 x 8 x 50 gain nothing from parallel kernels (measured on 2 cores: 0.67 s per
-    epoch with one thread, 0.77 s with two), while threads waiting on cores that another CPU job
-    holds stretched 0.5 s epochs to 15-35 s. On a GPU this changes nothing.
-    """
-    previous = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
-from ..config import decoder_variant_tokens
 from ..data import labels as L
+from ..io.progress import progress
+from ..settings import decoder_variant_tokens
 
 NUM_LABELS = L.NUM_CLASSES
 END, START, PAD = NUM_LABELS, NUM_LABELS + 1, NUM_LABELS + 2
@@ -407,7 +407,7 @@ def decode(model: LabelDecoder, rep: np.ndarray, depths: np.ndarray, width: int,
     model.eval().to(device)
     batches = FeatureBatches(rep, depths, None, batch_size)
     out: dict[str, list] = {"sets": [], "scores": [], "logp": []}
-    for (r, d), _ in tqdm(batches, desc=desc, leave=False, disable=desc is None):
+    for (r, d), _ in progress(batches, desc=desc, leave=False, disable=desc is None):
         got = model.beam_search(r.to(device), d.to(device), width, max_labels)
         for name in out:
             out[name].append(got[name].cpu().numpy())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -30,12 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from .. import registry
-from ..config import ROOT
 from ..data import labels as L
-from ..engine.atomic import write_text
-from . import figures as reports
+from ..evaluation import figures as reports
+from ..io.atomic import write_text
+from ..settings import ROOT
+from ..settings import load as load_settings
+from ..stages import registry as stage_registry
+from ..logs import console_logging
 from . import stage_results
+
+log = logging.getLogger(__name__)
 
 PUBLISHED = [
     ("Three-network report (ResNet50 + Bi-LSTM + fused MLP)", "validation 0.927, Kaggle test 0.877",
@@ -113,66 +118,63 @@ def run(data: Path, workdir: Path, seeds: int, with_detector: bool, sets: list[s
     if workdir.exists():
         shutil.rmtree(workdir)  # cold: nothing cached
     workdir.mkdir(parents=True)
-    log = workdir / "bench.log"
+    log_file = workdir / "bench.log"
     base = [sys.executable, "-m", "multilabel_fusion", "--data", str(data), "--output", str(output),
             "--models", str(models)] + [a for s in sets for a in ("--set", s)]
-    stages = [s for s in registry.STAGES if s != "fusion" and s in _default_stages()
+    final = stage_registry.default().final().name
+    stages = [s for s in stage_registry.default().names if s != final and s in _default_stages()
               and (with_detector or s != "detector")]
     default_blocks = [b for b in _default_blocks() if with_detector or not b.startswith("detector")]
-    results: dict[str, Any] = {"stages": {}, "log": str(log), "default_blocks": default_blocks}
+    results: dict[str, Any] = {"stages": {}, "log": str(log_file), "default_blocks": default_blocks}
     for stage in stages:
-        print(f"[bench] {stage}: cold", flush=True)
-        cold = _run(base + ["--stages", stage], log)
-        print(f"[bench] {stage}: warm", flush=True)
-        warm = _run(base + ["--stages", stage], log)
+        log.info(f"[bench] {stage}: cold")
+        cold = _run(base + ["--stages", stage], log_file)
+        log.info(f"[bench] {stage}: warm")
+        warm = _run(base + ["--stages", stage], log_file)
         results["stages"][stage] = {"cold": cold, "warm": warm, "metrics": _metrics(output, stage)}
-    print("[bench] fusion: cold / warm", flush=True)
-    cold = _run(base + ["--stages", "fusion"] + _blocks(default_blocks), log)
-    warm = _run(base + ["--stages", "fusion"] + _blocks(default_blocks), log)
+    log.info("[bench] fusion: cold / warm")
+    cold = _run(base + ["--stages", "fusion"] + _blocks(default_blocks), log_file)
+    warm = _run(base + ["--stages", "fusion"] + _blocks(default_blocks), log_file)
     results["stages"]["fusion"] = {"cold": cold, "warm": warm, "metrics": _metrics(output, "fusion")}
     results["main_job_cold_s"] = round(sum(r["cold"]["wall_s"] for r in results["stages"].values()), 1)
-    results["main_job_warm"] = _run(base + _blocks(default_blocks), log)
+    results["main_job_warm"] = _run(base + _blocks(default_blocks), log_file)
     results["ablations"] = {}
     for name, (blocks, extra) in (block_ablations(default_blocks).items() if ablations else []):
-        print(f"[bench] fusion {name}", flush=True)
-        timing = _run(base + ["--stages", "fusion"] + _blocks(blocks) + [a for s in extra for a in ("--set", s)], log)
+        log.info(f"[bench] fusion {name}")
+        timing = _run(base + ["--stages", "fusion"] + _blocks(blocks) + [a for s in extra for a in ("--set", s)], log_file)
         results["ablations"][name] = {**_summary(_metrics(output, "fusion")), "run": timing, "settings": extra}
-    print("[bench] one split (split.folds=1)", flush=True)
+    log.info("[bench] one split (split.folds=1)")
     k1 = {}
     for stage in stages:
-        _run(base + ["--stages", stage, "--set", "split.folds=1"], log)
+        _run(base + ["--stages", stage, "--set", "split.folds=1"], log_file)
         k1[stage] = _summary(_metrics(output, stage))
     _run(base + ["--stages", "fusion", "--set", "split.folds=1"] + _blocks(
-        [b for b in K1_BLOCKS if with_detector or b != "detector"]), log)
+        [b for b in K1_BLOCKS if with_detector or b != "detector"]), log_file)
     k1["fusion"] = _summary(_metrics(output, "fusion"))
     results["k1"] = k1
-    print("[bench] image feature extraction vs bare forward", flush=True)
+    log.info("[bench] image feature extraction vs bare forward")
     _run([sys.executable, "stages/01_image_network.py", "--data", str(data), "--output", str(output),
           "--models", str(models), "--bench", str(image_bench), "--backbones", *IMAGE_BACKBONES]
-         + [a for s in sets for a in ("--set", s)], log)
+         + [a for s in sets for a in ("--set", s)], log_file)
     results["image_benchmark"] = json.loads((output / "metrics" / "image_benchmark.json").read_text())
     spread = []
     for seed in range(seeds):
-        _run(base + ["--stages", "fusion", "--set", f"trainer.seed={seed}"] + _blocks(default_blocks), log)
+        _run(base + ["--stages", "fusion", "--set", f"trainer.seed={seed}"] + _blocks(default_blocks), log_file)
         m = _metrics(output, "fusion")
         spread.append({"seed": seed, "tuned": m["val_mean_f1_tuned"], "at_0.5": m["val_mean_f1_at_0.5"],
                        "threshold_cv": m.get("mean_f1_threshold_cv")})
     results["seeds"] = spread
     # the last fusion run must leave the default's metrics file behind
-    _run(base + ["--stages", "fusion"] + _blocks(default_blocks), log)
+    _run(base + ["--stages", "fusion"] + _blocks(default_blocks), log_file)
     return results
 
 
 def _default_stages() -> list[str]:
-    from ..config import load
-
-    return list(load().pipeline.stages)
+    return list(load_settings().pipeline.stages)
 
 
 def _default_blocks() -> list[str]:
-    from ..config import load
-
-    return list(load().fusion.blocks)
+    return list(load_settings().fusion.blocks)
 
 
 def _versions() -> dict[str, str]:
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=str(ROOT / "output" / "bench"), help="cold-cache folder (wiped)")
     parser.add_argument("--docs", default=str(ROOT / "docs"), help="where RESULTS.md and its figures go")
     parser.add_argument("--seeds", type=int, default=3, help="trainer seeds for the spread of the fused network")
-    parser.add_argument("--no-detector", action="store_true", help="skip stage 04 (slow on a CPU)")
+    parser.add_argument("--no-detector", action="store_true", help="skip stage 03, the detector (slow on a CPU)")
     parser.add_argument("--no-ablations", action="store_true", help="skip the fused network's block ablations")
     parser.add_argument("--image-bench", default="512", metavar="N|all",
                         help="images per backbone in the extraction benchmark (all: the whole data set)")
@@ -346,33 +348,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", dest="stage_runs", action="append", nargs="+", default=[],
                         metavar="STAGE METRICS [FUSION_METRICS[=LABEL]]",
                         help="with --stage-sections: a stage (label_decoder | joint_embedding), its metrics file and "
-                             "the stage-03 metrics files of fused runs without / with its block (the first: the "
+                             "the metrics files of fused runs (stage 07) without / with its block (the first: the "
                              "reference), each optionally =LABEL saying what tells it apart")
     args = parser.parse_args(argv)
-    data, docs = Path(args.data).resolve(), Path(args.docs)
     if args.stage_runs and not args.stage_sections:
         parser.error("--stage goes with --stage-sections")
+    for stage, *paths in args.stage_runs:
+        if not paths:
+            parser.error(f"--stage {stage}: give its metrics file")
+    with console_logging():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
+    data, docs = Path(args.data).resolve(), Path(args.docs)
     if args.stage_sections:
         for stage, *paths in args.stage_runs:
-            if not paths:
-                parser.error(f"--stage {stage}: give its metrics file")
             try:
                 saved = stage_results.snapshot(docs, stage, Path(paths[0]), paths[1:])
             except (OSError, ValueError) as err:
                 raise SystemExit(f"error: {err}") from None
-            print(f"[bench] {stage}: snapshot {saved}")
+            log.info(f"[bench] {stage}: snapshot {saved}")
         try:
             page = stage_results.refresh(docs)
         except FileNotFoundError as err:
             raise SystemExit(f"error: {err}") from None
-        print(f"[bench] refreshed the stage sections of {page}")
+        log.info(f"[bench] refreshed the stage sections of {page}")
         return 0
     results = run(data, Path(args.workdir), args.seeds, not args.no_detector, args.sets, args.image_bench,
                   not args.no_ablations)
     text = render(results, data, docs)
     write_text(docs / "RESULTS.md", text)
     write_text(docs / "results.json", json.dumps(results, indent=1, default=str))
-    print(f"[bench] wrote {docs / 'RESULTS.md'}")
+    log.info(f"[bench] wrote {docs / 'RESULTS.md'}")
     return 0
 
 

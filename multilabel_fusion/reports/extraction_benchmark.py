@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -10,33 +11,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..assets import AssetUnavailable
-from ..config import Config
 from ..data import reader as D
-from ..engine import trainer
-from ..engine.atomic import write_json
-from ..engine.inference import bare_forward_throughput, extract, prepare_inference
+from ..evaluation import figures as plots
+from ..features.inference import bare_forward_throughput, extract, prepare_inference
+from ..io.assets import AssetUnavailable
+from ..io.atomic import write_json
 from ..networks.backbones import Backbone, load_backbone
-from ..stages import base
-from . import figures as reports
+from ..networks.device import num_workers, select_device
+from ..settings import Settings
+from ..stages.context import resolve_data
+from ..stages.outputs import cpu_name, load_metrics
+
+log = logging.getLogger(__name__)
 
 FORWARD_RATIO_TARGET = 0.90
 
 
-def _benchmark_backbone(name: str, cfg: Config, device: torch.device) -> Backbone:
+def _benchmark_backbone(name: str, cfg: Settings, device: torch.device) -> Backbone:
     """The backbone to time: its real weights where they can be had, else random ones (same speed), saying so."""
     settings = {**cfg.image.to_dict(), "backbone": name, "offline_fallback": None}
     try:
         return load_backbone(settings)
     except AssetUnavailable as err:
-        print(f"[image benchmark] {err}\n[image benchmark] timing {name} with random weights instead: "
-              f"throughput does not depend on the weight values")
+        log.info(f"[image benchmark] {err}\n[image benchmark] timing {name} with random weights instead: "
+                 f"throughput does not depend on the weight values")
         backbone = load_backbone({**settings, "weights": "random", "weights_path": None})
         backbone.weights_used = "random (ImageNet weights unavailable here; timed for speed only)"
         return backbone
 
 
-def benchmark(cfg: Config, images: int | str = 512, demo_mode: bool | str = False,
+def benchmark(cfg: Settings, images: int | str = 512, demo_mode: bool | str = False,
               backbones: list[str] | None = None) -> dict[str, Any]:
     """Full extraction (decode, resize, forward) vs bare forward, per backbone, on the same machine in one run.
 
@@ -47,14 +51,15 @@ def benchmark(cfg: Config, images: int | str = 512, demo_mode: bool | str = Fals
     """
     import tempfile
 
-    data_dir, _ = base.resolve_data_dir(cfg, demo_mode)
+    cfg, _ = resolve_data(cfg, demo_mode)
+    data_dir = cfg.path("data")
     data = D.load(data_dir, check_images=False)
     everything = data.image_paths("train") + data.image_paths("test")
     paths = everything if images == "all" else everything[: int(images)]
-    device = trainer.select_device(cfg.trainer.device)
-    workers = trainer.num_workers(cfg.trainer.num_workers, device)
+    device = select_device(cfg.trainer.device)
+    workers = num_workers(cfg.trainer.num_workers, device)
     out_dir = cfg.path("output")
-    results = base.load_metrics(out_dir, "image_benchmark") or {}
+    results = load_metrics(out_dir, "image_benchmark") or {}
     for name in backbones or [cfg.image.backbone]:
         backbone = _benchmark_backbone(name, cfg, device)
         plan = prepare_inference(backbone, cfg.image, device, cfg.trainer.mixed_precision)
@@ -71,7 +76,7 @@ def benchmark(cfg: Config, images: int | str = 512, demo_mode: bool | str = Fals
         ratio = full / bare
         results[name] = {
             "backbone": name, "weights_used": backbone.weights_used, "device": str(device),
-            "cpu": base.cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "loader_workers": workers, "image_size": plan.image_size, **plan.choices,
             "images": len(paths), "whole_dataset": len(paths) == len(everything), "data": str(data_dir),
             "extraction_seconds": round(timing["seconds"], 2), "full_extraction_images_per_s": round(full, 1),
@@ -82,9 +87,9 @@ def benchmark(cfg: Config, images: int | str = 512, demo_mode: bool | str = Fals
             "estimated_seconds_for_20000_images": round(20000 / full),
             "measured": time.strftime("%Y-%m-%d %H:%M"),
         }
-        print(f"[image benchmark] {name} on {device} ({plan.choices['precision']}), {len(paths)} images: "
-              f"full extraction {full:.1f} img/s ({timing['seconds']:.1f} s), bare forward {bare:.1f} img/s, "
-              f"ratio {ratio:.2f} (target >= {FORWARD_RATIO_TARGET:.2f})", flush=True)
+        log.info(f"[image benchmark] {name} on {device} ({plan.choices['precision']}), {len(paths)} images: "
+                 f"full extraction {full:.1f} img/s ({timing['seconds']:.1f} s), bare forward {bare:.1f} img/s, "
+                 f"ratio {ratio:.2f} (target >= {FORWARD_RATIO_TARGET:.2f})")
         write_json(out_dir / "metrics" / "image_benchmark.json", results)  # after each backbone: nothing lost
-    reports.throughput(results, out_dir / "figures" / "image_benchmark.png")
+    plots.throughput(results, out_dir / "figures" / "image_benchmark.png")
     return results

@@ -25,6 +25,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -34,14 +35,19 @@ from typing import Any
 
 import numpy as np
 
-from .. import registry
-from ..assets import AssetUnavailable
+from .. import settings as S
+from ..data import folds as F
 from ..data import labels as L
 from ..data import reader as D
-from ..engine.atomic import write_json, write_text
-from ..evaluation import submission
+from ..evaluation import figures, submission
 from ..evaluation.metrics import sample_f1
-from . import figures
+from ..io.assets import AssetUnavailable
+from ..io.atomic import write_json, write_text
+from ..logs import console_logging
+from ..stages import registry as stage_registry
+from ..stages.context import Workspace
+
+log = logging.getLogger(__name__)
 
 def _csv_text(header: list[str], rows: list[list[str]]) -> str:
     """A well-formed CSV (RFC 4180: inner quotes doubled), which the reader reads exactly like the raw format."""
@@ -54,7 +60,7 @@ def _csv_text(header: list[str], rows: list[list[str]]) -> str:
 
 def draw(data: D.CompetitionData, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held-out) rows of ``data``'s labelled records, sorted: a seeded, multi-label-stratified draw."""
-    kept, held = D.split_indices(data.train_targets, share, seed)
+    kept, held = F.split_indices(data.train_targets, share, seed)
     return np.sort(kept), np.sort(held)
 
 
@@ -92,37 +98,30 @@ def reuse_frozen_artifacts(data_dir: str | Path, source_output: str | Path, work
     folder from those the main job made for ``data_dir`` in ``source_output`` under the same settings, when they
     exist: a draw then costs the training only, not the extraction and detection of every photo again. Returns
     stage -> the artifact the rows came from."""
-    from .. import config as C
-    from ..engine.artifacts import ArtifactStore
-
-    source_cfg = C.load(overrides=overrides, data=Path(data_dir).resolve(), output=Path(source_output).resolve())
-    derived_cfg = C.load(overrides=overrides, data=workdir / "data", output=workdir / "output")
-    source, derived = D.load(source_cfg.path("data"), check_images=False), D.load(workdir / "data", check_images=False)
-    kept, held = draw(source, share, seed)
-    source_store, derived_store = ArtifactStore(source_cfg.path("output")), ArtifactStore(workdir / "output")
+    registry = stage_registry.default()
+    source_ws = Workspace(S.load(overrides=overrides, data=Path(data_dir).resolve(),
+                                 output=Path(source_output).resolve()), registry)
+    derived_ws = Workspace(S.load(overrides=overrides, data=workdir / "data", output=workdir / "output"), registry)
+    kept, held = draw(source_ws.data, share, seed)
     reused = {}
-    for stage in registry.order(list(derived_cfg.pipeline.stages), derived_cfg):
-        module = registry.get(stage).load()
-        if not hasattr(module, "rows_for"):
-            continue
+    for name in registry.order(list(derived_ws.settings.pipeline.stages), derived_ws.settings):
+        stage = registry.get(name)
         try:
-            key = registry.artifact_key(stage, derived_cfg, derived.fingerprint())
-            source_key = registry.artifact_key(stage, source_cfg, source.fingerprint())
+            key, source_key = derived_ws.key(name), source_ws.key(name)
         except AssetUnavailable:  # the main job skips (or stops at) that stage and says why
             continue
-        if derived_store.load(stage, key, mmap=True) is not None:
+        if derived_ws.store.load(name, key, mmap=True) is not None:
             continue
-        found = source_store.load(stage, source_key, mmap=True)
-        arrays = None if found is None else module.rows_for(derived_cfg, found, {"train": ("train", kept),
-                                                                                 "test": ("train", held)})
+        found = source_ws.store.load(name, source_key, mmap=True)
+        arrays = None if found is None else stage.rows_for(derived_ws.settings, found, {"train": ("train", kept),
+                                                                                         "test": ("train", held)})
         if arrays is None:
             continue
         for part in ("train", "test"):
-            if not np.array_equal(arrays[f"{part}_ids"], getattr(derived, part)["ImageID"].to_numpy(str)):
+            if not np.array_equal(arrays[f"{part}_ids"], getattr(derived_ws.data, part)["ImageID"].to_numpy(str)):
                 raise ValueError(f"{found.dir}: its rows are not the photos of {workdir / 'data'} ({part})")
-        derived_store.save(stage, key, registry.artifact_spec(stage, derived_cfg, derived.fingerprint()), arrays,
-                           {**found.info, "rows_from": str(found.dir)})
-        reused[stage] = str(found.dir)
+        derived_ws.store.save(name, key, derived_ws.spec(name), arrays, {**found.info, "rows_from": str(found.dir)})
+        reused[name] = str(found.dir)
     return reused
 
 
@@ -153,7 +152,7 @@ def score_run(output: str | Path, answers: str | Path) -> list[dict[str, Any]]:
     output = Path(output)
     image_ids, truth = read_answers(answers)
     rows = []
-    for stage in sorted(registry.STAGES, key=lambda name: name == "fusion"):  # the fused predictions last
+    for stage in stage_registry.default().names:  # the registry's order: the fused predictions last
         metrics_path = output / "metrics" / f"{stage}.json"
         if not metrics_path.is_file():
             continue
@@ -215,18 +214,16 @@ def run_draw(args: argparse.Namespace, workdir: Path, seed: int) -> dict[str, An
     try:
         info = make_holdout(args.data, workdir / "data", args.share, seed)
         if args.reuse_from != "none":
-            from .. import config as C
-
-            source_output = args.reuse_from or C.load(overrides=args.overrides).path("output")
+            source_output = args.reuse_from or S.load(overrides=args.overrides).path("output")
             reused = reuse_frozen_artifacts(args.data, source_output, workdir, args.share, seed, args.overrides)
             for stage, folder in reused.items():
-                print(f"[holdout] {stage}: the rows of the held-out draw taken from {folder} (nothing to compute again)")
+                log.info(f"[holdout] {stage}: the rows of the held-out draw taken from {folder} (nothing to compute again)")
             info["reused"] = reused
     except (D.DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"[holdout] {info['held_out']:,} of {info['records']:,} records held out (labels hidden in "
-          f"{workdir / 'data' / 'answers.csv'}); main job on the other {info['kept']:,}", flush=True)
+    log.info(f"[holdout] {info['held_out']:,} of {info['records']:,} records held out (labels hidden in "
+             f"{workdir / 'data' / 'answers.csv'}); main job on the other {info['kept']:,}")
     command = [sys.executable, "-m", "multilabel_fusion", "--data", str(workdir / "data"),
                "--output", str(workdir / "output"), "--models", str(workdir / "models")]
     command += [a for s in args.overrides for a in ("--set", s)]
@@ -268,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir).resolve()  # the main job reads relative paths from the repository root
     if len(set(args.seed)) < len(args.seed):
         parser.error(f"--seed {' '.join(map(str, args.seed))}: a seed given twice")
+    with console_logging():
+        return _draws(args, workdir)
+
+
+def _draws(args: argparse.Namespace, workdir: Path) -> int:
     if len(args.seed) == 1:
         result = run_draw(args, workdir, args.seed[0])
         return result if isinstance(result, int) else 0

@@ -1,24 +1,33 @@
-"""Results sections of the comparison stages (05 label decoders, 06 joint embedding) in docs/RESULTS.md.
+"""Results pages of the comparison stages (05 label decoders, 06 joint embedding) and their sections in
+docs/RESULTS.md.
 
-Each section is rendered by the stage's own ``results_markdown`` from a snapshot kept in ``docs/stage_results/<stage>.json``:
-the stage's metrics file and the summaries of the stage-03 runs with and without its block. Its figures are copied
-to ``docs/figures/``. In docs/RESULTS.md a section lies between two marker lines, so that it can be refreshed
-alone (``python3 -m multilabel_fusion.reports.bench --stage-sections``) and survives ``make bench``, which renders
-the sections again from the snapshots.
+A stage's page is rendered by its page module (:data:`PAGES`: ``results_markdown`` and ``RESULT_FIGURES``) from the
+stage's metrics file and the summaries of fused-network runs with and without its block: with ``--results-doc`` by
+the stage's script (:func:`run_with_page`), or as a section of docs/RESULTS.md from a snapshot kept in
+``docs/stage_results/<stage>.json``, whose figures are copied to ``docs/figures/``. In docs/RESULTS.md a section lies
+between two marker lines, so that it can be refreshed alone (``python3 -m multilabel_fusion.reports.bench
+--stage-sections``) and survives ``make bench``, which renders the sections again from the snapshots.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
+import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Callable
 
-from ..engine.atomic import write_text
+from ..io.atomic import write_text
 
-#: the stages with a results section, in the order of the document
-STAGES = ("label_decoder", "joint_embedding")
+log = logging.getLogger(__name__)
+
+#: the stages with a results page, in the order of the document, and the module of each page
+PAGES = {"label_decoder": "label_decoder_page", "joint_embedding": "joint_embedding_page"}
+STAGES = tuple(PAGES)
 SNAPSHOTS = "stage_results"
 BEGIN = "<!-- section {stage}: rendered from docs/stage_results/{stage}.json, do not edit -->"
 END = "<!-- end of section {stage} -->"
@@ -67,6 +76,45 @@ def figure(figures: dict[str, str] | None, name: str, alt: str) -> list[str]:
     return [f"![{alt}]({figures[name]})", ""] if figures and figures.get(name) else []
 
 
+def page(stage: str) -> ModuleType:
+    """The page module of ``stage`` (``results_markdown``, ``RESULT_FIGURES``)."""
+    return importlib.import_module(f"{__package__}.{PAGES[stage]}")
+
+
+# ------------------------------------------------------------------------------------------------ a stage's script
+
+
+def add_page_arguments(parser, example: str) -> None:
+    """The options of a stage script that writes its results page (``example``: where it usually goes)."""
+    parser.add_argument("--results-doc", type=Path, default=None,
+                        help=f"also write the markdown results page (e.g. {example})")
+    parser.add_argument("--fusion-metrics", nargs="*", default=[], metavar="FUSION_JSON[=LABEL]",
+                        help="metrics files of fused-network runs (with and without the stage's blocks) for the page")
+
+
+def write_page(metrics: dict[str, Any], doc: Path, fusion_args: list[str],
+               render: Callable[..., str]) -> Path:
+    """The stage's results page at ``doc`` (figures linked relative to it), with the fused runs ``fusion_args``
+    (``PATH`` or ``PATH=LABEL``)."""
+    fusion = [fusion_summary(json.loads(path.read_text()), label) for path, label in map(fusion_argument, fusion_args)]
+    links = {name: os.path.relpath(path, Path(doc).resolve().parent) for name, path in metrics["figures"].items()}
+    path = write_text(doc, render(metrics, fusion, links))
+    log.info(f"[{metrics['stage']}] wrote {path}")
+    return path
+
+
+def run_with_page(stage: str, settings, demo_mode: bool | str = False, resume: bool = False,
+                  args=None) -> dict[str, Any]:
+    """What a stage script runs: the stage (after the stages it reads, where missing), then with ``--results-doc``
+    its results page."""
+    from .. import pipeline
+
+    metrics = pipeline.run_stage(stage, settings, demo_mode=demo_mode, resume=resume)
+    if args is not None and args.results_doc is not None:
+        write_page(metrics, Path(args.results_doc), args.fusion_metrics, page(stage).results_markdown)
+    return metrics
+
+
 # ------------------------------------------------------------------------------------------------ snapshots
 
 
@@ -89,9 +137,7 @@ def snapshot(docs: Path, stage: str, metrics_path: Path, fusion_args: list[str])
         if m.get("stage") != "fusion":
             raise ValueError(f"--stage {stage}: {path} is not a stage-03 (fusion) metrics file")
         fusion.append(fusion_summary(m, label))
-    from .. import registry
-
-    shown = getattr(registry.get(stage).load(), "RESULT_FIGURES", None)
+    shown = getattr(page(stage), "RESULT_FIGURES", None)
     links = {}
     for name, path in (metrics.get("figures") or {}).items():
         if Path(path).is_file() and (shown is None or name in shown):
@@ -111,14 +157,11 @@ def section(docs: Path, stage: str) -> str | None:
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    from .. import registry
-
-    module = registry.get(stage).load()
     how = ("Refresh this section alone from a stage run with `python3 -m multilabel_fusion.reports.bench "
            f"--stage-sections --stage {stage} OUTPUT/metrics/{stage}.json [FUSION_METRICS.json[=LABEL] ...]` "
            f"(snapshot: `docs/{SNAPSHOTS}/{stage}.json`, from `{record['metrics_file']}`).")
-    text = module.results_markdown(record["metrics"], record["fusion_runs"] or None, figures=record["figures"],
-                                   source=how)
+    text = page(stage).results_markdown(record["metrics"], record["fusion_runs"] or None,
+                                        figures=record["figures"], source=how)
     text = re.sub(r"(?m)^(#+) ", r"#\1 ", text).strip("\n")
     return "\n".join([BEGIN.format(stage=stage), text, END.format(stage=stage)])
 

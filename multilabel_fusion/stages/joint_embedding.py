@@ -4,8 +4,9 @@ Each photo's cached CNN features (stage 01) and its caption (the caption stage's
 vectors) are mapped into one space where a matching pair lies close (:mod:`multilabel_fusion.networks.joint_embedding`).
 Per fold, one network is trained on the fold's fit part (minus ``selection_size`` pairs that choose the epoch) and
 measured by retrieval on the held-out fold: R@1/5/10, median and mean rank in both directions, on 1,000-pair sets
-(the 1K protocol, averaged) and on the whole held-out fold. A strategy × encoder table (first fold) compares the
-negative-mining strategies and the two caption encoders.
+(the 1K protocol, averaged) and on the whole held-out fold. With ``joint_embedding.comparisons: true``, a strategy ×
+encoder table (first fold) compares the negative-mining strategies and the two caption encoders, and a learning
+curve trains the stage's configuration on shares of its pairs.
 
 What the fused network gets (out-of-fold rows; test rows averaged over the fold networks): block
 ``joint_embedding`` (73 columns: zero-shot label scores of the image and of the caption, i.e. similarity to the
@@ -14,62 +15,182 @@ and of the ``knn`` fit-part images nearest to the caption; the similarity of the
 block ``joint_embedding_probs`` (18 columns: the two neighbour votes averaged, the stage's submission). Only
 derived scores are shared, not the embedding itself: each fold network has its own space, so raw embeddings from
 different folds would not line up. The first fold's network embeds every train and test image and caption for
-:mod:`multilabel_fusion.retrieve`.
+retrieval (:class:`.joint_embedding_search.Retriever`, ``python -m multilabel_fusion.retrieve``); :class:`JointEmbeddingPredictor` computes
+both blocks for new records.
 """
 
 from __future__ import annotations
 
-import os
+import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .. import assets, registry
-from ..config import Config
 from ..data import labels as L
 from ..data import text
-from ..engine import trainer
-from ..engine.atomic import save_torch, write_text
-from ..engine.precision import training_precision
+from ..evaluation import figures as plots
 from ..evaluation.metrics import mean_f1
 from ..evaluation.thresholds import decide, tune_per_class
+from ..io.artifacts import Artifact
+from ..io.assets import Asset, load_vectors
+from ..io.atomic import save_torch
 from ..networks import joint_embedding as J
-from ..networks.caption_lstm import cpu_threads
-from ..reports.stage_results import cross_fitted, figure, fusion_argument, fusion_rows, fusion_summary
-from . import base
+from ..networks.device import cpu_threads
+from ..networks.precision import training_precision
+from ..settings import Settings, common_settings
+from ..training import trainer
+from .base import BlockPredictor, NewRecords, Stage, best_weights, fold_mean, load_tensors, tensor_bytes
+from .caption import cleaned_tokens
+from .context import StageContext, Workspace
+from .joint_embedding_search import MODEL_FILE, Retriever, _image_block, image_features
+from .outputs import finish, records
+
+log = logging.getLogger(__name__)
 
 VERSION = 1  # bump when training or the block's columns change, so old artifacts are not reused
-NOT_SHAPING = ("compare_strategies", "compare_encoders", "learning_curve", "retrieval_top")  # comparisons, display
-RESULT_ONLY = ("epochs", "patience", "knn", "prompt")  # shape the artifact, not a network's weights
-MODEL_FILE = "retrieval_model.pt"
 BLOCK_PARTS = ("image_zero_shot", "caption_zero_shot", "image_to_captions_knn", "caption_to_images_knn")
 EXAMPLE_QUERY = "a dog asleep on a couch"
 
-#: Published figures (MS-COCO, five captions per image, 1,000 test images): R@1/5/10 image->sentence, sentence->image.
-PUBLISHED = [
-    {"source": "two-branch network, VGG19 features, K = 1 (published)", "i2t": (30.5, 59.5, 72.5),
-     "t2i": (21.8, 53.0, 69.2)},
-    {"source": "two-branch network, ResNet50 features, K = 1 (published)", "i2t": (10.7, 35.5, 51.3),
-     "t2i": (8.9, 29.7, 45.1)},
-    {"source": "two-branch network, K = 10 (published)", "i2t": (2.9, 12.9, 20.9), "t2i": None},
-    {"source": "VSE++ (Faghri et al., ResNet152, fine-tuned)", "i2t": (64.6, 90.0, 95.7), "t2i": (52.0, 84.3, 92.3)},
-]
-ONE_CAPTION_NOTE = ("One caption per image here against five on MS-COCO: an image->sentence query counts as found "
-                    "only when its one caption is in the top K (on MS-COCO any of five will do), and each caption has "
-                    "no near-duplicate captions of the same image to share the ranks with, so R@K is stricter.")
+#: What the stage's notebook shows after its results: a search by sentence and by photo.
+RETRIEVE_CELL = '''\
+from IPython.display import Image as ShowImage
+
+from multilabel_fusion.retrieve import Retriever
+
+retriever = Retriever.open(cfg, IS_DEMO)
+QUERY = "a dog asleep on a couch"  # any sentence
+hits, picture = retriever.by_text(QUERY, top=8)
+for hit in hits:
+    print(hit.describe())
+display(ShowImage(filename=str(picture)))
+PHOTO = sorted((data_dir / "data").glob("*.jpg"))[0]  # or the path of any photo
+hits, picture = retriever.by_image(PHOTO, top=8)
+display(ShowImage(filename=str(picture)))
+'''
 
 
-def artifact_spec(cfg: Config) -> dict[str, Any]:
-    """The joint_embedding settings (registry), the image features' key (inputs), the word vectors' identity, the
-    text-cleaning version, the split and the seed."""
-    vectors = assets.word_vectors(cfg.caption, cfg.path("models") / "vectors")
-    return {"assets": {"vectors": {"name": vectors.name, "identity": vectors.identity}},
-            "version": VERSION, "text_version": text.TEXT_VERSION, "common": registry.common_settings(cfg)}
+class JointEmbedding(Stage):
+    name = "joint_embedding"
+    number = "06"
+    title = "joint embedding"
+    module = "joint_embedding"
+    section = "joint_embedding"
+    blocks = ("joint_embedding", "joint_embedding_probs")
+    writes = "image-caption joint embedding, retrieval, zero-shot and neighbour label scores"
+    summary = "image-caption joint embedding, retrieval of photos and captions + its blocks"
+    about = ("A two-branch network maps each photo's CNN features and its caption into one space where a matching pair "
+             "lies close (bi-directional triplet ranking loss, negatives mined in the mini-batch), one network per "
+             "fold, measured by retrieval: R@1/5/10 in both directions on 1,000-pair sets of the held-out folds. It "
+             "gives the fused network the `joint_embedding` blocks (zero-shot and nearest-neighbour label scores) and "
+             "a submission, and lets you search the data: `python3 -m multilabel_fusion.retrieve --text \"a dog asleep "
+             "on a couch\"` or `--image PATH`. With `joint_embedding.comparisons=true` it also trains the table of "
+             "mining strategies x caption encoders.")
+    notebook_cells = (("## Search the data\nType a sentence to find the photos that match it, or give a photo (a file "
+                       "of the data or any other) to find the captions that match it, as "
+                       "`python3 -m multilabel_fusion.retrieve --text ...` / `--image PATH` does.", RETRIEVE_CELL),)
+
+    def reads(self, settings: Settings, registry) -> tuple[str, ...]:
+        return ("image",)
+
+    def spec(self, ws: Workspace) -> dict[str, Any]:
+        """The word vectors' identity, the text-cleaning version, the split and the seed (the image features' key is
+        among the inputs)."""
+        vectors = ws.assets.word_vectors(ws.settings.caption, ws.models_dir / "vectors")
+        return {"assets": {"vectors": {"name": vectors.name, "identity": vectors.identity}},
+                "version": VERSION, "text_version": text.TEXT_VERSION, "common": common_settings(ws.settings)}
+
+    # ------------------------------------------------------------------------------------------- the work
+    def fit(self, ctx: StageContext) -> Artifact:
+        """One network per fold: the blocks, retrieval measured per fold, the first fold's network for retrieval."""
+        with cpu_threads(ctx.device):  # one thread: measured 4-10x faster per batch than two on a busy 2-core CPU
+            return self._embedding(ctx)[0]
+
+    def _embedding(self, ctx: StageContext) -> tuple[Artifact, str, "Inputs | None"]:
+        """The artifact, whether it was computed now, and the inputs if they were loaded for it."""
+        found = ctx.store.load("joint_embedding", ctx.key(), mmap=True)
+        if found is not None:
+            log.info(f"[joint_embedding] reusing {found.dir}")
+            return found, "reused", None
+        inp = load_inputs(ctx)
+        return compute(ctx, inp), "computed", inp
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        """Train (or reuse) the joint embedding per fold, with ``comparisons`` the strategy × encoder table and the
+        learning curve; the block, the retrieval figures, the submission and the metrics."""
+        je = ctx.settings.joint_embedding
+        t0 = time.time()
+        comparison, compared, curve = [], {}, []
+        with cpu_threads(ctx.device):
+            found, state, inp = self._embedding(ctx)
+            if je.comparisons and je.compare_strategies and je.compare_encoders:
+                inp = inp or load_inputs(ctx)
+                comparison, compared = compare(ctx, inp)
+            if je.comparisons and je.learning_curve:
+                inp = inp or load_inputs(ctx)
+                curve = learning_curve(ctx, inp)
+        info = dict(found.info)
+        history = pd.DataFrame(info.pop("history", []))
+        history = history[history["fold"] == 0] if len(history) else history
+        figures_dir = ctx.output_dir / "figures"
+        figures = {"recall_per_epoch": plots.retrieval_recall(history, compared,
+                                                              figures_dir / "joint_embedding_recall.png",
+                                                              f"joint embedding ({je.encoder}, {je.strategy})")}
+        if comparison:
+            figures["comparison"] = plots.retrieval_comparison(comparison,
+                                                               figures_dir / "joint_embedding_comparison.png")
+        finder = Retriever(ctx, found)
+        _, figures["retrieval_text_query"] = finder.by_text(EXAMPLE_QUERY,
+                                                            out=figures_dir / "joint_embedding_text_query.png")
+        held = ctx.val_idx[0]
+        _, figures["retrieval_image_query"] = finder.by_image(
+            ctx.data.image_paths("train")[held], features=np.asarray(image_features(ctx)[0][held]),
+            out=figures_dir / "joint_embedding_image_query.png")
+        extra = {**info, "artifact": str(found.dir), "embedding": state, "comparison": comparison,
+                 "learning_curve": curve, "settings": je.to_dict(), "stage_seconds": round(time.time() - t0, 1),
+                 "history": records(history.drop(columns=["val_mean_f1", "val_loss"], errors="ignore"))}
+        metrics = finish(ctx, np.asarray(found["probs"])[ctx.eval_idx], np.asarray(found["test_probs"]),
+                         extra=extra, extra_figures=figures)
+        r = metrics["retrieval"]["protocol_1k"]
+        log.info(f"[joint_embedding] 1K protocol ({metrics['retrieval']['sets_1k']} sets): image->caption R@1/5/10 "
+                 f"{r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f}, caption->image "
+                 f"{r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f}")
+        return metrics
+
+    # ------------------------------------------------------------------------------------------- new records
+    def predictor_needs(self, settings: Settings, blocks: Sequence[str]) -> tuple[str, ...]:
+        """The image features the networks read (pooled, or every backbone stage's: ``image_features``)."""
+        return (_image_block(settings.joint_embedding.image_features),)
+
+    def predictor(self, ws: Workspace, blocks: Sequence[str]) -> "JointEmbeddingPredictor":
+        art = ws.require("joint_embedding")
+        ws.check_rows(art, self)
+        je = ws.settings.joint_embedding
+        image = ws.require("image")
+        ws.check_rows(image, ws.registry.get("image"))
+        part = "train" if je.image_features == "pooled" else "train_depths"
+        vocab = text.Vocabulary([str(t) for t in art["vocab"]])
+        ids, lengths = vocab.encode(cleaned_tokens(ws)[0], je.seq_len)
+        prompt_ids, prompt_len = vocab.encode(prompt_words(je), je.seq_len)
+        states = [best_weights(f["run_dir"], ws.models_dir, self) for f in art.info["retrieval"]["per_fold"]]
+        matrix = _text_rows(states[0], je.encoder)
+        description = {"image_dim": int(art.info["image_dim"]), "vocab_rows": int(matrix.shape[0]),
+                       "vector_dim": int(matrix.shape[1]), "kwargs": model_kwargs(je, je.encoder),
+                       "seq_len": je.seq_len, "image_features": je.image_features, "knn": je.knn,
+                       "networks": len(states), "key": art.key}
+        gallery = {"image": torch.from_numpy(np.array(image[part])), "ids": torch.from_numpy(ids.astype(np.int32)),
+                   "lengths": torch.from_numpy(lengths.astype(np.int32)),
+                   "labels": torch.from_numpy(ws.targets.astype(np.uint8)),
+                   "prompt_ids": torch.from_numpy(prompt_ids.astype(np.int32)),
+                   "prompt_lengths": torch.from_numpy(prompt_len.astype(np.int32)),
+                   **{f"fit_{k}": torch.from_numpy(np.asarray(fit, dtype=np.int64))
+                      for k, (fit, _) in enumerate(ws.folds)}}
+        return JointEmbeddingPredictor(blocks, description, [_network(s, description) for s in states], vocab, gallery)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -91,54 +212,44 @@ class Inputs:
     prompt_len: np.ndarray
     prompts: list[str]
     image_key: str
-    vectors: assets.Asset
+    vectors: Asset
     oov: dict[str, Any]
 
 
-def image_features(ctx: base.StageContext) -> tuple[np.ndarray, np.ndarray]:
-    """The image stage's features of the current settings (``pooled`` or every stage's pooled output), rows checked."""
-    block = ctx.require("image")
-    for part in ("train", "test"):
-        if not np.array_equal(block[f"{part}_ids"], getattr(ctx.data, part)["ImageID"].to_numpy(str)):
-            raise ValueError(f"{block.dir}: its {part} ImageIDs differ from {ctx.data.root}; re-run stage 01")
-    if ctx.cfg.joint_embedding.image_features == "depths":
-        if "train_depths" not in block:
-            raise ValueError("config: joint_embedding.image_features=depths needs image.depth_features=true")
-        return np.asarray(block["train_depths"], np.float32), np.asarray(block["test_depths"], np.float32)
-    return np.asarray(block["train"], np.float32), np.asarray(block["test"], np.float32)
+def prompt_words(je) -> list[list[str]]:
+    """The cleaned words of the zero-shot label prompts (``joint_embedding.prompt`` of each label name)."""
+    return text.clean_captions([je.prompt.format(name) for name in L.names()], desc=None)
 
 
-def load_inputs(ctx: base.StageContext) -> Inputs:
-    from .caption_network import cleaned_tokens
-
-    je = ctx.cfg.joint_embedding
+def load_inputs(ctx: StageContext) -> Inputs:
+    je = ctx.settings.joint_embedding
     image_train, image_test = image_features(ctx)
     train_tokens, test_tokens = cleaned_tokens(ctx)
-    prompts = [je.prompt.format(name) for name in L.names()]
-    prompt_tokens = text.clean_captions(prompts, desc=None)
-    asset = assets.word_vectors(ctx.cfg.caption, ctx.models_dir / "vectors")
-    vectors = assets.load_vectors(asset)
-    vocab, matrix = text.build_vocabulary(train_tokens + test_tokens + prompt_tokens, vectors)
+    prompts = prompt_words(je)
+    asset = ctx.assets.word_vectors(ctx.settings.caption, ctx.models_dir / "vectors")
+    vectors = load_vectors(asset)
+    vocab, matrix = text.build_vocabulary(train_tokens + test_tokens + prompts, vectors)
     del vectors
     ids_train, len_train = vocab.encode(train_tokens, je.seq_len)
     ids_test, len_test = vocab.encode(test_tokens, je.seq_len)
-    prompt_ids, prompt_len = vocab.encode(prompt_tokens, je.seq_len)
+    prompt_ids, prompt_len = vocab.encode(prompts, je.seq_len)
     return Inputs(image_train, image_test, ids_train, len_train, ids_test, len_test, vocab, matrix, prompt_ids,
-                  prompt_len, prompts, ctx.key("image"), asset, text.oov_report(train_tokens, vocab))
+                  prompt_len, [je.prompt.format(name) for name in L.names()], ctx.key("image"), asset,
+                  text.oov_report(train_tokens, vocab))
 
 
 # ------------------------------------------------------------------------------------------------ training
 
 
-def model_kwargs(je: Config, encoder: str) -> dict[str, Any]:
+def model_kwargs(je, encoder: str) -> dict[str, Any]:
     return {"encoder": encoder, "embed_dim": je.embed_dim, "hidden": je.hidden, "layers": je.layers,
             "dropout": je.dropout, "rnn_hidden": je.rnn_hidden, "train_embeddings": je.train_embeddings}
 
 
-def split_selection(ctx: base.StageContext, fold: int, fit_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def split_selection(ctx: StageContext, fold: int, fit_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(training rows, selection rows) of a fold's fit part: the selection pairs choose the epoch, never trained on."""
-    n_sel = min(ctx.cfg.joint_embedding.selection_size, max(len(fit_idx) // 5, 2))
-    rng = np.random.default_rng(ctx.cfg.split.seed + 1000 + fold)
+    n_sel = min(ctx.settings.joint_embedding.selection_size, max(len(fit_idx) // 5, 2))
+    rng = np.random.default_rng(ctx.settings.split.seed + 1000 + fold)
     sel = np.sort(rng.choice(fit_idx, n_sel, replace=False))
     return np.setdiff1d(fit_idx, sel), sel
 
@@ -159,14 +270,14 @@ class Run:
         return round(float(self.result.history["seconds"].sum()), 1) if len(self.result.history) else 0.0
 
 
-def train_run(ctx: base.StageContext, inp: Inputs, fold: int, fit_idx: np.ndarray, *, encoder: str, strategy: str,
-              resume: bool, fraction: float = 1.0, test_pairs: bool | None = None) -> Run:
+def train_run(ctx: StageContext, inp: Inputs, fold: int, fit_idx: np.ndarray, *, encoder: str, strategy: str,
+              fraction: float = 1.0, test_pairs: bool | None = None) -> Run:
     """Train (or reuse, or resume) one joint embedding on a fold's fit part with the shared trainer; the epoch is
     chosen by the R-sum of the fold's selection pairs. ``fraction`` < 1: a random share of the training pairs
     (the learning curve); ``test_pairs`` overrides ``train_on_test_pairs``."""
-    je, cfg = ctx.cfg.joint_embedding, ctx.cfg
+    je, settings = ctx.settings.joint_embedding, ctx.settings
     train_rows, sel_rows = split_selection(ctx, fold, fit_idx)
-    shaping = {k: v for k, v in je.to_dict().items() if k not in NOT_SHAPING + RESULT_ONLY}
+    shaping = je.shaping(weights_only=True)
     shaping.update(encoder=encoder, strategy=strategy)
     unread = (("margin", "reverse_weight") if strategy == "infonce" else ("temperature",)) + \
         (("rnn_hidden", "train_embeddings") if encoder == "mean" else ())
@@ -181,18 +292,18 @@ def train_run(ctx: base.StageContext, inp: Inputs, fold: int, fit_idx: np.ndarra
         lengths = np.concatenate([lengths, inp.len_test])
         labels = np.concatenate([labels, np.zeros((len(inp.image_test), labels.shape[1]), labels.dtype)])
     if fraction < 1:
-        keep = np.sort(np.random.default_rng(ctx.cfg.split.seed + 2000 + fold).permutation(len(feats))
+        keep = np.sort(np.random.default_rng(settings.split.seed + 2000 + fold).permutation(len(feats))
                        [: max(int(round(fraction * len(feats))), je.batch_size)])
         feats, ids, lengths, labels = feats[keep], ids[keep], lengths[keep], labels[keep]
         shaping["fraction"] = fraction
-    settings = {"image": inp.image_key, "vectors": inp.vectors.identity, "text_version": text.TEXT_VERSION,
-                "version": VERSION, "joint_embedding": shaping, "fold": [fold, len(ctx.folds)]}
-    run_dir = ctx.run_dir("joint_embedding", settings)
-    torch.manual_seed(cfg.trainer.seed + fold)
+    run_settings = {"image": inp.image_key, "vectors": inp.vectors.identity, "text_version": text.TEXT_VERSION,
+                    "version": VERSION, "joint_embedding": shaping, "fold": [fold, len(ctx.folds)]}
+    run_dir = ctx.run_dir("joint_embedding", run_settings)
+    torch.manual_seed(settings.trainer.seed + fold)
     model = J.JointEmbedding(inp.image_train.shape[1], inp.matrix, **model_kwargs(je, encoder))
     model.fit_standardisation(feats)
-    batches = J.PairBatches(feats, ids, lengths, labels, je.batch_size, shuffle=True, seed=cfg.trainer.seed + fold,
-                            drop_last=True)
+    batches = J.PairBatches(feats, ids, lengths, labels, je.batch_size, shuffle=True,
+                            seed=settings.trainer.seed + fold, drop_last=True)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=je.lr)
     scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, step_size=je.lr_decay_epoch, gamma=0.1)
                  if je.lr_decay_epoch else None)
@@ -207,8 +318,8 @@ def train_run(ctx: base.StageContext, inp: Inputs, fold: int, fit_idx: np.ndarra
         model, batches, None, None,
         loss_fn=J.TripletRankingLoss(strategy, je.margin, je.reverse_weight, je.temperature),
         optimizer=optimizer, scheduler=scheduler, run_dir=run_dir, epochs=je.epochs, patience=je.patience,
-        device=ctx.device, precision=training_precision(ctx.device, cfg.trainer.mixed_precision), resume=resume,
-        settings={**settings, "n_train": len(feats), "n_selection": len(sel_rows)},
+        device=ctx.device, precision=training_precision(ctx.device, settings.trainer.mixed_precision),
+        resume=ctx.resume, settings={**run_settings, "n_train": len(feats), "n_selection": len(sel_rows)},
         name=f"joint embedding {encoder}/{strategy} fold {fold + 1}", score_fn=score,
         score_name="selection R-sum")
     model.eval()
@@ -250,6 +361,14 @@ class Scorer:
         self.img_stats = (zi.mean(0), zi.std(0) + 1e-6)
         self.txt_stats = (zt.mean(0), zt.std(0) + 1e-6)
 
+    @classmethod
+    def of(cls, model: J.JointEmbedding, image: np.ndarray, ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray,
+           prompt_ids: np.ndarray, prompt_len: np.ndarray, k: int) -> "Scorer":
+        """The scorer of a fold network: its fit part's records (``image``, ``ids``, ``lengths``, ``labels``)
+        and the label prompts embedded by it."""
+        fit_img, fit_txt = J.embed(model, image, ids, lengths)
+        return cls(fit_img, fit_txt, labels, J.embed(model, ids=prompt_ids, lengths=prompt_len)[1], k)
+
     def __call__(self, img: np.ndarray, txt: np.ndarray) -> dict[str, np.ndarray]:
         return {
             "image_zero_shot": (img @ self.prompts.T - self.img_stats[0]) / self.img_stats[1],
@@ -269,15 +388,16 @@ def probabilities(scores: dict[str, np.ndarray]) -> np.ndarray:
     return (scores["image_to_captions_knn"] + scores["caption_to_images_knn"]) / 2
 
 
-def label_score_table(held: dict[str, np.ndarray], y: np.ndarray, ctx: base.StageContext) -> list[dict[str, Any]]:
+def label_score_table(held: dict[str, np.ndarray], y: np.ndarray, ctx: StageContext) -> list[dict[str, Any]]:
     """Held-out mean-F1 of each label score alone (per-class thresholds tuned on the same rows, as every stage
     reports), and the label-free top-1 hit rate (is the best-scoring label one of the image's labels)."""
-    rule, rounds = ctx.cfg.thresholds.at_least_one, ctx.cfg.thresholds.rounds
+    rule, rounds = ctx.settings.thresholds.at_least_one, ctx.settings.thresholds.rounds
     sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731  standardised zero-shot scores -> (0, 1)
+    knn = ctx.settings.joint_embedding.knn
     candidates = {"image zero-shot (label prompts)": sigmoid(held["image_zero_shot"]),
                   "caption zero-shot (label prompts)": sigmoid(held["caption_zero_shot"]),
-                  f"image -> {ctx.cfg.joint_embedding.knn} nearest captions' labels": held["image_to_captions_knn"],
-                  f"caption -> {ctx.cfg.joint_embedding.knn} nearest images' labels": held["caption_to_images_knn"],
+                  f"image -> {knn} nearest captions' labels": held["image_to_captions_knn"],
+                  f"caption -> {knn} nearest images' labels": held["caption_to_images_knn"],
                   "both neighbour votes (the stage's submission)": probabilities(held)}
     rows = []
     for name, scores in candidates.items():
@@ -295,13 +415,13 @@ def mean_reports(reports: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(float(np.mean([r[k] for r in reports])), 2) for k in keys}
 
 
-# ------------------------------------------------------------------------------------------------ the stage
+# ------------------------------------------------------------------------------------------------ the artifact
 
 
-def compute(ctx: base.StageContext, inp: Inputs, resume: bool) -> Any:
+def compute(ctx: StageContext, inp: Inputs) -> Artifact:
     """One network per fold (the configured encoder and strategy): out-of-fold block and probabilities, test ones
     averaged over the folds, retrieval figures per fold, and the first fold's network for retrieval."""
-    je, cfg = ctx.cfg.joint_embedding, ctx.cfg
+    je, settings = ctx.settings.joint_embedding, ctx.settings
     n_train = len(ctx.data.train)
     targets = ctx.targets.astype(np.float32)
     per_fold, histories, held_scores = [], [], {}
@@ -311,13 +431,12 @@ def compute(ctx: base.StageContext, inp: Inputs, resume: bool) -> Any:
     first: Run | None = None
     for k, (fit_idx, held_idx) in enumerate(ctx.folds):
         if len(ctx.folds) > 1:
-            print(f"[joint_embedding] fold {k + 1}/{len(ctx.folds)}: {len(fit_idx)} fit, {len(held_idx)} held out")
-        run = train_run(ctx, inp, k, fit_idx, encoder=je.encoder, strategy=je.strategy, resume=resume)
+            log.info(f"[joint_embedding] fold {k + 1}/{len(ctx.folds)}: {len(fit_idx)} fit, {len(held_idx)} held out")
+        run = train_run(ctx, inp, k, fit_idx, encoder=je.encoder, strategy=je.strategy)
         first = first or run
         m = run.model
-        fit_img, fit_txt = J.embed(m, inp.image_train[fit_idx], inp.ids_train[fit_idx], inp.len_train[fit_idx])
-        prompts = J.embed(m, ids=inp.prompt_ids, lengths=inp.prompt_len)[1]
-        scorer = Scorer(fit_img, fit_txt, targets[fit_idx], prompts, je.knn)
+        scorer = Scorer.of(m, inp.image_train[fit_idx], inp.ids_train[fit_idx], inp.len_train[fit_idx],
+                           targets[fit_idx], inp.prompt_ids, inp.prompt_len, je.knn)
         h_img, h_txt = J.embed(m, inp.image_train[held_idx], inp.ids_train[held_idx], inp.len_train[held_idx])
         t_img, t_txt = J.embed(m, inp.image_test, inp.ids_test, inp.len_test)
         h_scores, t_scores = scorer(h_img, h_txt), scorer(t_img, t_txt)
@@ -327,7 +446,7 @@ def compute(ctx: base.StageContext, inp: Inputs, resume: bool) -> Any:
         test_block = test_block + block_of(t_scores) / len(ctx.folds)
         test_probs = test_probs + probabilities(t_scores) / len(ctx.folds)
         per_fold.append({"fold": k, "n_fit": len(fit_idx), "n_held": len(held_idx),
-                         **retrieval(h_img, h_txt, cfg.split.seed), "best_epoch": run.result.best_epoch,
+                         **retrieval(h_img, h_txt, settings.split.seed), "best_epoch": run.result.best_epoch,
                          "epochs_run": int(len(run.result.history)), "training_seconds": run.training_seconds,
                          "n_train": run.n_train, "n_selection": run.n_selection,
                          "reused": run.result.reused, "run_dir": str(run.run_dir)})
@@ -357,7 +476,7 @@ def compute(ctx: base.StageContext, inp: Inputs, resume: bool) -> Any:
         "vectors": inp.vectors.record(), "oov": inp.oov, "image_key": inp.image_key,
         "image_dim": int(inp.image_train.shape[1]), "retrieval_model": {"fold": 0, "run_dir": str(first.run_dir)},
         "training_seconds": round(sum(f["training_seconds"] for f in per_fold), 1),
-        "history": base._records(history),
+        "history": records(history),
     }
     key = ctx.key()
     with ctx.store.writer("joint_embedding", key, ctx.spec()) as w:
@@ -371,341 +490,142 @@ def compute(ctx: base.StageContext, inp: Inputs, resume: bool) -> Any:
     return ctx.store.load("joint_embedding", key, mmap=True)
 
 
-def _measured(ctx: base.StageContext, inp: Inputs, run: Run, held_idx: np.ndarray) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------------------ comparisons
+
+
+def _measured(ctx: StageContext, inp: Inputs, run: Run, held_idx: np.ndarray) -> dict[str, Any]:
     img, txt = J.embed(run.model, inp.image_train[held_idx], inp.ids_train[held_idx], inp.len_train[held_idx])
     return {"encoder": run.encoder, "strategy": run.strategy, "label": J.strategy_label(run.strategy),
-            **retrieval(img, txt, ctx.cfg.split.seed), "training_pairs": run.n_train,
+            **retrieval(img, txt, ctx.settings.split.seed), "training_pairs": run.n_train,
             "best_epoch": run.result.best_epoch, "epochs_run": int(len(run.result.history)),
             "training_seconds": run.training_seconds,
             "seconds_per_epoch": round(run.training_seconds / max(len(run.result.history), 1), 2),
             "reused": run.result.reused}
 
 
-def compare(ctx: base.StageContext, inp: Inputs, resume: bool) -> tuple[list[dict[str, Any]], dict[str, pd.DataFrame]]:
+def compare(ctx: StageContext, inp: Inputs) -> tuple[list[dict[str, Any]], dict[str, pd.DataFrame]]:
     """The strategy × encoder table on the first fold: each pair trained (or reused) and measured on the held-out
     fold exactly as the stage's own network."""
-    je = ctx.cfg.joint_embedding
+    je = ctx.settings.joint_embedding
     fit_idx, held_idx = ctx.folds[0]
     rows, histories = [], {}
     for encoder in je.compare_encoders:
         for strategy in je.compare_strategies:
-            run = train_run(ctx, inp, 0, fit_idx, encoder=encoder, strategy=strategy, resume=resume)
+            run = train_run(ctx, inp, 0, fit_idx, encoder=encoder, strategy=strategy)
             rows.append(_measured(ctx, inp, run, held_idx))
             histories[f"{encoder}/{strategy}"] = run.result.history
     return rows, histories
 
 
-def learning_curve(ctx: base.StageContext, inp: Inputs, resume: bool) -> list[dict[str, Any]]:
+def learning_curve(ctx: StageContext, inp: Inputs) -> list[dict[str, Any]]:
     """The stage's configuration on the first fold trained on a share of its training pairs (``learning_curve``),
     on all of them, and on all of them plus the test records' pairs (unlabelled, never evaluated): how recall grows
     with the number of pairs."""
-    je = ctx.cfg.joint_embedding
+    je = ctx.settings.joint_embedding
     fit_idx, held_idx = ctx.folds[0]
     rows = []
     points = [(f, False) for f in sorted(set(je.learning_curve))] + [(1.0, False), (1.0, True)]
     for fraction, test_pairs in points:
-        run = train_run(ctx, inp, 0, fit_idx, encoder=je.encoder, strategy=je.strategy, resume=resume,
-                        fraction=fraction, test_pairs=test_pairs)
+        run = train_run(ctx, inp, 0, fit_idx, encoder=je.encoder, strategy=je.strategy, fraction=fraction,
+                        test_pairs=test_pairs)
         rows.append({"fraction": fraction, "test_pairs": test_pairs, **_measured(ctx, inp, run, held_idx)})
     return rows
 
 
-def _round2(x: float) -> float:
-    """Two significant figures (an extrapolation is no more precise than that)."""
-    return float(f"{x:.2g}")
+# ------------------------------------------------------------------------------------------------ new records
 
 
-def closing_note(metrics: dict[str, Any]) -> str:
-    """What limits recall here, from the measurements: the target, the best compared run, the learning curve."""
-    p = metrics["retrieval"]["protocol_1k"]
-    target = {"i2t": 72.5, "t2i": 69.2}
-    met = all(p[f"{d}_r10"] > t for d, t in target.items())
-    parts = [f"Target: 1K R@10 above 72.5 (image->caption) and 69.2 (caption->image), the paper's best MS-COCO "
-             f"figures. The stage's configuration ({metrics['encoder']}, {metrics['strategy']}) reaches "
-             f"{p['i2t_r10']:.1f} and {p['t2i_r10']:.1f}: {'met' if met else 'not met'}."]
-    if metrics.get("comparison"):
-        best = max(metrics["comparison"], key=lambda r: r["protocol_1k"]["rsum"])
-        b = best["protocol_1k"]
-        same = next((r for r in metrics["comparison"] if (r["encoder"], r["strategy"]) == (metrics["encoder"],
-                                                                                          metrics["strategy"])), None)
-        parts.append(f"The best compared run ({best['encoder']}, {best['label']}) reaches {b['i2t_r10']:.1f} / "
-                     f"{b['t2i_r10']:.1f} on the first fold"
-                     + (f" (the stage's configuration there: {same['protocol_1k']['i2t_r10']:.1f} / "
-                        f"{same['protocol_1k']['t2i_r10']:.1f})" if same else "")
-                     + "; the paper's two-branch network on ResNet50 features reached 51.3 / 45.1 trained on MS-COCO "
-                       "(five captions per image).")
-    curve = metrics.get("learning_curve") or []
-    if len(curve) >= 2:
-        pts = [(r["training_pairs"], (r["protocol_1k"]["i2t_r10"] + r["protocol_1k"]["t2i_r10"]) / 2) for r in curve]
-        x, y = np.log2([q[0] for q in pts]), np.array([q[1] for q in pts])
-        slope = float(np.polyfit(x, y, 1)[0]) if len(set(x)) > 1 else 0.0
-        listing = "; ".join(f"{n:,} pairs{' (with the test pairs)' if r['test_pairs'] else ''}: "
-                            f"{r['protocol_1k']['i2t_r10']:.1f} / {r['protocol_1k']['t2i_r10']:.1f}"
-                            for (n, _), r in zip(pts, curve))
-        parts.append(f"More training pairs help: R@10 (image->caption / caption->image, first fold) with "
-                     f"{listing}, about {slope:+.1f} points per doubling of the pairs.")
-        if slope > 0:
-            full = [q for q, r in zip(pts, curve) if r["fraction"] == 1.0 and not r["test_pairs"]][0]
-            need = full[0] * 2 ** ((71.0 - full[1]) / slope)
-            parts.append(f"A log-linear extrapolation of these few points (rough) puts an R@10 near 71 at about "
-                         f"{_round2(need):,.0f} pairs (MS-COCO's training split has 113,287 images with five "
-                         "captions each, about 566,000 pairs).")
-    parts.append(f"Image features: {metrics['image_dim']}-d from stage 01 (on machines without internet the "
-                 "EfficientNet-Lite0 offline fallback, not the published VGG19 / ResNet50); word vectors: "
-                 f"{metrics['vectors']['name']}. {ONE_CAPTION_NOTE}")
-    return " ".join(parts)
+def _text_rows(state: dict, encoder: str) -> torch.Tensor:
+    """The word-vector rows of a network's caption encoder (their shape rebuilds the network)."""
+    return state["text_encoder.vectors" if encoder == "mean" else "text_encoder.embedding.weight"]
 
 
-def recall_figure(history: pd.DataFrame, compared: dict[str, pd.DataFrame], path: Path, title: str) -> Path:
-    """Selection-pair recall per epoch: the stage's network (first fold), and R@10 of every compared run."""
-    import matplotlib.pyplot as plt
-
-    from ..reports.figures import _save
-
-    fig, axes = plt.subplots(1, 3 if compared else 1, figsize=(16 if compared else 6, 4), squeeze=False)
-    ax = axes[0, 0]
-    for direction, style in (("i2t", "-"), ("t2i", "--")):
-        for k, colour in zip((1, 5, 10), ("tab:blue", "tab:orange", "tab:green")):
-            ax.plot(history["epoch"], history[f"{direction}_r{k}"], style, color=colour, label=f"{direction} R@{k}")
-    ax.set(xlabel="epoch", ylabel="recall (%)", title=f"{title}\n(selection pairs, first fold)", ylim=(0, 100))
-    ax.legend(fontsize=7, ncol=2)
-    if compared:
-        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        strategies = list(dict.fromkeys(name.split("/")[1] for name in compared))
-        for i, direction in enumerate(("i2t", "t2i")):
-            ax = axes[0, i + 1]
-            for name, h in compared.items():
-                encoder, strategy = name.split("/")
-                ax.plot(h["epoch"], h[f"{direction}_r10"], "-" if encoder == "gru" else ":",
-                        color=colours[strategies.index(strategy) % len(colours)], label=name)
-            ax.set(xlabel="epoch", ylabel="R@10 (%)", ylim=(0, 100),
-                   title=f"{'image -> caption' if direction == 'i2t' else 'caption -> image'} R@10 per epoch\n"
-                         "(encoder/strategy; dotted: mean vectors, solid: GRU)")
-            ax.legend(fontsize=6, ncol=2)
-    return _save(fig, path)
+def _network(state: dict, description: dict[str, Any]) -> J.JointEmbedding:
+    net = J.JointEmbedding(description["image_dim"], np.zeros((description["vocab_rows"], description["vector_dim"]),
+                                                               np.float32), **description["kwargs"])
+    net.load_state_dict(state)
+    return net.eval()
 
 
-def comparison_figure(rows: list[dict[str, Any]], path: Path) -> Path:
-    """1K-protocol R@10 of every compared run (strategy x encoder, first fold) in both directions, with the
-    target lines (the paper's best MS-COCO figures)."""
-    import matplotlib.pyplot as plt
+class JointEmbeddingPredictor(BlockPredictor):
+    """The fold networks, each with the label scorer the stage built for it, on a new record's image features and
+    caption; both blocks are averaged over the folds as the stage averaged its test rows.
 
-    from ..reports.figures import _save
+    A fold's neighbour votes and the standardisation of its zero-shot scores need that fold's fit part embedded by
+    its network. The predictor keeps what the stage embedded — every training record's image features (float16, as
+    the image artifact stores them), caption token ids and labels, and each fold's fit rows — and embeds each fold's
+    fit part again when it is loaded: the same inputs through the same network in the same batches give the stage's
+    own embeddings, so a test record gets exactly its block rows. Keeping the embeddings instead would take K x 2
+    fit parts x ``embed_dim`` floats (about 160 MB at the real data's size, against about 50 MB of float16 image
+    features), and rounding them to float16 would move the neighbour votes.
+    """
 
-    names = [f"{r['encoder']} / {r['strategy']}" for r in rows]
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.62 * len(rows) + 2), 4))
-    for shift, direction, colour, target, what in ((-0.2, "i2t", "tab:blue", 72.5, "image -> caption"),
-                                                   (0.2, "t2i", "tab:orange", 69.2, "caption -> image")):
-        values = [r["protocol_1k"][f"{direction}_r10"] for r in rows]
-        ax.bar(x + shift, values, 0.4, color=colour, label=f"{what} R@10")
-        ax.axhline(target, color=colour, ls="--", lw=1, label=f"target {what} ({target})")
-        for xi, v in zip(x + shift, values):
-            ax.text(xi, v + 0.8, f"{v:.0f}", ha="center", fontsize=7)
-    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
-    ax.set(ylabel="R@10 (%), 1K protocol", ylim=(0, 100),
-           title="Mining strategies x caption encoders (first fold, held-out 1K sets; one caption per image)")
-    ax.legend(fontsize=7, ncol=2, loc="upper left")
-    return _save(fig, path)
+    stage = "joint_embedding"
 
+    def __init__(self, blocks: Sequence[str], description: dict[str, Any], networks: list[J.JointEmbedding],
+                 vocabulary: text.Vocabulary, gallery: dict[str, torch.Tensor]):
+        super().__init__(blocks)
+        self.description, self.networks, self.vocabulary, self.gallery = description, networks, vocabulary, gallery
+        self.needs = (_image_block(description["image_features"]),)
+        self._scorers: list[Scorer] | None = None
 
-def run_stage(cfg: Config, demo_mode: bool | str = False, resume: bool = False) -> dict[str, Any]:
-    """Train (or reuse) the joint embedding per fold, compare strategies × encoders, write the block, the
-    retrieval figures, the submission and the metrics."""
-    from .. import retrieve
+    @property
+    def fold_networks(self) -> list[torch.nn.Module]:
+        return list(self.networks)
 
-    ctx = base.prepare(cfg, "joint_embedding", demo_mode)
-    je = cfg.joint_embedding
-    t0 = time.time()
-    found = ctx.store.load("joint_embedding", ctx.key(), mmap=True)
-    inp = None
-    with cpu_threads(ctx.device):  # one thread: measured 4-10x faster per batch than two on a busy 2-core CPU
-        if found is None:
-            inp = load_inputs(ctx)
-            found = compute(ctx, inp, resume)
-            state = "computed"
-        else:
-            print(f"[joint_embedding] reusing {found.dir}")
-            state = "reused"
-        comparison, compared, curve = [], {}, []
-        if je.compare_strategies and je.compare_encoders:
-            inp = inp or load_inputs(ctx)
-            comparison, compared = compare(ctx, inp, resume)
-        if je.learning_curve:
-            inp = inp or load_inputs(ctx)
-            curve = learning_curve(ctx, inp, resume)
-    info = dict(found.info)
-    history = pd.DataFrame(info.pop("history", []))
-    history = history[history["fold"] == 0] if len(history) else history
-    figures_dir = ctx.output_dir / "figures"
-    figures = {"recall_per_epoch": recall_figure(history, compared, figures_dir / "joint_embedding_recall.png",
-                                                 f"joint embedding ({je.encoder}, {je.strategy})")}
-    if comparison:
-        figures["comparison"] = comparison_figure(comparison, figures_dir / "joint_embedding_comparison.png")
-    finder = retrieve.Retriever(ctx, found)
-    _, figures["retrieval_text_query"] = finder.by_text(EXAMPLE_QUERY,
-                                                        out=figures_dir / "joint_embedding_text_query.png")
-    held = ctx.val_idx[0]
-    _, figures["retrieval_image_query"] = finder.by_image(
-        ctx.data.image_paths("train")[held], features=np.asarray(image_features(ctx)[0][held]),
-        out=figures_dir / "joint_embedding_image_query.png")
-    extra = {**info, "artifact": str(found.dir), "embedding": state, "comparison": comparison, "learning_curve": curve,
-             "published": PUBLISHED, "one_caption_note": ONE_CAPTION_NOTE, "settings": je.to_dict(),
-             "stage_seconds": round(time.time() - t0, 1),
-             "history": base._records(history.drop(columns=["val_mean_f1", "val_loss"], errors="ignore"))}
-    extra["closing_note"] = closing_note({**extra, "retrieval": info["retrieval"]})
-    metrics = base.finish(ctx, np.asarray(found["probs"])[ctx.eval_idx], np.asarray(found["test_probs"]),
-                          extra=extra, extra_figures=figures)
-    r = metrics["retrieval"]["protocol_1k"]
-    print(f"[joint_embedding] 1K protocol ({metrics['retrieval']['sets_1k']} sets): image->caption R@1/5/10 "
-          f"{r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f}, caption->image "
-          f"{r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f}")
-    write_text(ctx.output_dir / "metrics" / "joint_embedding_results.md", results_markdown(metrics))
-    return metrics
+    def to(self, device: torch.device) -> "JointEmbeddingPredictor":
+        super().to(device)
+        self._scorers = None  # embedded again on the new device
+        return self
 
+    def scorers(self) -> list[Scorer]:
+        """Each fold network's scorer: its fit part and the label prompts, embedded as the stage embedded them."""
+        if self._scorers is None:
+            g = {name: t.numpy() for name, t in self.gallery.items()}
+            labels = g["labels"].astype(np.float32)
+            ids, lengths = g["ids"].astype(np.int64), g["lengths"].astype(np.int64)
+            prompt_ids, prompt_len = g["prompt_ids"].astype(np.int64), g["prompt_lengths"].astype(np.int64)
+            with cpu_threads(self.device):
+                self._scorers = [Scorer.of(net, g["image"][fit].astype(np.float32), ids[fit], lengths[fit], labels[fit],
+                                           prompt_ids, prompt_len, self.description["knn"])
+                                 for net, fit in ((n, g[f"fit_{k}"]) for k, n in enumerate(self.networks))]
+        return self._scorers
 
-# ------------------------------------------------------------------------------------------------ the report
+    def transform(self, records: NewRecords, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        captions = list(records.captions)
+        tokens = text.clean_captions(captions, desc="cleaning captions" if len(captions) > 1000 else None)
+        ids, lengths = self.vocabulary.encode(tokens, self.description["seq_len"])
+        features = np.asarray(given[self.needs[0]], dtype=np.float32)
+        blocks, probs = [], []
+        for net, scorer in zip(self.networks, self.scorers()):
+            with cpu_threads(self.device):
+                scores = scorer(*J.embed(net, features, ids, lengths))
+            blocks.append(block_of(scores))
+            probs.append(probabilities(scores))
+        out = {"joint_embedding": fold_mean(blocks), "joint_embedding_probs": fold_mean(probs)}
+        return {b: out[b] for b in self.blocks}
 
+    def export(self) -> tuple[dict[str, Any], dict[str, tuple[str, bytes]]]:
+        states = [{n: t.cpu() for n, t in net.state_dict().items()} for net in self.networks]
+        shared = [n for n in states[0] if all(torch.equal(s[n], states[0][n]) for s in states[1:])] \
+            if len(states) > 1 else []
+        networks = f"joint embedding networks ({len(states)} folds)"
+        files = {"vocabulary.json": ("joint embedding vocabulary", json.dumps(self.vocabulary.tokens).encode()),
+                 "gallery.pt": ("joint embedding: the training records (image features, caption ids, labels, folds)",
+                                tensor_bytes(self.gallery)),
+                 "shared.pt": (networks, tensor_bytes({n: states[0][n] for n in shared}))}
+        for i, state in enumerate(states):  # what every fold holds alike (frozen word vectors) is kept once
+            files[f"network_{i}.pt"] = (networks, tensor_bytes({n: t for n, t in state.items() if n not in shared}))
+        return dict(self.description), files
 
-def _recalls(r: dict[str, Any] | None, direction: str) -> str:
-    return " / ".join(f"{r[f'{direction}_r{k}']:.1f}" for k in (1, 5, 10)) if r else "–"
+    @classmethod
+    def from_bundle(cls, description: dict[str, Any], blocks: Sequence[str], read: Callable[[str], bytes],
+                    names: set[str], device: torch.device) -> "JointEmbeddingPredictor":
+        shared = load_tensors(read("shared.pt"))
+        networks = [_network({**shared, **load_tensors(read(f"network_{i}.pt"))}, description)
+                    for i in range(int(description["networks"]))]
+        return cls(blocks, description, networks, text.Vocabulary(json.loads(read("vocabulary.json"))),
+                   load_tensors(read("gallery.pt")))
 
 
-#: the figures the results page shows (names in ``metrics["figures"]``)
-RESULT_FIGURES = ("recall_per_epoch", "comparison", "retrieval_text_query", "retrieval_image_query")
-
-
-def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] | None = None,
-                     figures: dict[str, str] | None = None, source: str | None = None) -> str:
-    """The stage's results page, written from its metrics file and stage-03 runs with and without its blocks (as
-    :func:`..reports.stage_results.fusion_summary` gives them). ``figures``: figure name -> link (relative to the
-    page); ``source``: the sentence saying how the page is regenerated."""
-    ret = metrics["retrieval"]
-    p1k, whole = ret["protocol_1k"], ret["whole_held_out"]
-    source = source or ("Regenerate with `python3 stages/06_joint_embedding.py --data ... --results-doc "
-                        "docs/RESULTS_joint_embedding.md`.")
-    machine = metrics.get("machine", {})
-    where = (f"{machine.get('cpu')}, {machine.get('cpu_count')} cores"
-             f"{', GPU ' + machine['gpu'] if machine.get('gpu') else ', no GPU'}")
-    settings = metrics.get("settings") or {}
-    lines = [
-        "# Stage 06: image–caption joint embedding — results",
-        "",
-        f"Written from `output/metrics/joint_embedding.json` (data: `{metrics['data']}`, {metrics['n_eval']} training "
-        f"records, {metrics['folds']} folds; caption encoder `{metrics['encoder']}`, strategy `{metrics['strategy']}`; "
-        f"word vectors {metrics['vectors']['name']}; image features: {metrics['image_dim']}-d from stage 01; "
-        f"machine: {where}). {source}",
-        "",
-        "## Retrieval on held-out folds",
-        "",
-        f"Each fold's network is measured on its held-out fold, never trained on (the epoch is chosen on "
-        f"{metrics['retrieval']['per_fold'][0].get('n_selection', 'separate')} selection pairs of the fit part). "
-        f"1K protocol: {ret['sets_1k']} disjoint sets of 1,000 image–caption pairs, mean over the sets; whole: all "
-        f"~{int(whole['pairs'])} pairs of a held-out fold at once (mean over the folds). Target (the paper's best "
-        "MS-COCO figures): 1K R@10 above 72.5 image→caption and 69.2 caption→image.",
-        "",
-        "| protocol | image→caption R@1 / 5 / 10 | medr | meanr | caption→image R@1 / 5 / 10 | medr | meanr |",
-        "|---|---|---|---|---|---|---|",
-        f"| 1K sets (this data, one caption per image) | {_recalls(p1k, 'i2t')} | {p1k['i2t_medr']:g} | "
-        f"{p1k['i2t_meanr']:.1f} | {_recalls(p1k, 't2i')} | {p1k['t2i_medr']:g} | {p1k['t2i_meanr']:.1f} |",
-        f"| whole held-out fold (~{int(whole['pairs'])} pairs) | {_recalls(whole, 'i2t')} | {whole['i2t_medr']:g} | "
-        f"{whole['i2t_meanr']:.1f} | {_recalls(whole, 't2i')} | {whole['t2i_medr']:g} | {whole['t2i_meanr']:.1f} |",
-        "",
-        f"**One caption per image.** {ONE_CAPTION_NOTE}",
-        "",
-    ]
-    lines += figure(figures, "recall_per_epoch", "recall per epoch")
-    if metrics.get("comparison"):
-        budget = (f"each run up to {settings['epochs']} epochs, patience {settings['patience']} on the selection "
-                  "pairs' R-sum" if settings.get("epochs") else "")
-        lines += ["## Strategies × caption encoders (first fold, 1K protocol on its held-out fold)", "",
-                  f"Every other setting as the stage's ({budget}; Adam lr {settings.get('lr')}, batch "
-                  f"{settings.get('batch_size')}, margin {settings.get('margin')}, λ {settings.get('reverse_weight')}). "
-                  "R@K in percent; medr / meanr: median / mean rank of the match among 1,000 (one caption per image, "
-                  "so stricter than MS-COCO's five: see above).", "",
-                  "| encoder | negatives | image→caption R@1 / 5 / 10 | caption→image R@1 / 5 / 10 | R-sum | "
-                  "medr i→c / c→i | meanr i→c / c→i | whole fold R@10 i→c / c→i | best epoch / run | s / epoch |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for row in metrics["comparison"]:
-            p, w = row["protocol_1k"], row["whole"]
-            lines.append(f"| {row['encoder']} | {row['label']} | {_recalls(p, 'i2t')} | {_recalls(p, 't2i')} | "
-                         f"{p['rsum']:.1f} | {p['i2t_medr']:g} / {p['t2i_medr']:g} | "
-                         f"{p['i2t_meanr']:.1f} / {p['t2i_meanr']:.1f} | {w['i2t_r10']:.1f} / "
-                         f"{w['t2i_r10']:.1f} | {row['best_epoch']} / {row['epochs_run']} | "
-                         f"{row['seconds_per_epoch']} |")
-        lines.append("")
-        lines += figure(figures, "comparison", "strategies x encoders")
-    if metrics.get("learning_curve"):
-        lines += [f"## Learning curve ({metrics['encoder']}, {metrics['strategy']}; first fold, 1K protocol)", "",
-                  "| training pairs | image→caption R@1 / 5 / 10 | caption→image R@1 / 5 / 10 | R-sum | best epoch / run |",
-                  "|---|---|---|---|---|"]
-        for row in metrics["learning_curve"]:
-            p = row["protocol_1k"]
-            what = f"{row['training_pairs']:,}" + (" (fit part + the test records' pairs, unlabelled)" if row["test_pairs"]
-                                                    else f" ({row['fraction']:.0%} of the fit part)")
-            lines.append(f"| {what} | {_recalls(p, 'i2t')} | {_recalls(p, 't2i')} | {p['rsum']:.1f} | "
-                         f"{row['best_epoch']} / {row['epochs_run']} |")
-        lines.append("")
-    lines += ["## Published figures (MS-COCO, five captions per image, 1K test images)", "",
-              "| model | image→sentence R@1 / 5 / 10 | sentence→image R@1 / 5 / 10 |", "|---|---|---|"]
-    for row in metrics["published"]:
-        t2i = " / ".join(f"{v:.1f}" for v in row["t2i"]) if row["t2i"] else "–"
-        lines.append(f"| {row['source']} | {' / '.join(f'{v:.1f}' for v in row['i2t'])} | {t2i} |")
-    lines += ["", "## Label scores from the embedding (held-out, out-of-fold)", "",
-              "| score | mean-F1, tuned per-class thresholds | mean-F1 at 0.5 | top-1 label is a true label |",
-              "|---|---|---|---|"]
-    for row in metrics["label_scores"]:
-        lines.append(f"| {row['score']} | {row['mean_f1_tuned']:.4f} | {row['mean_f1_at_0.5']:.4f} | "
-                     f"{row['top1_hit_rate']:.3f} |")
-    lines += ["", f"The stage's submission (`{Path(metrics['submission']).name}`) uses the two neighbour votes: "
-              f"held-out mean-F1 {metrics['val_mean_f1_tuned']:.4f} with tuned per-class thresholds"
-              + (f", {metrics['mean_f1_threshold_cv']:.4f} with {cross_fitted(metrics)}" if
-                 'mean_f1_threshold_cv' in metrics else "") + ".", ""]
-    if fusion_runs:
-        lines += ["## The fused network with and without the joint-embedding blocks", "",
-                  f"Stage 03, same settings otherwise; out-of-fold figures. `joint_embedding`: the "
-                  f"{metrics['block']['dim']}-column block (zero-shot and neighbour label scores, agreement); "
-                  "`joint_embedding_probs`: the 18 neighbour-vote probabilities.", ""]
-        lines += fusion_rows(fusion_runs) + [""]
-    examples = figure(figures, "retrieval_text_query", f"photos for {EXAMPLE_QUERY!r}") + \
-        figure(figures, "retrieval_image_query", "captions for a held-out photo")
-    if examples:
-        lines += ["## Retrieval examples (`python3 -m multilabel_fusion.retrieve`)", ""] + examples
-    timing = [f"{metrics['training_seconds']:.0f} s training the {metrics['folds']} fold networks"]
-    if metrics.get("comparison"):
-        timing.append(f"{sum(r['training_seconds'] for r in metrics['comparison']):.0f} s for the "
-                      f"{len(metrics['comparison'])} compared runs")
-    if metrics.get("learning_curve"):
-        timing.append(f"{sum(r['training_seconds'] for r in metrics['learning_curve']):.0f} s for the "
-                      f"{len(metrics['learning_curve'])} learning-curve runs")
-    lines += ["## Wall times", "", f"{'; '.join(timing)} (training times of the runs when they trained; finished "
-              f"runs are reused by key), on {where}. This stage run: {metrics.get('stage_seconds', 0):.0f} s (the "
-              f"embedding {metrics.get('embedding')}).", ""]
-    if metrics.get("closing_note"):
-        lines += ["## What limits it", "", metrics["closing_note"], ""]
-    return "\n".join(lines)
-
-
-def extra_args(parser) -> None:
-    """Options of ``stages/06_joint_embedding.py`` beyond the shared ones."""
-    parser.add_argument("--results-doc", type=Path, help="also write the results document here "
-                        "(docs/RESULTS_joint_embedding.md)")
-    parser.add_argument("--fusion-metrics", nargs="*", default=[], metavar="FUSION_JSON[=LABEL]",
-                        help="fusion.json files (e.g. with and without the joint_embedding block) for that document")
-
-
-def run_cli(cfg: Config, demo_mode: bool | str, resume: bool, args) -> dict[str, Any]:
-    """The stage, then (``--results-doc``) the results document from its metrics."""
-    import json
-
-    from ..__main__ import run_stage as with_inputs
-
-    metrics = with_inputs("joint_embedding", cfg, demo_mode=demo_mode, resume=resume)  # stage 01 first where missing
-    if args.results_doc:
-        fusion_runs = [fusion_summary(json.loads(path.read_text()), label)
-                       for path, label in map(fusion_argument, args.fusion_metrics)]
-        doc = Path(args.results_doc)
-        links = {name: os.path.relpath(path, doc.resolve().parent) for name, path in metrics["figures"].items()}
-        write_text(doc, results_markdown(metrics, fusion_runs, links))
-        print(f"[joint_embedding] wrote {args.results_doc}")
-    return metrics
+JointEmbedding.predictor_type = JointEmbeddingPredictor  # what rebuilds it from a bundle (defined after the stage)

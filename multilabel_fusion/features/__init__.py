@@ -1,0 +1,1 @@
+"""Frozen networks turned into cached features: the image extraction plan and the detector's runs."""
