@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from .io.assets import AssetUnavailable
+from .io.locks import folder_lock
 from .settings import Settings
 from .stages import registry as stage_registry
 from .stages.context import Workspace, resolve_data
@@ -32,7 +33,9 @@ def workspace(settings: Settings, demo_mode: bool | str = False, *, resume: bool
     registry = registry or stage_registry.default()
     registry.check_names(settings)
     settings, is_demo = resolve_data(settings, demo_mode)
-    return Workspace(settings, registry, demo=is_demo, resume=resume)
+    ws = Workspace(settings, registry, demo=is_demo, resume=resume)
+    ws.folds  # read, checked and folded now: bad data is an error before any stage runs  # noqa: B018
+    return ws
 
 
 def run_all(settings: Settings, demo_mode: bool | str = "auto", stages: list[str] | None = None,
@@ -45,6 +48,12 @@ def run_all(settings: Settings, demo_mode: bool | str = "auto", stages: list[str
     for name in asked:
         registry.get(name)
     ws = workspace(settings, demo_mode, resume=resume, registry=registry)
+    with folder_lock(ws.output_dir), folder_lock(ws.models_dir):  # one writer per folder
+        return _run_stages(ws, asked)
+
+
+def _run_stages(ws: Workspace, asked: list[str]) -> dict[str, Any]:
+    registry = ws.registry
     started, results, skipped = time.time(), {}, {}
     read = [b for s in asked for b in registry.get(s).reads_blocks(ws.settings)]
     for name in registry.order(asked, ws.settings):

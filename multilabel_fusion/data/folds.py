@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import labels as L
+from .reader import DataError
 
 
 def split_indices(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -28,13 +29,59 @@ def selection_split(targets: np.ndarray, fit_idx: np.ndarray, fraction: float,
     return fit_idx[rows], fit_idx[select]
 
 
+#: Training rows (a fold's fit part less its selection rows) a fold needs at the least.
+MIN_TRAINING_ROWS = 2
+
+
+def check_enough(targets: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]] | None, n_folds: int,
+                 selection_fraction: float, seed: int, where: str) -> None:
+    """Refuse, in one line, data too small for the split: every fold needs held-out rows, selection rows (when
+    ``selection_fraction`` > 0) and at least :data:`MIN_TRAINING_ROWS` rows to train on. ``folds``: the folds made
+    (None: they could not be made at all)."""
+    n = len(targets)
+    problem = None
+    if folds is None:
+        problem = f"{n_folds} folds cannot be made from them"
+    else:
+        for k, (fit, held) in enumerate(folds):
+            train, select = selection(targets, k, fit, held, selection_fraction, seed)
+            if len(held) < 1 or len(train) < MIN_TRAINING_ROWS or (selection_fraction > 0 and len(select) < 1):
+                problem = (f"fold {k + 1} would hold out {len(held)}, train on {len(train)} and choose its epoch on "
+                           f"{len(select)}")
+                break
+    if problem is None:
+        return
+    split = f"split.folds={n_folds}" if n_folds > 1 else "one split (split.folds=1)"
+    count = f"{n} labelled record{' is' if n == 1 else 's are'}"
+    raise DataError(f"{where}: {count} too few for {split} with split.selection_fraction {selection_fraction} "
+                    f"({problem}; each fold needs held-out rows, selection rows and at least {MIN_TRAINING_ROWS} rows to "
+                    f"train on, so roughly {_records_needed(n_folds, selection_fraction)} records or more); add records "
+                    "or lower split.folds")
+
+
+def _records_needed(n_folds: int, selection_fraction: float) -> int:
+    """About how many records a split needs (stratified folds of very few records come out uneven: a guide)."""
+    import math
+
+    k = max(n_folds, 2)
+    for n in range(k, 10_000):
+        fit = n - math.ceil(n / k)
+        if fit - (math.ceil(fit * selection_fraction) if selection_fraction > 0 else 0) >= MIN_TRAINING_ROWS + 1:
+            return n
+    return k
+
+
 def selection(targets: np.ndarray, k: int, fit_idx: np.ndarray, held_idx: np.ndarray, fraction: float,
               seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows to train on, rows that choose the epoch) for fold ``k``: a ``fraction`` of the fit part chooses (seeded
     by ``seed + 1 + k``), so the held-out rows stay unseen by every choice; with 0, the held-out rows choose."""
     if float(fraction) == 0:
         return fit_idx, held_idx
-    return selection_split(targets, fit_idx, float(fraction), seed + 1 + k)
+    train, select = selection_split(targets, fit_idx, float(fraction), seed + 1 + k)
+    if len(select) == 0 and len(fit_idx) > 1:  # a fit part so small that the stratified draw chose none: one row
+        pick = np.random.default_rng(seed + 1 + k).integers(len(fit_idx))
+        return np.delete(np.asarray(fit_idx), pick), np.asarray(fit_idx)[[pick]]
+    return train, select
 
 
 def selection_note(fraction: float) -> str:

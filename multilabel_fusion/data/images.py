@@ -105,11 +105,27 @@ def _header_problem(data: bytes) -> str | None:
     return None
 
 
+def _jpeg_stream_problem(data: bytes) -> str | None:
+    """A JPEG whose compressed data is corrupt (bytes zeroed or changed mid-file, its end marker intact) decodes with
+    part of its pixels wrong and only a warning from libjpeg on stderr, naming no file. libjpeg-turbo's strict mode
+    (simplejpeg) turns that warning into an error; decoding at 1/8 scale reads every byte at a fraction of the cost
+    (about 0.3 ms for a 320-px photo)."""
+    import simplejpeg
+
+    try:
+        height, width = simplejpeg.decode_jpeg_header(data)[:2]
+        simplejpeg.decode_jpeg(data, strict=True, min_height=max(1, height // 8), min_width=max(1, width // 8),
+                               fastdct=True, fastupsample=True)
+    except ValueError as err:
+        return f"corrupt JPEG data ({str(err).strip().rstrip('.')})"
+    return None
+
+
 def image_problem(path: str | Path) -> str | None:
     """Quick check of one file without decoding its pixels (None: looks good).
 
-    Existence, size > 0, JPEG end marker / PNG IEND chunk, and a parseable header; a format other
-    than JPEG or PNG is fully decoded (they are rare, and the decoder is the only check there is).
+    Existence, size > 0, JPEG end marker / PNG IEND chunk, a parseable header, and a JPEG's compressed data read in
+    strict mode; a format other than JPEG or PNG is fully decoded (they are rare, and the decoder is the only check).
     """
     path = Path(path)
     try:
@@ -119,7 +135,9 @@ def image_problem(path: str | Path) -> str | None:
     problem = _container_problem(data)
     if problem:
         return problem
-    if data.startswith(_JPEG_START) or data.startswith(_PNG_START):
+    if data.startswith(_JPEG_START):
+        return _header_problem(data) or _jpeg_stream_problem(data)
+    if data.startswith(_PNG_START):
         return _header_problem(data)
     try:
         read_rgb(path)

@@ -37,6 +37,11 @@ from . import labels as L
 
 #: A line that begins like a record (what the raw format guarantees for every record).
 RECORD_PREFIX = re.compile(r"(\d+\.jpg),")
+#: A line that looks like a record start the raw format does not allow (leading spaces, another case or name, e.g.
+#: `` 30003.jpg,``, ``5.JPG,``, ``x30003.jpg,``): refused after a closed record, never glued onto its caption.
+RECORD_LIKE = re.compile(r"\s*[^\s,\"]+\.(?:jpe?g|png|gif|bmp|webp)\s*,", re.IGNORECASE)
+#: Inside a caption, this ends the quoted field and opens another: a record with more fields than the file's.
+FIELD_BREAK = '","'
 #: Full record starts: the ImageID, (train) a labels field, and the caption's opening quote.
 TRAIN_START = re.compile(r'(\d+\.jpg),(\d+(?: \d+)*),"')
 TEST_START = re.compile(r'(\d+\.jpg),"')
@@ -107,6 +112,10 @@ class _Open:
                 f"line, before the next record or the end of the file, must end with '\"')"
             )
         field = "\n".join(self.lines[: self.last_text]).rstrip(_AFTER_QUOTE)
+        if FIELD_BREAK in field[1:-1]:
+            raise DataError(
+                f"{_where(path, self.line, self.image_id)}: a field after the caption ('\",\"' ends the quoted caption "
+                f"and opens another field; a record has {2 if self.labels_text is None else 3} fields)")
         labels = None if self.labels_text is None else _parse_labels(self.labels_text, path, self.line, self.image_id)
         return Record(self.image_id, field[1:-1], labels, self.line)
 
@@ -141,6 +150,11 @@ def _read_raw(text: str, path: Path, with_labels: bool) -> list[Record]:
     for n, line_text in enumerate(lines[1:], start=2):
         prefix = RECORD_PREFIX.match(line_text)
         if prefix is None:
+            if current is not None and current.closed and RECORD_LIKE.match(line_text):
+                raise DataError(
+                    f"{path}: line {n}: {_short(line_text)} looks like a record but is not one (a record starts "
+                    f"'<digits>.jpg,' at the beginning of its line), and it cannot be part of the caption of "
+                    f"{current.image_id} (line {current.line}), which already ended with its closing quote")
             if current is not None:
                 current.add(line_text)
             elif line_text.strip():
@@ -200,10 +214,12 @@ def read_records(path: str | Path, *, with_labels: bool) -> list[Record]:
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if "\n" not in text and "\r" in text:  # old Mac line endings (CR only): the same lines
+        text = text.replace("\r", "\n")
     header = TRAIN_HEADER if with_labels else TEST_HEADER
     first_line = text.split("\n", 1)[0].rstrip("\r")
-    if first_line.split(",") != header:
-        raise DataError(f"{path}: line 1: header is {first_line!r}, expected {','.join(header)!r}")
+    if next(csv.reader([first_line]), []) != header:  # a re-save may quote every field (pandas QUOTE_ALL)
+        raise DataError(f"{path}: line 1: header is {_short(first_line, 80)}, expected {','.join(header)!r}")
     records = _read_well_formed(text, path, header)
     if records is None:
         records = _read_raw(text, path, with_labels)

@@ -20,7 +20,7 @@ from ..data.reader import DataError, read_records
 from ..io.atomic import write_text
 
 HEADER = "ImageID,Labels"
-LABELS_FORMAT = re.compile(r"^\d+( \d+)*$")
+LABELS_FORMAT = re.compile(r"[1-9]\d*( [1-9]\d*)*")  # ids as Kaggle compares them: no sign, no leading zero
 
 
 class SubmissionError(ValueError):
@@ -59,10 +59,10 @@ def validate_text(text: str, expected_ids: Sequence[str], source: str = "submiss
         seen[image_id] = number
         if label_text == "" and allow_empty:  # no label predicted (thresholds.at_least_one: false): scores 0
             continue
-        if not LABELS_FORMAT.match(label_text):
+        if not LABELS_FORMAT.fullmatch(label_text):
             raise SubmissionError(
                 f"{source}: line {number} ({image_id}): labels {label_text!r} must be label ids separated by "
-                f"single spaces, e.g. '1 3' (Kaggle scores '[1, 3]' or '1,3' as 0)"
+                f"single spaces, e.g. '1 3' (Kaggle compares the label text: '[1, 3]', '1,3' or '01' score 0)"
             )
         ids = [int(x) for x in label_text.split()]
         bad = [x for x in ids if not L.is_valid_label(x)]
@@ -93,7 +93,13 @@ def validate_file(path: str | Path, test_csv: str | Path) -> int:
     if not path.is_file():
         raise SubmissionError(f"{path}: file not found")
     ids = [r.image_id for r in read_records(test_csv, with_labels=False)]
-    validate_text(path.read_text(encoding="utf-8-sig"), ids, source=str(path))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise SubmissionError(f"{path}: line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    validate_text(text, ids, source=str(path))
     return len(ids)
 
 

@@ -6,22 +6,28 @@ key hashes its spec (settings that shape it, asset identities, input keys, data 
 finds exactly that folder, or stops with a one-line error naming the stage to run. Changing a setting and
 changing it back finds the old artifact again.
 
-Folders are written under a temporary name and renamed into place with their manifest last; every array
-is checked against the manifest on load, so a half-written or damaged artifact is never used. Large arrays
-are filled through memory-mapped files (:meth:`ArtifactWriter.array`), so memory stays bounded.
+Folders are written under a temporary name and renamed into place with their manifest last. The manifest records
+every array's shape, dtype and sha256, checked on every load: a half-written, truncated or edited artifact is never
+used (it is computed again, and the log says why). Large arrays are filled through memory-mapped files
+(:meth:`ArtifactWriter.array`), allocated on disk before the first row is written, so memory stays bounded and a
+full disk is an error when the array is made, never a crash half-way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from .atomic import atomic_dir, remove_stale_temporaries, write_json
+from .atomic import allocate, atomic_dir, disk_space, remove_stale_temporaries, write_json
+from .hashing import file_digest
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
@@ -82,7 +88,7 @@ class ArtifactStore:
         that was killed is removed by the next writer of the same artifact.
         """
         with atomic_dir(self.dir(stage, key)) as tmp:
-            w = ArtifactWriter(tmp)
+            w = ArtifactWriter(tmp, self.root / stage)
             yield w
             arrays = w.close()
             write_json(tmp / MANIFEST, {"stage": stage, "key": key, "spec": spec, "arrays": arrays,
@@ -100,33 +106,44 @@ class ArtifactStore:
 class ArtifactWriter:
     """Arrays of one artifact being written: :meth:`array` (memory-mapped, filled in place) or :meth:`put`."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, target: Path | None = None):
         self.folder = folder
+        self.target = target or folder  # the folder a user knows (the temporary one is renamed into it)
         self.info: dict[str, Any] = {}
         self._open: dict[str, np.ndarray] = {}
         self._specs: dict[str, dict] = {}
 
     def array(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """A writable ``.npy`` file mapped into memory; rows written to it go straight to disk."""
-        out = np.lib.format.open_memmap(self.folder / f"{name}.npy", mode="w+", dtype=np.dtype(dtype),
-                                        shape=tuple(shape))
+        """A writable ``.npy`` file mapped into memory; rows written to it go straight to disk. Its blocks are
+        allocated first, so a full disk is an error here (naming the folder and the bytes), not a crash later."""
+        path = self.folder / f"{name}.npy"
+        dtype, shape = np.dtype(dtype), tuple(shape)
+        with disk_space(self.target, int(np.prod(shape)) * dtype.itemsize):
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+            allocate(path, path.stat().st_size, self.target)
         self._open[name] = out
         return out
 
     def put(self, name: str, array: np.ndarray) -> None:
         array = np.asarray(array)
-        np.save(self.folder / f"{name}.npy", array, allow_pickle=False)
-        self._specs[name] = {"shape": list(array.shape), "dtype": str(array.dtype)}
+        path = self.folder / f"{name}.npy"
+        with disk_space(self.target, array.nbytes), open(path, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        self._specs[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "sha256": file_digest(path, None)}
 
     def close(self) -> dict[str, dict]:
         for name, mapped in self._open.items():
             mapped.flush()
-            self._specs[name] = {"shape": list(mapped.shape), "dtype": str(mapped.dtype)}
+            path = self.folder / f"{name}.npy"
+            self._specs[name] = {"shape": list(mapped.shape), "dtype": str(mapped.dtype),
+                                 "sha256": file_digest(path, None)}
         self._open.clear()
         return dict(self._specs)
 
 
 def _read(folder: Path, mmap: bool = False) -> Artifact | None:
+    """The artifact in ``folder`` if it is complete and every array is the one written (shape, dtype, sha256);
+    otherwise None, and the log says what was wrong (it is then computed again)."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         return None
@@ -134,13 +151,22 @@ def _read(folder: Path, mmap: bool = False) -> Artifact | None:
         manifest = json.loads(manifest_path.read_text())
         out = Artifact(manifest=manifest)
         for name, spec in manifest["arrays"].items():
-            array = np.load(folder / f"{name}.npy", allow_pickle=False, mmap_mode="r" if mmap else None)
+            path = folder / f"{name}.npy"
+            if "sha256" not in spec:
+                log.warning(f"{folder}: made before artifacts carried checksums; computing it again")
+                return None
+            if file_digest(path, None) != spec["sha256"]:
+                log.warning(f"{path}: its content is not what was written (checksum mismatch); computing the "
+                            "artifact again")
+                return None
+            array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
             if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
                 return None
             out[name] = array
         out.dir = folder
         return out
-    except (OSError, ValueError, KeyError, EOFError):
+    except (OSError, ValueError, KeyError, EOFError, TypeError, AttributeError) as err:
+        log.warning(f"{folder}: unreadable ({type(err).__name__}: {err}); computing it again")
         return None
 
 

@@ -365,8 +365,23 @@ def _word_vectors(caption_cfg: Any, cache_dir: str | Path) -> Asset:
 
 
 def load_vectors(asset: Asset):
-    """The KeyedVectors of a resolved word-vector asset (memory-mapped where possible)."""
-    vectors = load_keyed_vectors(asset.path)
+    """The KeyedVectors of a resolved word-vector asset (memory-mapped where possible); a damaged file (a truncated
+    ``.npy`` beside a converted ``.kv``) is a one-line :class:`~multilabel_fusion.io.atomic.DamagedFile` naming it."""
+    from .atomic import DamagedFile
+
+    try:
+        vectors = load_keyed_vectors(asset.path)
+    except (ValueError, OSError, EOFError, KeyError, AttributeError) as err:
+        if isinstance(err, FileNotFoundError) and asset.source != "path":
+            raise DamagedFile(f"{asset.path}: part of the converted word vectors is missing ({err}); delete "
+                              f"{asset.path} and the files beside it named {Path(asset.path).name}.* to convert them "
+                              "again") from None
+        if isinstance(err, FileNotFoundError):
+            raise
+        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        remedy = ("check the file given as caption.vectors_path" if asset.source == "path" else
+                  f"delete {asset.path} and the files beside it named {Path(asset.path).name}.* to convert them again")
+        raise DamagedFile(f"{asset.path}: unreadable word vectors ({type(err).__name__}: {first}); {remedy}") from None
     asset.extra.update(words=len(vectors.index_to_key), dim=int(vectors.vector_size))
     return vectors
 

@@ -37,3 +37,8 @@ def file_sha256(path: str | Path) -> str:
 def file_digest(path: str | Path, chars: int | None = 16) -> str:
     """sha256 of a file, ``chars`` hex digits (``None``: all 64), never memoised (checkpoints change)."""
     return _file_hash(path)[:chars]
+
+
+def digest_bytes(data: bytes) -> str:
+    """sha256 of bytes (all 64 hex digits)."""
+    return hashlib.sha256(data).hexdigest()

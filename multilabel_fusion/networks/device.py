@@ -13,7 +13,16 @@ from torch import nn
 
 
 def select_device(preference: str = "auto") -> torch.device:
-    """cuda > mps > cpu for ``auto``; an explicit choice is honoured."""
+    """cuda > mps > cpu for ``auto``; an explicit choice is honoured, and one this machine does not have is a
+    one-line :class:`~multilabel_fusion.settings.ConfigError` (before anything runs)."""
+    from ..settings import ConfigError
+
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config: trainer.device = 'cuda': this machine has no CUDA GPU that torch "
+                          f"{torch.__version__} can use; choose auto or cpu")
+    if preference == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                    and torch.backends.mps.is_available()):
+        raise ConfigError("config: trainer.device = 'mps': no Apple GPU (MPS) here; choose auto or cpu")
     if preference != "auto":
         return torch.device(preference)
     if torch.cuda.is_available():

@@ -21,12 +21,15 @@ n-gram models inside are pickles: load only bundles you made or trust.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import pickle
 import tempfile
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -57,6 +60,35 @@ SIZE_LIMIT_MB = 100
 
 class PredictorError(RuntimeError):
     """A configuration or bundle the predictor cannot use; the message says why in one line."""
+
+
+#: What a bundle's manifest must hold, besides what each stage's description holds.
+MANIFEST_KEYS = ("format", "final", "blocks", "folds", "decision", "thresholds", "at_least_one", "stages", "files")
+
+
+def _read_entry(path: Path, archive: zipfile.ZipFile, name: str) -> bytes:
+    try:
+        return archive.read(name)
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as err:
+        raise PredictorError(f"{path}: {name} cannot be read from the zip ({type(err).__name__}: {err}); the bundle is "
+                             "damaged: export it again") from None
+
+
+def _manifest(path: Path, blob: bytes) -> dict[str, Any]:
+    """The manifest of a bundle, checked for the keys this version reads (one line otherwise)."""
+    try:
+        manifest = json.loads(blob)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PredictorError(f"{path}: not a predictor bundle (manifest.json is not JSON: {err})") from None
+    if not isinstance(manifest, dict):
+        raise PredictorError(f"{path}: not a predictor bundle (manifest.json is not an object)")
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise PredictorError(f"{path}: bundle format {manifest.get('format')}, this version reads {BUNDLE_FORMAT} "
+                             "(export it again with this version)")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise PredictorError(f"{path}: its manifest lacks {', '.join(missing)} (export the bundle again)")
+    return manifest
 
 
 @dataclass
@@ -272,7 +304,8 @@ class Predictor:
         for part, data in files.values():
             parts[part] = parts.get(part, 0) + len(data) / 2**20
         manifest = {**self.manifest, "stages": stages, "parts_mb": {p: round(v, 2) for p, v in parts.items()},
-                    "exported": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__}
+                    "exported": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+                    "files": {name: hashlib.sha256(data).hexdigest() for name, (_, data) in files.items()}}
         with atomic_path(path) as tmp:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
                 archive.writestr("manifest.json", json.dumps(manifest, indent=2))
@@ -285,27 +318,44 @@ class Predictor:
 
     @classmethod
     def _from_bundle(cls, path: Path, device: torch.device, registry: Registry) -> "Predictor":
+        """A bundle's predictors, after every entry was checked against the sha256 its manifest lists (nothing is
+        unpickled before that). The check catches damage and edits of an entry alone; it does not authenticate the
+        bundle: whoever rewrites the manifest too can make a bundle run code when loaded, so load only bundles you
+        made or trust."""
         if not path.is_file():
             raise PredictorError(f"{path}: bundle not found (write one with --export)")
         try:
             archive = zipfile.ZipFile(path)
-        except zipfile.BadZipFile:
-            raise PredictorError(f"{path}: not a predictor bundle (not a zip file)") from None
+        except (zipfile.BadZipFile, OSError) as err:
+            raise PredictorError(f"{path}: not a predictor bundle (not a readable zip file: {err})") from None
         with archive:
             names = set(archive.namelist())
             if "manifest.json" not in names:
                 raise PredictorError(f"{path}: not a predictor bundle (no manifest.json)")
-            manifest = json.loads(archive.read("manifest.json"))
-            if manifest.get("format") != BUNDLE_FORMAT:
-                raise PredictorError(f"{path}: bundle format {manifest.get('format')}, this version reads "
-                                     f"{BUNDLE_FORMAT} (export it again with this version)")
-            parts = {}
+            manifest = _manifest(path, _read_entry(path, archive, "manifest.json"))
+            files = manifest["files"]
+            for name in sorted(names - {"manifest.json"}):
+                if name not in files:
+                    raise PredictorError(f"{path}: {name} is not listed in its manifest (an entry added to it)")
+            contents = {}
+            for name, expected in files.items():
+                if name not in names:
+                    raise PredictorError(f"{path}: {name} is missing (its manifest lists it)")
+                data = _read_entry(path, archive, name)
+                if hashlib.sha256(data).hexdigest() != expected:
+                    raise PredictorError(f"{path}: {name} does not match the sha256 its manifest lists (damaged or "
+                                         "changed); export the bundle again")
+                contents[name] = data
+        parts = {}
+        try:
             for name, entry in manifest["stages"].items():
                 if name not in registry:
                     raise PredictorError(f"{path}: the bundle needs a stage {name!r} this installation does not have")
                 kind = registry.get(name).predictor_type
                 prefix = f"{name}/"
                 parts[name] = kind.from_bundle(entry["description"], entry["blocks"],
-                                               lambda n, p=prefix: archive.read(p + n),
-                                               {n[len(prefix):] for n in names if n.startswith(prefix)}, device)
+                                               lambda n, p=prefix: contents[p + n],
+                                               {n[len(prefix):] for n in contents if n.startswith(prefix)}, device)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, pickle.UnpicklingError) as err:
+            raise PredictorError(f"{path}: a bundle this version cannot read ({type(err).__name__}: {err})") from None
         return cls(manifest, device, parts, final=manifest["final"])

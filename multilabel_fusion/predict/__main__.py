@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,6 +13,20 @@ from ..logs import console_logging, one_line_errors
 from ..settings import add_arguments, from_args as settings_from_args
 from . import Predictor, PredictorError
 from . import __doc__ as PREDICT_DOC
+
+
+def writable(path: Path) -> None:
+    """Refuse, in one line, an output file whose folder cannot be written (checked by writing a trial file there)."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise PredictorError(f"{path}: is a folder; give a file name")
+    if not folder.is_dir():
+        raise PredictorError(f"{path}: the folder {folder} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as err:
+        raise PredictorError(f"{path}: cannot write there ({err.strerror or err})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,14 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="show all 18 labels, not only the predicted ones")
     parser.add_argument("--device", default=None, help="cpu, cuda or auto (default: trainer.device; auto with --bundle)")
     args = parser.parse_args(argv)
-    if bool(args.image) != bool(args.caption):
+    if (args.image is None) != (args.caption is None):
         parser.error("--image and --caption go together")
-    if bool(args.csv) != bool(args.images):
+    if (args.csv is None) != (args.images is None):
         parser.error("--csv and --images go together")
     if not (args.image or args.csv or args.export):
         parser.error("nothing to do: give --image and --caption, --csv and --images, or --export FILE")
+    if args.caption is not None and not args.caption.strip():
+        raise SystemExit("error: the caption is empty (give the caption of the photo, a sentence)")
     settings = None if args.bundle else settings_from_args(args)
     with console_logging(sys.stderr), one_line_errors(PredictorError):  # stdout holds only the answer
+        for target in [args.export, args.csv and (args.out or f"{Path(args.csv).stem}_labels.csv")]:
+            if target:  # before any work: an output that cannot be written is said at once
+                writable(Path(target))
         predictor = Predictor.load(settings, bundle=args.bundle, demo_mode=args.demo, device=args.device,
                                    warm_up=bool(args.image))  # a batch or an export pays no warm-up
         source = args.bundle or predictor.manifest["source"]["output"]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..io.artifacts import Artifact, MissingArtifact
+from ..io.atomic import load_torch
 from ..networks.heads import MLPHead
 from ..settings import Settings
 
@@ -75,7 +76,7 @@ def best_weights(run_dir: str, models_dir: Path, stage: "Stage") -> dict:
     if not path.is_file():
         raise MissingArtifact(f"{path}: the trained weights behind the '{stage.name}' artifact are missing; "
                               f"run {stage.hint} again")
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+    return load_torch(path, remedy=f"delete the folder {path.parent} and run {stage.hint} again")["model"]
 
 
 def mlp_head(state: dict, hidden: int, dropout: float) -> MLPHead:
@@ -154,6 +155,7 @@ class Stage:
     optional_asset: ClassVar[str | None] = None  # without it the stage is skipped, loudly, not fatally
     predictor_type: ClassVar[type[BlockPredictor] | None] = None
     final: ClassVar[bool] = False  # the stage whose submission is output/predictions.csv (the fused network)
+    reads_images: ClassVar[bool] = False  # its artifact is made from the photos: their content is in its key
     summary: ClassVar[str] = ""  # one line: what its notebook runs (README's table of notebooks)
     about: ClassVar[str] = ""  # what its notebook says about it
     notebook_cells: ClassVar[tuple[tuple[str, str], ...]] = ()  # (markdown, code) its notebook shows after its results

@@ -98,8 +98,14 @@ class Workspace:
         if key not in cache:
             data = D.load(data_dir)
             targets = data.train_targets
+            try:
+                folds = F.fold_indices(targets, split.folds, split.val_fraction, split.seed)
+            except ValueError:  # fewer records than folds: said below, in one line
+                folds = None
+            F.check_enough(targets, folds, split.folds, split.selection_fraction, split.seed,
+                           str(data_dir / "train.csv"))
             cache.clear()
-            cache[key] = (data, targets, F.fold_indices(targets, split.folds, split.val_fraction, split.seed))
+            cache[key] = (data, targets, folds)
         return cache[key]
 
     @property
@@ -118,6 +124,18 @@ class Workspace:
     @property
     def fingerprint(self) -> str:
         return self.data.fingerprint()
+
+    @property
+    def images_fingerprint(self) -> str:
+        """The content of every train and test photo (a changed photo changes the keys of what was made from it)."""
+        memo = self._shared.setdefault("images", {})
+        key = str(self.settings.path("data").resolve())
+        if key not in memo:
+            from ..data.fingerprint import images_fingerprint
+
+            paths = self.data.image_paths("train") + self.data.image_paths("test")
+            memo[key] = images_fingerprint(paths, self.output_dir / "cache" / "image_hashes.json")
+        return memo[key]
 
     @property
     def output_dir(self) -> Path:
@@ -157,6 +175,8 @@ class Workspace:
             inputs.update({f"block:{b}": self.block_key(b) for b in stage.reads_blocks(self.settings)})
             spec = {"stage": name, "data": self.fingerprint, "inputs": inputs,
                     "settings": stage.settings_spec(self.settings)}
+            if stage.reads_images:
+                spec["images"] = self.images_fingerprint
             spec.update(stage.spec(self))
             specs[memo] = spec
         return specs[memo]

@@ -56,6 +56,7 @@ class Detector(Stage):
     title = "YOLO detector"
     module = "detector"
     section = "detector"
+    reads_images = True
     blocks = ("detector", "detector_boxes")
     writes = "per-label detection scores, detector submission"
     optional_asset = "COCO detector weights"

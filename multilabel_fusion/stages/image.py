@@ -47,6 +47,7 @@ class ImageNetwork(Stage):
     title = "image network"
     module = "image_network"
     section = "image"
+    reads_images = True
     blocks = ("image", "image_depths", "image_probs")
     writes = "pooled CNN features of every image, out-of-fold head probabilities, CNN-only submission"
     summary = "image features + CNN-only submission"

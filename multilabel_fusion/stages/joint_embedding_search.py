@@ -18,6 +18,7 @@ from ..data import text
 from ..data.images import read_rgb
 from ..evaluation import figures as plots
 from ..io.artifacts import Artifact
+from ..io.atomic import load_torch
 from ..networks import joint_embedding as J
 from .base import BlockPredictor, NewRecords
 from .context import StageContext, Workspace
@@ -74,7 +75,8 @@ class Retriever:
 
     def __init__(self, ctx: StageContext, artifact: Artifact):
         self.ctx, self.artifact = ctx, artifact
-        saved = torch.load(Path(artifact.dir) / MODEL_FILE, map_location="cpu", weights_only=False)
+        saved = load_torch(Path(artifact.dir) / MODEL_FILE, weights_only=False,
+                           remedy=f"delete the folder {artifact.dir} and run stage 06 again")
         self.saved = saved
         self.model = J.JointEmbedding(saved["image_dim"], np.zeros((saved["vocab_rows"], saved["vector_dim"]),
                                                                     np.float32), **saved["kwargs"])

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..evaluation.metrics import mean_f1
 from ..evaluation.thresholds import decide
-from ..io.atomic import save_torch, write_text
+from ..io.atomic import load_torch, save_torch, write_text
 from ..io.progress import progress
 from ..networks.device import select_device
 from ..networks.precision import Precision, training_precision
@@ -190,13 +190,18 @@ def _stop_epoch(history: list[dict], epochs: int, patience: int) -> int | None:
     return None
 
 
+def _remedy(run_dir: Path) -> str:
+    """What to do with a damaged checkpoint: the run folder holds one training run; without it, it trains again."""
+    return f"delete the folder {run_dir} to train that run again"
+
+
 def _repair_best(state: dict, best_path: Path) -> None:
     """``last.pt`` is written before ``best.pt``: a kill between the two leaves ``best.pt`` one improvement
     behind; the missing best weights are then the ones in ``last.pt``."""
     if state["best_epoch"] != state["epoch"]:
         return
     if best_path.is_file():
-        saved = torch.load(best_path, map_location="cpu", weights_only=False)
+        saved = load_torch(best_path, weights_only=False, remedy=_remedy(best_path.parent))
         if saved.get("epoch") == state["epoch"]:
             return
     save_torch({"model": state["model"], "epoch": state["epoch"], "score": state["best_score"]}, best_path)
@@ -204,7 +209,7 @@ def _repair_best(state: dict, best_path: Path) -> None:
 
 def _load_best(model: nn.Module, best_path: Path, fallback: dict | None = None) -> None:
     if best_path.is_file():
-        model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
+        model.load_state_dict(load_torch(best_path, weights_only=False, remedy=_remedy(best_path.parent))["model"])
     elif fallback is not None:
         model.load_state_dict(fallback)
 
@@ -285,7 +290,7 @@ def fit(
     scaler = precision.scaler()
     weights_key = _digest(_weight_settings(settings or {}))
 
-    state = torch.load(last_path, map_location="cpu", weights_only=False) if last_path.is_file() else None
+    state = load_torch(last_path, weights_only=False, remedy=_remedy(run_dir)) if last_path.is_file() else None
     if state is not None:
         if state.get("settings_digest") not in (None, weights_key):
             log.warning(f"[{name}] warning: {run_dir} was trained with other settings than those given now "
