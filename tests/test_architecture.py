@@ -252,3 +252,17 @@ def test_a_new_stage_is_one_object_and_one_entry(toy_registry, tmp_path):
 
     with pytest.raises(PredictorError, match="needs a stage 'toy'"):
         Predictor.load(bundle=tmp_path / "predictor.zip", warm_up=False)
+
+
+def test_the_checkout_holds_no_symbolic_links():
+    """A clean clone must set itself up: a link committed by mistake (once ``.nltk_data`` pointing at itself) made
+    ``./setup.sh`` fail with 'Too many levels of symbolic links' on a fresh machine. Folders that only ever hold
+    local data (input, output, models, assets, virtual environments) are not part of a checkout."""
+    local_only = {".git", "input", "output", "models", "assets", ".venv", ".whl", ".pytest_cache"}
+    links = []
+    for top in REPO.iterdir():
+        if top.name in local_only:
+            continue
+        candidates = [top] if top.is_symlink() or not top.is_dir() else [top, *top.rglob("*")]
+        links += [str(path.relative_to(REPO)) for path in candidates if path.is_symlink()]
+    assert links == [], f"symbolic links in the checkout: {links}"
