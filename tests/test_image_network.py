@@ -24,6 +24,7 @@ from multilabel_fusion.data import reader as D
 from multilabel_fusion.data.images import ImageFiles, augmentation, image_loader
 from multilabel_fusion.features import inference
 from multilabel_fusion.features.inference import prepare_inference
+from multilabel_fusion.features.openvino_engine import cosine_min
 from multilabel_fusion.io.artifacts import ArtifactStore
 from multilabel_fusion.training import trainer
 from multilabel_fusion.training.trainer import ResumeRequired
@@ -221,6 +222,51 @@ def test_inference_plan_gives_the_backbones_own_features(monkeypatch):
         assert auto.precision == expected and "measured here" in auto.choices["precision"]
     with pytest.raises(ValueError, match="cpu_precision"):
         prepare_inference(backbone, {"image_size": 64, "cpu_precision": "int8"}, torch.device("cpu"))
+
+
+def test_openvino_engine_gives_the_torch_features_and_is_converted_once(tmp_path):
+    """image.cpu_backend: the same network through OpenVINO gives torch's features (final and every depth, mirror
+    averaged); it is converted once per weights and engine version, a damaged conversion is redone, and ``auto``
+    times both engines once per machine and remembers the figures."""
+    torch.manual_seed(0)
+    backbone = load_backbone({"backbone": "efficientnet_lite0", "weights": "random"})
+    cfg = {"image_size": 32, "cpu_precision": "fp32", "feature_batch_size": 4, "cpu_backend": "openvino"}
+    plan = prepare_inference(backbone, cfg, torch.device("cpu"), depths=True, hflip=True, engine_cache=tmp_path)
+    assert plan.engine is not None and "converted in" in plan.choices["backend"]
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)  # not a multiple of the parallel requests
+    final, depths = plan(images)
+    engine, plan.engine = plan.engine, None
+    torch_final, torch_depths = plan(images)
+    assert final.dtype == torch.float32 and final.shape == torch_final.shape == (5, 1280)
+    assert final.abs().sum(1).min() > 0 and depths.shape == torch_depths.shape
+    assert cosine_min([final, depths], [torch_final, torch_depths]) >= 0.9999
+    (folder,) = tmp_path.iterdir()
+    record = json.loads((folder / "record.json").read_text())
+    assert record["cosine_min"]["fp32"] >= 0.9999 and set(record["files"]) == {"model.xml", "model.bin"}
+
+    again = prepare_inference(backbone, cfg, torch.device("cpu"), depths=True, hflip=True, engine_cache=tmp_path)
+    assert "cached in" in again.choices["backend"] and cosine_min([again(images)[0]], [final]) >= 0.9999
+    (folder / "model.bin").write_bytes(b"damaged")  # a damaged conversion is never trusted: converted again
+    redone = prepare_inference(backbone, cfg, torch.device("cpu"), depths=True, hflip=True, engine_cache=tmp_path)
+    assert "converted in" in redone.choices["backend"] and cosine_min([redone(images)[0]], [final]) >= 0.9999
+
+    auto = {**cfg, "cpu_backend": "auto"}
+    first = prepare_inference(backbone, auto, torch.device("cpu"), depths=True, hflip=True, engine_cache=tmp_path)
+    second = prepare_inference(backbone, auto, torch.device("cpu"), depths=True, hflip=True, engine_cache=tmp_path)
+    assert "measured here: torch" in first.choices["backend"]
+    assert "measured on this machine before" in second.choices["backend"]
+    timings = json.loads((folder / "record.json").read_text())["timings"]
+    assert len(timings) == 1 and all(rate > 0 for rate in next(iter(timings.values())).values())
+    assert (second.engine is None) == (second.choices["backend"].startswith("torch"))
+
+    with torch.no_grad():  # other weights: another conversion, under another key
+        next(backbone.parameters()).add_(1.0)
+    prepare_inference(backbone, cfg, torch.device("cpu"), depths=True, hflip=True, engine_cache=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
+    torch_only = prepare_inference(backbone, {**cfg, "cpu_backend": "torch"}, torch.device("cpu"))
+    assert torch_only.engine is None and torch_only.choices["backend"] == "torch (asked for)"
+    with pytest.raises(ValueError, match="cpu_backend"):
+        prepare_inference(backbone, {**cfg, "cpu_backend": "onnx"}, torch.device("cpu"))
 
 
 def test_real_precision_timing_runs_both_candidates():
