@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 #: converted network depends only on its content (the key), so every project and run on this machine shares it.
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "multilabel_fusion" / "openvino"
 RECORD = "record.json"
+#: Conversions kept in a cache folder, the most recently used first (a backbone's is 20-500 MB).
+KEEP = 8
 
 
 def version() -> str | None:
@@ -87,6 +90,7 @@ def converted(graph: nn.Module, weights: nn.Module, example: torch.Tensor, cache
         try:
             record = json.loads((folder / RECORD).read_text())
             if _files_intact(folder, record):
+                os.utime(folder / RECORD)  # used now: the last to be pruned
                 return ConvertedNetwork(ov.Core().read_model(folder / "model.xml"), folder, record, f"cached in {folder}")
         except (OSError, ValueError, RuntimeError) as err:
             log.warning(f"OpenVINO model in {folder} unreadable ({str(err).splitlines()[0]})")
@@ -95,7 +99,8 @@ def converted(graph: nn.Module, weights: nn.Module, example: torch.Tensor, cache
         for p in module.parameters():
             p.requires_grad_(False)  # a traced parameter that needs gradients stops the conversion
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing's notes (deprecation, shapes taken as constants: they are fixed)
         model = ov.convert_model(graph.eval(), example_input=example)
     model.reshape({model.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})
     seconds = round(time.perf_counter() - start, 1)
@@ -108,7 +113,19 @@ def converted(graph: nn.Module, weights: nn.Module, example: torch.Tensor, cache
             record["files"] = {name: file_digest(tmp / name, None) for name in ("model.xml", "model.bin")}
             write_json(tmp / RECORD, record)
         how += f", cached in {folder}"
+        prune(folder.parent)
     return ConvertedNetwork(model, folder, record, how)
+
+
+def prune(cache_dir: Path, keep: int = KEEP) -> list[Path]:
+    """Remove all but the ``keep`` most recently used conversions (random-weight benchmarks add one per run)."""
+    import shutil
+
+    entries = sorted((f for f in Path(cache_dir).iterdir() if (f / RECORD).is_file()),
+                     key=lambda f: (f / RECORD).stat().st_mtime, reverse=True)
+    for folder in entries[keep:]:
+        shutil.rmtree(folder, ignore_errors=True)
+    return entries[keep:]
 
 
 class OpenVINOEngine:
@@ -188,8 +205,12 @@ def select(setting: str, what: str, *, graph: nn.Module, weights: nn.Module, exa
     if setting not in ("auto", "torch", "openvino"):
         raise ValueError(f"{what}.cpu_backend {setting!r}: choose auto, torch or openvino")
     installed = version()
-    if setting == "torch" or (setting == "auto" and installed is None):
-        return None, "torch" + (" (OpenVINO not installed)" if setting == "auto" else " (asked for)"), None
+    if setting == "auto" and installed is None:
+        log.warning(f"[{what}] OpenVINO is not installed: torch runs, several times slower on a CPU "
+                    "(pip install openvino, or set cpu_backend: torch to silence this)")
+        return None, "torch (OpenVINO not installed)", None
+    if setting == "torch":
+        return None, "torch (asked for)", None
     if installed is None:
         raise ValueError(f"{what}.cpu_backend openvino: OpenVINO is not installed (pip install openvino), "
                          "or choose auto or torch")
