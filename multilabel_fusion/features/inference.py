@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -80,12 +80,25 @@ class InferencePlan:
         return final, sum(o[1] for o in outputs) / len(outputs)
 
     def _call_engine(self, images_uint8: torch.Tensor):
+        return self.submit(images_uint8)()
+
+    def submit(self, images_uint8: torch.Tensor) -> Callable[[], Any]:
+        """Start computing what ``self(images_uint8)`` returns and give a function that waits for it: with an
+        engine the batch runs while the caller decodes the next one; with torch it is computed here and now."""
+        if self.engine is None:
+            done = self(images_uint8)
+            return lambda: done
         images = images_uint8.numpy()
-        outputs = [self.engine(images)]
+        jobs = [self.engine.submit(images)]
         if self.hflip:
-            outputs.append(self.engine(np.ascontiguousarray(images[..., ::-1])))
-        averaged = [torch.from_numpy(sum(o[k] for o in outputs) / len(outputs)) for k in range(len(outputs[0]))]
-        return (averaged[0], averaged[1]) if self.depths else averaged[0]
+            jobs.append(self.engine.submit(np.ascontiguousarray(images[..., ::-1])))
+
+        def result():
+            outputs = [job.result() for job in jobs]
+            averaged = [torch.from_numpy(sum(o[k] for o in outputs) / len(outputs)) for k in range(len(outputs[0]))]
+            return (averaged[0], averaged[1]) if self.depths else averaged[0]
+
+        return result
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         with self.autocast():
@@ -217,7 +230,7 @@ def choose_cpu_backend(plan: InferencePlan, setting: str, engine_cache: Path | N
     plan.engine, plan.choices["backend"], agreement = openvino_engine.select(
         setting, "image", graph=graph, weights=plan.backbone, example=plan.example_batch(), cache_dir=engine_cache,
         precision=plan.precision, torch_call=torch_call, name=plan.backbone.name, depths=plan.depths,
-        folded=plan.choices["conv_bn"], hflip=plan.hflip)
+        folded=plan.choices["conv_bn"])
     if agreement is not None:
         plan.choices["openvino_cosine_min"] = agreement
 
@@ -237,17 +250,27 @@ def extract(plan: InferencePlan, paths: list[Path], workers: int, out: np.ndarra
         raise ValueError(f"extract: output shape {out.shape} != {(len(paths), plan.backbone.dim)}")
     loader = image_loader(ImageFiles(paths, plan.image_size, on_bad=on_bad), plan.batch_size, workers)
     start, row = time.perf_counter(), 0
+
+    def write(feats) -> None:
+        nonlocal row
+        if plan.depths:
+            feats, depth_feats = feats
+            if depths_out is not None:
+                depths_out[row: row + len(feats)] = depth_feats.cpu().numpy()
+        feats = feats.cpu().numpy()
+        out[row: row + len(feats)] = feats
+        row += len(feats)
+        bar.update(len(feats))
+
     with progress(total=len(paths), desc=desc, unit="img", smoothing=0.05) as bar:
+        pending = None  # the previous batch, still running while this one was decoded
         for images in loader:
-            feats = plan(images)
-            if plan.depths:
-                feats, depth_feats = feats
-                if depths_out is not None:
-                    depths_out[row: row + len(feats)] = depth_feats.cpu().numpy()
-            feats = feats.cpu().numpy()
-            out[row: row + len(feats)] = feats
-            row += len(feats)
-            bar.update(len(feats))
+            running = plan.submit(images)
+            if pending is not None:
+                write(pending())
+            pending = running
+        if pending is not None:
+            write(pending())
     seconds = time.perf_counter() - start
     return out, {"images": len(paths), "seconds": seconds, "images_per_s": round(len(paths) / max(seconds, 1e-9), 1)}
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "multilabel_fusion" / "openvino"
 RECORD = "record.json"
 #: Conversions kept in a cache folder, the most recently used first (a backbone's is 20-500 MB).
-KEEP = 8
+KEEP = 24
 
 
 def version() -> str | None:
@@ -41,6 +42,15 @@ def version() -> str | None:
     except ImportError:
         return None
     return openvino.__version__.split("-")[0]
+
+
+def same_engine(recorded: str | None) -> str:
+    """The ``cpu_backend`` for a predictor to compute what a stage cached with the engine it ``recorded``: the same
+    one, so that a test record gets exactly its row (two engines agree only to ~1e-6); ``auto`` (torch, said
+    loudly) where OpenVINO is not installed on the predicting machine."""
+    if not str(recorded or "torch").startswith("OpenVINO"):
+        return "torch"
+    return "openvino" if version() is not None else "auto"
 
 
 def network_key(net: nn.Module, example: torch.Tensor, **spec) -> str:
@@ -114,6 +124,9 @@ def converted(graph: nn.Module, weights: nn.Module, example: torch.Tensor, cache
             write_json(tmp / RECORD, record)
         how += f", cached in {folder}"
         prune(folder.parent)
+        # what is saved, not the in-memory conversion: saving transforms the graph slightly, and every later run
+        # (a predictor) reads the saved one; the first must compute exactly what they will
+        model = ov.Core().read_model(folder / "model.xml")
     return ConvertedNetwork(model, folder, record, how)
 
 
@@ -128,9 +141,33 @@ def prune(cache_dir: Path, keep: int = KEEP) -> list[Path]:
     return entries[keep:]
 
 
+class _Job:
+    """One submitted batch: its chunks' outputs arrive from OpenVINO's threads; ``result()`` waits for them all."""
+
+    def __init__(self, chunks: int):
+        self.parts: list = [None] * chunks
+        self.missing = chunks
+        self.lock, self.done = threading.Lock(), threading.Event()
+        self.error: str | None = None
+
+    def arrived(self, index: int, outputs: list[np.ndarray] | None, error: str | None = None) -> None:
+        with self.lock:
+            self.parts[index], self.error = outputs, self.error or error
+            self.missing -= 1
+            if self.missing == 0:
+                self.done.set()
+
+    def result(self) -> list[np.ndarray]:
+        self.done.wait()
+        if self.error:
+            raise RuntimeError(f"OpenVINO inference failed: {self.error}")
+        return [np.concatenate(parts) for parts in zip(*self.parts)]
+
+
 class OpenVINOEngine:
     """A compiled model on the CPU; ``engine(images)`` splits the batch across parallel infer requests and returns
-    every output as float32 arrays in the batch's order."""
+    every output as float32 arrays in the batch's order. ``submit(images)`` starts a batch and returns at once, so
+    that the next batch is decoded while this one runs (two batches can be in flight)."""
 
     def __init__(self, model, threads: int, precision: str = "fp32"):
         import openvino as ov
@@ -140,26 +177,31 @@ class OpenVINOEngine:
         self.compiled = ov.Core().compile_model(model, "CPU", {
             "PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": hint})
         self.requests = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        self.queue = ov.AsyncInferQueue(self.compiled, self.requests)
+        self.queue = ov.AsyncInferQueue(self.compiled, 2 * self.requests)
+        self.queue.set_callback(self._finished)
         self.outputs = len(self.compiled.outputs)
 
     def describe(self) -> str:
         return (f"OpenVINO {version()} ({self.precision}, {self.requests} parallel requests, "
                 f"{self.compiled.get_property('INFERENCE_NUM_THREADS')} threads)")
 
-    def __call__(self, images: np.ndarray) -> list[np.ndarray]:
+    def _finished(self, request, userdata) -> None:
+        job, index = userdata
+        try:
+            job.arrived(index, [np.array(request.get_output_tensor(k).data, dtype=np.float32)
+                                for k in range(self.outputs)])
+        except Exception as err:  # never lost in OpenVINO's thread: result() raises it
+            job.arrived(index, None, f"{type(err).__name__}: {err}")
+
+    def submit(self, images: np.ndarray) -> _Job:
         chunks = [c for c in np.array_split(np.ascontiguousarray(images), min(self.requests, len(images))) if len(c)]
-        results: list = [None] * len(chunks)
-
-        def done(request, index: int) -> None:
-            results[index] = [np.array(request.get_output_tensor(k).data, dtype=np.float32)
-                              for k in range(self.outputs)]
-
-        self.queue.set_callback(done)
+        job = _Job(len(chunks))
         for index, chunk in enumerate(chunks):
-            self.queue.start_async(chunk, userdata=index)
-        self.queue.wait_all()
-        return [np.concatenate(parts) for parts in zip(*results)]
+            self.queue.start_async(chunk, userdata=(job, index))  # waits for a free request, never for a result
+        return job
+
+    def __call__(self, images: np.ndarray) -> list[np.ndarray]:
+        return self.submit(images).result()
 
 
 class UInt8Graph(nn.Module):

@@ -97,7 +97,7 @@ def benchmark(cfg: Settings, images: int | str = 512, demo_mode: bool | str = Fa
             "estimated_seconds_for_20000_images": round(20000 / full),
             "measured": time.strftime("%Y-%m-%d %H:%M"),
         }
-        if backend == "openvino" and f"{name} (torch)" in results:
+        if backend == "openvino" and "torch" in backends:  # both timed in this run, on this machine
             speedup = {kind: round(results[entry][kind] / results[f"{name} (torch)"][kind], 2)
                        for kind in ("full_extraction_images_per_s", "bare_forward_images_per_s")}
             results[entry]["openvino_over_torch"] = results[f"{name} (torch)"]["openvino_over_torch"] = speedup

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..evaluation.detector_examples import examples_figure
+from ..features import openvino_engine
 from ..features.detection import box_features, choose_detector_backend, detect_images, load_average
 from ..io.artifacts import Artifact, pick_rows
 from ..io.atomic import write_json
@@ -147,6 +148,8 @@ class Detector(Stage):
         d = ws.settings.detector
         description = {"weights": weights.name, "identity": weights.identity, "loader": detections.info["loader"],
                        **d.shaping(), **{key: d[key] for key in RUN_KEYS},
+                       # the engine that computed the cached detections (the same detections to ~1e-6 either way)
+                       "cpu_backend": openvino_engine.same_engine(detections.info.get("detection", {}).get("backend")),
                        "workers": ws.settings.trainer.num_workers, "bad_images": ws.settings.data.bad_images,
                        "key": detections.key}
         return DetectorPredictor(blocks, description, weights.path)

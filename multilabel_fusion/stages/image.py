@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from ..data.images import ImageFiles, augmentation, image_loader
+from ..features import openvino_engine
 from ..features.inference import extract, prepare_inference
 from ..io.artifacts import Artifact, pick_rows
 from ..networks.backbones import Backbone, BackboneEnsemble, ImageClassifier, build_backbone
@@ -193,7 +194,7 @@ class ImageNetwork(Stage):
                        "head_hidden": ci.head_hidden, "head_dropout": ci.head_dropout,
                        "workers": ws.settings.trainer.num_workers, "bad_images": ws.settings.data.bad_images,
                        "mixed_precision": bool(ws.settings.trainer.mixed_precision), "key": image.key,
-                       "cpu_backend": ci.cpu_backend}
+                       "cpu_backend": openvino_engine.same_engine(image.info.get("extraction", {}).get("backend"))}
         heads = []
         if "image_probs" in blocks:
             kind, key = ws.block_location("image_probs")
