@@ -225,6 +225,7 @@ class TrainerSection(Section):
     mixed_precision: bool
     num_workers: Annotated[AutoOrCount, RUN_ONLY]
     keep_last: Annotated[NonNegativeInt, RUN_ONLY]
+    engine_cache: Annotated[PathText | None, RUN_ONLY]  # converted OpenVINO networks (null: the user's cache)
 
 
 class AugmentSection(Section):
@@ -249,6 +250,7 @@ class ImageSection(Section):
     channels_last: Annotated[bool, RUN_ONLY]
     fuse_conv_bn: Annotated[bool, RUN_ONLY]
     cpu_precision: Annotated[Literal["auto", "fp32", "bf16"], FEATURES]
+    cpu_backend: Annotated[Literal["auto", "torch", "openvino"], RUN_ONLY]  # same features either way (checked)
     bench_bare_seconds: Annotated[Number, Field(ge=0), RUN_ONLY]
     feature_dtype: Annotated[Literal["float16", "float32"], FEATURES]
     depth_features: Annotated[bool, FEATURES]
@@ -319,6 +321,7 @@ class DetectorSection(Section):
     multi_label: bool
     threads: Annotated[PositiveInt | None, RUN_ONLY]
     channels_last: Annotated[bool, RUN_ONLY]
+    cpu_backend: Annotated[Literal["auto", "torch", "openvino"], RUN_ONLY]  # same detections either way (checked)
     examples: Annotated[NonNegativeInt, RUN_ONLY]
 
 

@@ -5,8 +5,8 @@ import json
 from multilabel_fusion.data import demo
 from multilabel_fusion.reports import bench
 
-SMALL = ["image.backbone=efficientnet_lite0", "image.image_size=64", "image.bench_bare_seconds=0.5", "image.head_epochs=3",
-         "caption.epochs=2", "fusion.epochs=3", "fusion.hidden=64", "trainer.num_workers=0"]
+SMALL = ["image.backbone=efficientnet_lite0", "image.image_size=64", "image.bench_bare_seconds=0.5",
+         "image.cpu_backend=torch", "image.head_epochs=3", "caption.epochs=2", "fusion.epochs=3", "fusion.hidden=64", "trainer.num_workers=0"]
 
 
 def test_bench_on_demo_data_writes_results(tmp_path):
@@ -33,7 +33,7 @@ def test_bench_on_demo_data_writes_results(tmp_path):
     # every backbone's extraction timed (random weights where ImageNet ones cannot be had), with its ratio
     assert set(results["image_benchmark"]) == {"efficientnet_lite0", "resnet50", "vgg16"}
     for b in results["image_benchmark"].values():
-        assert b["images"] == 40 and f"| {b['backbone']} | {b['weights_used']} |" in text
+        assert b["images"] == 40 and f"| {b['backbone']} | torch (asked for) | {b['weights_used']} |" in text
     assert (tmp_path / "docs" / "figures" / "per_class_f1.png").stat().st_size > 10_000
 
 

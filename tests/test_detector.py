@@ -329,6 +329,26 @@ def test_original_yolov5_checkpoint_detects_on_real_images(shared_data, yolov5n)
     assert f1 > 0.75, f1
 
 
+def test_openvino_runs_the_yolov5_checkpoint_with_the_same_detections(shared_data, yolov5n, tmp_path):
+    """detector.cpu_backend: OpenVINO gives the same boxes and per-label scores as torch on real photos; asking for
+    it converts once (cached by the weights), ``torch`` keeps torch."""
+    det = yolov5.load_detector(yolov5n, channels_last=True)
+    how = stage.choose_detector_backend(det, "openvino", image_size=320, batch_size=4, cache_dir=tmp_path)
+    assert det.engine is not None and "converted in" in how and "outputs agree at cosine" in how
+    paths = D.load(shared_data, check_images=False).image_paths("train")[:12]
+    kw = dict(image_size=320, conf=0.05, iou=0.45, batch_size=4, workers=0)
+    with_openvino = stage.detect_images(det, paths, **kw)
+    det.engine = None
+    with_torch = stage.detect_images(det, paths, **kw)
+    assert with_openvino.scores.max() > 0.5 and np.abs(with_openvino.scores - with_torch.scores).max() < 1e-4
+    assert np.array_equal(with_openvino.box_class, with_torch.box_class)
+    assert np.allclose(with_openvino.boxes, with_torch.boxes, atol=1e-2)
+    again = stage.choose_detector_backend(det, "openvino", image_size=320, batch_size=4, cache_dir=tmp_path)
+    assert "cached in" in again and len(list(tmp_path.iterdir())) == 1
+    assert stage.choose_detector_backend(det, "torch", image_size=320, batch_size=4, cache_dir=tmp_path) == \
+        "torch (asked for)" and det.engine is None
+
+
 def test_the_checkpoint_unpickler_refuses_code(tmp_path):
     class Payload:
         def __reduce__(self):

@@ -24,6 +24,8 @@ from multilabel_fusion.data import reader as D
 from multilabel_fusion.data.images import ImageFiles, augmentation, image_loader
 from multilabel_fusion.features import inference
 from multilabel_fusion.features.inference import prepare_inference
+from multilabel_fusion.features import openvino_engine
+from multilabel_fusion.features.openvino_engine import cosine_min
 from multilabel_fusion.io.artifacts import ArtifactStore
 from multilabel_fusion.training import trainer
 from multilabel_fusion.training.trainer import ResumeRequired
@@ -223,6 +225,81 @@ def test_inference_plan_gives_the_backbones_own_features(monkeypatch):
         prepare_inference(backbone, {"image_size": 64, "cpu_precision": "int8"}, torch.device("cpu"))
 
 
+def test_openvino_engine_gives_the_torch_features_and_is_converted_once(tmp_path):
+    """image.cpu_backend: the same network through OpenVINO gives torch's features (final and every depth, mirror
+    averaged); it is converted once per weights and engine version, a damaged conversion is redone, and ``auto``
+    times both engines once per machine and remembers the figures."""
+    torch.manual_seed(0)
+    backbone = load_backbone({"backbone": "efficientnet_lite0", "weights": "random"})
+    cfg = {"image_size": 32, "cpu_precision": "fp32", "feature_batch_size": 4, "cpu_backend": "openvino"}
+    plan = prepare_inference(backbone, cfg, torch.device("cpu"), depths=True, hflip=True, engine_cache=tmp_path)
+    assert plan.engine is not None and "converted in" in plan.choices["backend"]
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)  # not a multiple of the parallel requests
+    final, depths = plan(images)
+    engine, plan.engine = plan.engine, None
+    torch_final, torch_depths = plan(images)
+    assert final.dtype == torch.float32 and final.shape == torch_final.shape == (5, 1280)
+    assert final.abs().sum(1).min() > 0 and depths.shape == torch_depths.shape
+    assert cosine_min([final, depths], [torch_final, torch_depths]) >= 0.9999
+    (folder,) = tmp_path.iterdir()
+    record = json.loads((folder / "record.json").read_text())
+    assert record["cosine_min"]["fp32"] >= 0.9999 and set(record["files"]) == {"model.xml", "model.bin"}
+
+    again = prepare_inference(backbone, cfg, torch.device("cpu"), depths=True, hflip=True, engine_cache=tmp_path)
+    assert "cached in" in again.choices["backend"] and cosine_min([again(images)[0]], [final]) >= 0.9999
+    (folder / "model.bin").write_bytes(b"damaged")  # a damaged conversion is never trusted: converted again
+    redone = prepare_inference(backbone, cfg, torch.device("cpu"), depths=True, hflip=True, engine_cache=tmp_path)
+    assert "converted in" in redone.choices["backend"] and cosine_min([redone(images)[0]], [final]) >= 0.9999
+
+    auto = {**cfg, "cpu_backend": "auto"}
+    first = prepare_inference(backbone, auto, torch.device("cpu"), depths=True, hflip=True, engine_cache=tmp_path)
+    second = prepare_inference(backbone, auto, torch.device("cpu"), depths=True, hflip=True, engine_cache=tmp_path)
+    assert "measured here: torch" in first.choices["backend"]
+    assert "measured on this machine before" in second.choices["backend"]
+    timings = json.loads((folder / "record.json").read_text())["timings"]
+    assert len(timings) == 1 and all(rate > 0 for rate in next(iter(timings.values())).values())
+    assert (second.engine is None) == (second.choices["backend"].startswith("torch"))
+
+    with torch.no_grad():  # other weights: another conversion, under another key
+        next(backbone.parameters()).add_(1.0)
+    newest = prepare_inference(backbone, cfg, torch.device("cpu"), depths=True, hflip=True, engine_cache=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
+    assert openvino_engine.prune(tmp_path, keep=1) == [folder] and list(tmp_path.iterdir()) != [folder]
+    assert str(next(tmp_path.iterdir())) in newest.choices["backend"]  # the most recently used one is kept
+    torch_only = prepare_inference(backbone, {**cfg, "cpu_backend": "torch"}, torch.device("cpu"))
+    assert torch_only.engine is None and torch_only.choices["backend"] == "torch (asked for)"
+    with pytest.raises(ValueError, match="cpu_backend"):
+        prepare_inference(backbone, {**cfg, "cpu_backend": "onnx"}, torch.device("cpu"))
+
+
+def test_openvino_features_of_real_photos_agree_with_torch(shared_data, tmp_path):
+    """The ImageNet EfficientNet-Lite0 over real competition photos (decode, resize, forward): OpenVINO's features
+    are torch's (per-image cosine >= 0.9999), and both are the features of a real network (not near zero)."""
+    backbone = load_backbone({"backbone": "efficientnet_lite0", "weights": "imagenet"})
+    assert backbone.weights_used.startswith("ImageNet")
+    paths = D.load(shared_data, check_images=False).image_paths("train")[:10]
+    features = {}
+    for engine in ("torch", "openvino"):
+        plan = prepare_inference(backbone, {"image_size": 96, "cpu_precision": "fp32", "feature_batch_size": 4,
+                                            "cpu_backend": engine}, torch.device("cpu"), engine_cache=tmp_path)
+        assert (plan.engine is not None) == (engine == "openvino")
+        features[engine], _ = inference.extract(plan, paths, 0)
+    assert np.linalg.norm(features["torch"], axis=1).min() > 1.0
+    assert cosine_min([features["openvino"]], [features["torch"]]) >= 0.9999
+
+
+def test_without_openvino_auto_falls_back_to_torch_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(openvino_engine, "version", lambda: None)
+    backbone = load_backbone({"backbone": "efficientnet_lite0", "weights": "random"})
+    cfg = {"image_size": 32, "cpu_precision": "fp32", "feature_batch_size": 2}
+    with caplog.at_level("WARNING"):
+        plan = prepare_inference(backbone, {**cfg, "cpu_backend": "auto"}, torch.device("cpu"))
+    assert plan.engine is None and plan.choices["backend"] == "torch (OpenVINO not installed)"
+    assert "OpenVINO is not installed" in caplog.text and "pip install openvino" in caplog.text
+    with pytest.raises(ValueError, match="cpu_backend openvino: OpenVINO is not installed"):
+        prepare_inference(backbone, {**cfg, "cpu_backend": "openvino"}, torch.device("cpu"))
+
+
 def test_real_precision_timing_runs_both_candidates():
     """The measurement itself (interleaved rounds at the real batch size) on this CPU."""
     backbone = load_backbone({"backbone": "efficientnet_lite0", "weights": "random"})
@@ -236,7 +313,7 @@ def test_benchmark_times_each_backbone_and_records_it(mini, tmp_path, monkeypatc
     monkeypatch.setattr(assets, "online", lambda service, timeout=3.0: False)  # never a 100 MB download here
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # and no cached ResNet50
     cfg = _cfg(mini, tmp_path, "image.bench_bare_seconds=0.2")
-    results = benchmark(cfg, "all", backbones=["efficientnet_lite0", "resnet50"])
+    results = benchmark(cfg, "all", backbones=["efficientnet_lite0", "resnet50"], backends=["torch"])
     saved = json.loads((tmp_path / "out" / "metrics" / "image_benchmark.json").read_text())
     assert saved == json.loads(json.dumps(results)) and set(saved) == {"efficientnet_lite0", "resnet50"}
     lite, resnet = saved["efficientnet_lite0"], saved["resnet50"]
@@ -250,11 +327,16 @@ def test_benchmark_times_each_backbone_and_records_it(mini, tmp_path, monkeypatc
     assert (tmp_path / "out" / "figures" / "image_benchmark.png").stat().st_size > 10_000
     assert not list((tmp_path / "out").glob(".bench.*"))  # the temporary feature file is gone
     # a first-N benchmark merges into the same file (8 images take well under 0.1 s: rates come from unrounded
-    # seconds), and the stage's metrics file carries the figures
+    # seconds), and the stage's metrics file carries the figures; with OpenVINO installed both engines are timed
     benchmark(cfg, 8, backbones=["efficientnet_lite0"])
     saved = json.loads((tmp_path / "out" / "metrics" / "image_benchmark.json").read_text())
-    assert saved["efficientnet_lite0"]["images"] == 8 and not saved["efficientnet_lite0"]["whole_dataset"]
-    assert saved["resnet50"]["images"] == sum(N_MINI)
+    torch_entry, openvino_entry = saved["efficientnet_lite0 (torch)"], saved["efficientnet_lite0 (openvino)"]
+    assert torch_entry["images"] == 8 and not torch_entry["whole_dataset"] and torch_entry["engine"] == "torch"
+    assert openvino_entry["backend"].startswith("OpenVINO") and torch_entry["backend"] == "torch (asked for)"
+    speedup = openvino_entry["openvino_over_torch"]
+    assert speedup == torch_entry["openvino_over_torch"] and speedup["bare_forward_images_per_s"] == pytest.approx(
+        openvino_entry["bare_forward_images_per_s"] / torch_entry["bare_forward_images_per_s"], rel=0.02)
+    assert saved["resnet50"]["images"] == sum(N_MINI) and saved["efficientnet_lite0"]["images"] == sum(N_MINI)
     metrics = pipeline.run_stage("image", cfg)
     assert metrics["benchmark"]["resnet50"]["images"] == sum(N_MINI)
     assert metrics["figures"]["extraction_throughput"].endswith("image_benchmark.png")

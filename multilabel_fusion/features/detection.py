@@ -15,7 +15,39 @@ import torch
 from ..data import labels as L
 from ..data.images import ImageStream, _collate
 from ..io.progress import progress
-from ..networks.yolov5 import Detector
+from ..networks.yolov5 import Detector, YoloV5Detector
+from . import openvino_engine
+
+
+class _RawPredictions(torch.nn.Module):
+    """What OpenVINO runs for a YOLOv5 checkpoint: uint8 images -> (boxes xywh, objectness and class scores); two
+    outputs, so that the agreement check compares the scores on their own, not dwarfed by pixel coordinates."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        pred = self.model(images.float() / 255)
+        return pred[..., :4], pred[..., 4:]
+
+
+def choose_detector_backend(detector: Detector, setting: str, *, image_size: int, batch_size: int,
+                            cache_dir: Path | None) -> str:
+    """Run an original YOLOv5 checkpoint through OpenVINO on a CPU when ``detector.cpu_backend`` asks for it or
+    finds it faster here (:func:`openvino_engine.select`); ultralytics' formats and GPUs keep their own engine.
+    Returns what was chosen and why."""
+    if not isinstance(detector, YoloV5Detector):
+        return "ultralytics (its own engine)"
+    if detector.device.type != "cpu":
+        return f"torch ({detector.device.type})"
+    detector.engine = None
+    example = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8)
+    engine, how, agreement = openvino_engine.select(
+        setting, "detector", graph=_RawPredictions(detector.model), weights=detector.model, example=example,
+        cache_dir=cache_dir, torch_call=detector.forward, name=detector.path.name)
+    detector.engine = engine
+    return how + (f", outputs agree at cosine {agreement}" if agreement is not None else "")
 
 
 @dataclass

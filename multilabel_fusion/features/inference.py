@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from ..data.images import ImageFiles, image_loader
 from ..io.progress import progress
 from ..networks.backbones import Backbone, depth_extractor
 from ..networks.precision import gpu_inference_dtype
+from . import openvino_engine
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class InferencePlan:
     choices: dict[str, Any]
     depths: bool = False  # net returns [pooled stage outputs ..., final]: multi-depth features in the same pass
     hflip: bool = False  # average the features of the image and its mirror image
+    engine: Any = None  # an OpenVINOEngine running the same computation (uint8 in), or None: torch runs it
 
     def autocast(self):
         if self.precision == "fp32":
@@ -65,6 +67,8 @@ class InferencePlan:
         """uint8 [B, 3, S, S] → float32 features [B, dim] (normalised on the device, once per batch); with
         ``depths``, ``(features, depth_features)`` where the latter is every stage's pooled output and the final
         features concatenated; with ``hflip`` both are averaged with those of the mirrored images."""
+        if self.engine is not None:
+            return self._call_engine(images_uint8)
         x = self.backbone.normalise(images_uint8.to(self.device, non_blocking=True))
         x = x.contiguous(memory_format=self.memory_format)
         outputs = [self._forward(x)]
@@ -74,6 +78,27 @@ class InferencePlan:
         if not self.depths:
             return final
         return final, sum(o[1] for o in outputs) / len(outputs)
+
+    def _call_engine(self, images_uint8: torch.Tensor):
+        return self.submit(images_uint8)()
+
+    def submit(self, images_uint8: torch.Tensor) -> Callable[[], Any]:
+        """Start computing what ``self(images_uint8)`` returns and give a function that waits for it: with an
+        engine the batch runs while the caller decodes the next one; with torch it is computed here and now."""
+        if self.engine is None:
+            done = self(images_uint8)
+            return lambda: done
+        images = images_uint8.numpy()
+        jobs = [self.engine.submit(images)]
+        if self.hflip:
+            jobs.append(self.engine.submit(np.ascontiguousarray(images[..., ::-1])))
+
+        def result():
+            outputs = [job.result() for job in jobs]
+            averaged = [torch.from_numpy(sum(o[k] for o in outputs) / len(outputs)) for k in range(len(outputs[0]))]
+            return (averaged[0], averaged[1]) if self.depths else averaged[0]
+
+        return result
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         with self.autocast():
@@ -142,12 +167,15 @@ def _time_precisions(plan: InferencePlan, precisions: tuple[str, ...], rounds: i
 
 
 def prepare_inference(backbone: Backbone, cfg_image: dict, device: torch.device,
-                      mixed_precision: bool = True, *, depths: bool = False, hflip: bool = False) -> InferencePlan:
+                      mixed_precision: bool = True, *, depths: bool = False, hflip: bool = False,
+                      engine_cache: Path | None = None) -> InferencePlan:
     """The fastest way to run ``backbone`` on ``device``, chosen by measuring where it is not obvious.
 
     On a CPU, bf16 made EfficientNet-Lite0 1.4x faster than fp32 but ResNet50 and VGG16 1.6x slower on an
     AVX-512 BF16 CPU without AMX (and AMX CPUs differ again), so ``cpu_precision: auto`` times both on a
-    small batch and keeps the faster.
+    small batch and keeps the faster. ``cpu_backend`` (default torch for a bare dict): ``openvino`` runs the
+    same network through OpenVINO (converted once, cached in ``engine_cache``), ``auto`` times both and keeps
+    the faster; on a GPU torch always runs.
     """
     backbone.eval().to(device)
     fmt = torch.channels_last if cfg_image.get("channels_last", True) else torch.contiguous_format
@@ -164,6 +192,7 @@ def prepare_inference(backbone: Backbone, cfg_image: dict, device: torch.device,
         # bf16 only where the GPU computes it natively (compute capability >= 8.0); fp16 elsewhere (a T4)
         plan.precision = ("bf16" if gpu_inference_dtype(device) == torch.bfloat16 else "fp16") if mixed_precision else "fp32"
         choices["precision"] = f"{plan.precision} (GPU autocast)"
+        choices["backend"] = "torch (GPU)"
         return plan
     setting = cfg_image.get("cpu_precision", "auto")
     if setting not in ("auto", "fp32", "bf16"):
@@ -180,9 +209,30 @@ def prepare_inference(backbone: Backbone, cfg_image: dict, device: torch.device,
         plan.precision = max(rates, key=rates.get)
         choices["precision"] = f"{plan.precision} (measured here: " + ", ".join(
             f"{k} {v} img/s" for k, v in rates.items()) + ")"
-    log.info(f"[image] inference: {backbone.name} on {device}, {choices['precision']}, batch {batch}, "
-          f"{'channels-last' if choices['channels_last'] else 'NCHW'}, {folded}")
+    if device.type == "cpu":
+        choose_cpu_backend(plan, cfg_image.get("cpu_backend", "torch"), engine_cache)
+    else:
+        choices["backend"] = f"torch ({device.type})"
+    log.info(f"[image] inference: {backbone.name} on {device}, {choices['backend']}, {choices['precision']}, "
+             f"batch {batch}, {'channels-last' if choices['channels_last'] else 'NCHW'}, {folded}")
     return plan
+
+
+def choose_cpu_backend(plan: InferencePlan, setting: str, engine_cache: Path | None) -> None:
+    """Give ``plan`` an OpenVINO engine when ``image.cpu_backend`` asks for it or finds it faster here (see
+    :func:`openvino_engine.select`); records the choice and the engines' agreement in ``plan.choices``."""
+    graph = openvino_engine.UInt8Graph(plan.net, plan.backbone.normalise, plan._forward)
+
+    def torch_call(images: torch.Tensor):
+        plan.engine = None
+        return plan(images)
+
+    plan.engine, plan.choices["backend"], agreement = openvino_engine.select(
+        setting, "image", graph=graph, weights=plan.backbone, example=plan.example_batch(), cache_dir=engine_cache,
+        precision=plan.precision, torch_call=torch_call, name=plan.backbone.name, depths=plan.depths,
+        folded=plan.choices["conv_bn"])
+    if agreement is not None:
+        plan.choices["openvino_cosine_min"] = agreement
 
 
 def extract(plan: InferencePlan, paths: list[Path], workers: int, out: np.ndarray | None = None,
@@ -200,17 +250,27 @@ def extract(plan: InferencePlan, paths: list[Path], workers: int, out: np.ndarra
         raise ValueError(f"extract: output shape {out.shape} != {(len(paths), plan.backbone.dim)}")
     loader = image_loader(ImageFiles(paths, plan.image_size, on_bad=on_bad), plan.batch_size, workers)
     start, row = time.perf_counter(), 0
+
+    def write(feats) -> None:
+        nonlocal row
+        if plan.depths:
+            feats, depth_feats = feats
+            if depths_out is not None:
+                depths_out[row: row + len(feats)] = depth_feats.cpu().numpy()
+        feats = feats.cpu().numpy()
+        out[row: row + len(feats)] = feats
+        row += len(feats)
+        bar.update(len(feats))
+
     with progress(total=len(paths), desc=desc, unit="img", smoothing=0.05) as bar:
+        pending = None  # the previous batch, still running while this one was decoded
         for images in loader:
-            feats = plan(images)
-            if plan.depths:
-                feats, depth_feats = feats
-                if depths_out is not None:
-                    depths_out[row: row + len(feats)] = depth_feats.cpu().numpy()
-            feats = feats.cpu().numpy()
-            out[row: row + len(feats)] = feats
-            row += len(feats)
-            bar.update(len(feats))
+            running = plan.submit(images)
+            if pending is not None:
+                write(pending())
+            pending = running
+        if pending is not None:
+            write(pending())
     seconds = time.perf_counter() - start
     return out, {"images": len(paths), "seconds": seconds, "images_per_s": round(len(paths) / max(seconds, 1e-9), 1)}
 

@@ -319,14 +319,22 @@ class YoloV5Detector(Detector):
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.stride = int(max(model.stride))
+        self.engine = None  # a callable running the same network on uint8 images (OpenVINO), or None: torch
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 letterboxed images -> the network's raw (B, cells, 5 + nc) predictions, on the CPU."""
+        if self.engine is not None:
+            return torch.from_numpy(np.concatenate(self.engine(images.numpy()), -1))
+        x = images.to(self.device, non_blocking=True).float().div_(255)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x).float().cpu()
 
     @torch.inference_mode()
     def detect(self, batch, *, image_size, conf, iou, max_det, multi_label):
         images, metas = batch
-        x = images.to(self.device, non_blocking=True).float().div_(255)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        pred = self.model(x).float().cpu()
+        pred = self.forward(images)
         out = []
         for p, meta in zip(pred, metas):
             boxes, scores, cls = nms(p, conf=conf, iou=iou, max_det=max_det, multi_label=multi_label)

@@ -13,6 +13,7 @@ import torch
 
 from ..data import reader as D
 from ..evaluation import figures as plots
+from ..features import openvino_engine
 from ..features.inference import bare_forward_throughput, extract, prepare_inference
 from ..io.assets import AssetUnavailable
 from ..io.atomic import write_json
@@ -41,13 +42,17 @@ def _benchmark_backbone(name: str, cfg: Settings, device: torch.device) -> Backb
 
 
 def benchmark(cfg: Settings, images: int | str = 512, demo_mode: bool | str = False,
-              backbones: list[str] | None = None) -> dict[str, Any]:
+              backbones: list[str] | None = None, backends: list[str] | None = None) -> dict[str, Any]:
     """Full extraction (decode, resize, forward) vs bare forward, per backbone, on the same machine in one run.
 
     ``images="all"`` times every train and test image: the real time to extract the whole data set. The bare
     forward is measured before and after the extraction and averaged, so a drift in machine load shows
     up in both figures instead of skewing the ratio. Results are merged into
     ``output/metrics/image_benchmark.json`` (one entry per backbone) with a figure beside them.
+
+    On a CPU with OpenVINO installed and ``image.cpu_backend: auto``, each backbone is timed with both engines
+    (``backends``, default torch and openvino; entries ``<backbone> (<engine>)``) and the entries carry OpenVINO's
+    speed-up over torch; otherwise with the engine ``image.cpu_backend`` names.
     """
     import tempfile
 
@@ -60,22 +65,27 @@ def benchmark(cfg: Settings, images: int | str = 512, demo_mode: bool | str = Fa
     workers = num_workers(cfg.trainer.num_workers, device)
     out_dir = cfg.path("output")
     results = load_metrics(out_dir, "image_benchmark") or {}
-    for name in backbones or [cfg.image.backbone]:
+    if backends is None:
+        both = device.type == "cpu" and openvino_engine.version() is not None and cfg.image.cpu_backend == "auto"
+        backends = ["torch", "openvino"] if both else [cfg.image.cpu_backend]
+    for name, backend in [(n, b) for n in backbones or [cfg.image.backbone] for b in backends]:
+        entry = f"{name} ({backend})" if len(backends) > 1 else name
         backbone = _benchmark_backbone(name, cfg, device)
-        plan = prepare_inference(backbone, cfg.image, device, cfg.trainer.mixed_precision)
+        plan = prepare_inference(backbone, {**cfg.image.to_dict(), "cpu_backend": backend}, device,
+                                 cfg.trainer.mixed_precision, engine_cache=cfg.trainer.engine_cache)
         bare_before = bare_forward_throughput(plan, cfg.image.bench_bare_seconds)
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".bench.") as tmp:  # bounded memory, like the stage
             sink = np.lib.format.open_memmap(Path(tmp) / "features.npy", mode="w+", dtype=np.float16,
                                              shape=(len(paths), backbone.dim))
-            _, timing = extract(plan, paths, workers, sink, f"benchmark {name}")
+            _, timing = extract(plan, paths, workers, sink, f"benchmark {entry}")
             del sink
         bare_after = bare_forward_throughput(plan, cfg.image.bench_bare_seconds)
         bare = (bare_before + bare_after) / 2
         full = len(paths) / max(timing["seconds"], 1e-9)  # unrounded seconds: a short run takes < 0.1 s
         ratio = full / bare
-        results[name] = {
-            "backbone": name, "weights_used": backbone.weights_used, "device": str(device),
+        results[entry] = {
+            "backbone": name, "engine": backend, "weights_used": backbone.weights_used, "device": str(device),
             "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "loader_workers": workers, "image_size": plan.image_size, **plan.choices,
             "images": len(paths), "whole_dataset": len(paths) == len(everything), "data": str(data_dir),
@@ -87,7 +97,13 @@ def benchmark(cfg: Settings, images: int | str = 512, demo_mode: bool | str = Fa
             "estimated_seconds_for_20000_images": round(20000 / full),
             "measured": time.strftime("%Y-%m-%d %H:%M"),
         }
-        log.info(f"[image benchmark] {name} on {device} ({plan.choices['precision']}), {len(paths)} images: "
+        if backend == "openvino" and "torch" in backends:  # both timed in this run, on this machine
+            speedup = {kind: round(results[entry][kind] / results[f"{name} (torch)"][kind], 2)
+                       for kind in ("full_extraction_images_per_s", "bare_forward_images_per_s")}
+            results[entry]["openvino_over_torch"] = results[f"{name} (torch)"]["openvino_over_torch"] = speedup
+            log.info(f"[image benchmark] {name}: OpenVINO over torch, full extraction "
+                     f"{speedup['full_extraction_images_per_s']}x, bare forward {speedup['bare_forward_images_per_s']}x")
+        log.info(f"[image benchmark] {entry} on {device} ({plan.choices['precision']}), {len(paths)} images: "
                  f"full extraction {full:.1f} img/s ({timing['seconds']:.1f} s), bare forward {bare:.1f} img/s, "
                  f"ratio {ratio:.2f} (target >= {FORWARD_RATIO_TARGET:.2f})")
         write_json(out_dir / "metrics" / "image_benchmark.json", results)  # after each backbone: nothing lost

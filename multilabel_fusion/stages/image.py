@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from ..data.images import ImageFiles, augmentation, image_loader
+from ..features import openvino_engine
 from ..features.inference import extract, prepare_inference
 from ..io.artifacts import Artifact, pick_rows
 from ..networks.backbones import Backbone, BackboneEnsemble, ImageClassifier, build_backbone
@@ -192,7 +193,8 @@ class ImageNetwork(Stage):
                        "feature_batch_size": ci.feature_batch_size, "head_input": ci.head_input,
                        "head_hidden": ci.head_hidden, "head_dropout": ci.head_dropout,
                        "workers": ws.settings.trainer.num_workers, "bad_images": ws.settings.data.bad_images,
-                       "mixed_precision": bool(ws.settings.trainer.mixed_precision), "key": image.key}
+                       "mixed_precision": bool(ws.settings.trainer.mixed_precision), "key": image.key,
+                       "cpu_backend": openvino_engine.same_engine(image.info.get("extraction", {}).get("backend"))}
         heads = []
         if "image_probs" in blocks:
             kind, key = ws.block_location("image_probs")
@@ -209,7 +211,8 @@ class ImageNetwork(Stage):
 def _plan(ctx: StageContext, backbone: Backbone):
     ci = ctx.settings.image
     return prepare_inference(backbone, ci, ctx.device, ctx.settings.trainer.mixed_precision,
-                             depths=bool(ci.depth_features), hflip=bool(ci.hflip_average))
+                             depths=bool(ci.depth_features), hflip=bool(ci.hflip_average),
+                             engine_cache=ctx.settings.trainer.engine_cache)
 
 
 def _extraction_info(ctx: StageContext, choices: dict[str, Any], depth_dims: list[int], workers: int,
@@ -409,6 +412,7 @@ class ImagePredictor(BlockPredictor):
         m = self.description
         settings = {key: m[key] for key in ("image_size", "channels_last", "fuse_conv_bn", "feature_batch_size",
                                             "cpu_precision")}
+        settings["cpu_backend"] = m.get("cpu_backend", "torch")
         self._plan = prepare_inference(self.backbone, settings, device, m["mixed_precision"],
                                        depths=m["depth_features"], hflip=m["hflip_average"])
         return self

@@ -21,6 +21,7 @@ from ..evaluation.scoring import decide_as, evaluate
 from ..io.artifacts import Artifact
 from ..io.atomic import atomic_path, write_json, write_text
 from ..io.hashing import digest
+from ..io.machine import cpu_name
 from .context import StageContext, Workspace
 
 log = logging.getLogger(__name__)
@@ -28,17 +29,6 @@ log = logging.getLogger(__name__)
 #: Artifact kind of a stage's decision (rule, thresholds, at-least-one), keyed by its artifact and the thresholds
 #: settings: what the predictor labels with, never a "latest" metrics file.
 DECISION = "decision"
-
-
-def cpu_name() -> str:
-    """The CPU's model name (timings are only comparable on the same one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info() -> dict[str, Any]:
