@@ -68,7 +68,7 @@ class InferencePlan:
         ``depths``, ``(features, depth_features)`` where the latter is every stage's pooled output and the final
         features concatenated; with ``hflip`` both are averaged with those of the mirrored images."""
         if self.engine is not None:
-            return self._call_engine(images_uint8)
+            return self.submit(images_uint8)()
         x = self.backbone.normalise(images_uint8.to(self.device, non_blocking=True))
         x = x.contiguous(memory_format=self.memory_format)
         outputs = [self._forward(x)]
@@ -78,9 +78,6 @@ class InferencePlan:
         if not self.depths:
             return final
         return final, sum(o[1] for o in outputs) / len(outputs)
-
-    def _call_engine(self, images_uint8: torch.Tensor):
-        return self.submit(images_uint8)()
 
     def submit(self, images_uint8: torch.Tensor) -> Callable[[], Any]:
         """Start computing what ``self(images_uint8)`` returns and give a function that waits for it: with an
