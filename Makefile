@@ -17,5 +17,5 @@ holdout:    ## hold out 20 % of $(DATA)'s labelled records, run the main job on 
 	python3 -m multilabel_fusion.reports.holdout_check --data $(DATA)
 results-sections: ## re-render only the stage 05/06 sections of docs/RESULTS.md from their snapshots (docs/stage_results/)
 	python3 -m multilabel_fusion.reports.bench --stage-sections
-notebooks:  ## regenerate the notebooks from notebooks/make_notebooks.py
-	python3 notebooks/make_notebooks.py
+notebooks:  ## regenerate the notebooks and README's badges (repository address: the git remote, or REPO_URL=...)
+	python3 notebooks/make_notebooks.py $(if $(REPO_URL),--repo-url $(REPO_URL))

@@ -19,6 +19,8 @@ from typing import Any
 
 from .io.assets import AssetUnavailable
 from .io.locks import folder_lock
+from .io.mirror import Mirror, mirrored
+from .io.mirror import sync as sync_mirror
 from .settings import Settings
 from .stages import registry as stage_registry
 from .stages.context import Workspace, resolve_data
@@ -47,9 +49,17 @@ def run_all(settings: Settings, demo_mode: bool | str = "auto", stages: list[str
     asked = list(stages or settings.pipeline.stages)
     for name in asked:
         registry.get(name)
-    ws = workspace(settings, demo_mode, resume=resume, registry=registry)
-    with folder_lock(ws.output_dir), folder_lock(ws.models_dir):  # one writer per folder
-        return _run_stages(ws, asked)
+    with mirrored(mirror_of(settings)):  # a new machine first gets back what an earlier one finished
+        ws = workspace(settings, demo_mode, resume=resume, registry=registry)
+        with folder_lock(ws.output_dir), folder_lock(ws.models_dir):  # one writer per folder
+            return _run_stages(ws, asked)
+
+
+def mirror_of(settings: Settings) -> Mirror | None:
+    """The copy of ``output/`` and ``models/`` kept in ``paths.mirror`` (Colab: on Google Drive), if any."""
+    if not settings.paths.mirror:
+        return None
+    return Mirror(settings.path("mirror"), {"output": settings.path("output"), "models": settings.path("models")})
 
 
 def _run_stages(ws: Workspace, asked: list[str]) -> dict[str, Any]:
@@ -74,6 +84,7 @@ def _run_stages(ws: Workspace, asked: list[str]) -> dict[str, Any]:
                 log.info(f"[{name}] what is read of it exists for the current settings: not re-run")
                 continue
         results[name] = stage.run(ws.context(name))
+        sync_mirror()  # the finished stage outlives this machine
     log.info(f"\nAll stages done in {time.time() - started:.0f} s."
              + (f" Skipped: {', '.join(skipped)} (missing assets)." if skipped else ""))
     results["skipped"] = skipped

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -22,9 +23,20 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
-#: Repository root (the folder holding config.yaml, stages/, input/, output/, models/).
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = ROOT / "config.yaml"
+def _root() -> Path:
+    """The checkout holding this package; for an installed package with no checkout around it (a wheel), the folder
+    it is used from (``$MLF_HOME``, else the current folder), where input/, output/ and models/ then go."""
+    here = Path(__file__).resolve().parent.parent
+    if (here / "config.yaml").is_file():
+        return here
+    return Path(os.environ.get("MLF_HOME") or Path.cwd()).resolve()
+
+
+#: Project root (the folder holding config.yaml, stages/, input/, output/, models/): relative paths start here.
+ROOT = _root()
+#: The defaults: the checkout's config.yaml, else the copy a wheel carries (setup.py puts it there).
+DEFAULT_CONFIG = ROOT / "config.yaml" if (ROOT / "config.yaml").is_file() else \
+    Path(__file__).resolve().parent / "resources" / "config.yaml"
 
 
 class ConfigError(ValueError):
@@ -191,6 +203,7 @@ class PathsSection(Section):
     output: Annotated[PathText, RUN_ONLY]
     models: Annotated[PathText, RUN_ONLY]
     assets: Annotated[PathText, RUN_ONLY]
+    mirror: Annotated[PathText | None, RUN_ONLY] = None
 
 
 class DataSection(Section):

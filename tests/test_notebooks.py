@@ -53,7 +53,8 @@ def test_every_notebook_is_committed_without_outputs():
 
 
 def test_notebooks_are_exactly_what_the_generator_writes():
-    built = _generator().build()
+    generator = _generator()
+    built = generator.build(generator.written_url())
     assert sorted(built) == sorted(f"{name}.ipynb" for name in ORDER)
     for name, text in built.items():
         assert (NOTEBOOKS / name).read_text(encoding="utf-8") == text, \
@@ -61,28 +62,78 @@ def test_notebooks_are_exactly_what_the_generator_writes():
     for text in built.values():
         nb = nbformat.reads(text, as_version=4)
         assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert generator.build_readme(readme, generator.written_url()) == readme, \
+        "README.md's table of notebooks is stale: run make_notebooks.py"
 
 
-def test_readme_links_every_notebook_with_a_colab_badge_made_from_the_one_repo_url():
-    generator = _generator()
-    readme = (NOTEBOOKS.parent / "README.md").read_text(encoding="utf-8")
-    assert generator.build_readme(readme) == readme, "README.md's table of notebooks is stale: run make_notebooks.py"
-    colab = generator.REPO_URL.replace("https://github.com/", "https://colab.research.google.com/github/")
-    for name in ORDER:
-        assert f"{generator.badge(name)} |" in readme, f"README.md: no 'Open in Colab' badge for {name}"
-        assert f"({colab}/blob/{generator.BRANCH}/notebooks/{name}.ipynb)" in readme
-    # the address is written once: nowhere else in the repository, and every notebook's clone cell comes from it
+def _tracked_texts() -> dict[str, str]:
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                             text=True, check=True).stdout.split()
-    sources = {name: (REPO / name).read_text(encoding="utf-8") for name in listed
-               if name.endswith((".py", ".md", ".sh", ".yaml", ".toml", ".txt")) and (REPO / name).is_file()}
-    address = generator.REPO_URL.split("github.com/")[1]  # owner/name
-    assert [name for name, text in sources.items() if address in text and name != "README.md"] == \
-        ["notebooks/make_notebooks.py"]
-    for text in generator.build().values():
-        assert f'REPO_URL = \\"{generator.REPO_URL}\\"' in text
-    other = generator.readme_table().replace(generator.REPO_URL.split("github.com/")[1], "someone/fork")
-    assert "someone/fork/blob/main/notebooks/07_fused_network.ipynb" in other
+    return {name: (REPO / name).read_text(encoding="utf-8") for name in listed
+            if name.endswith((".py", ".md", ".sh", ".yaml", ".toml", ".txt", ".ipynb", "Makefile"))
+            and (REPO / name).is_file()}
+
+
+def test_no_placeholder_repository_address_anywhere():
+    placeholders = ("OWNER/", "<owner>/", "your-username/", "USERNAME/")
+    found = [name for name, text in _tracked_texts().items() for p in placeholders
+             if p in text and name != "tests/test_notebooks.py"]
+    assert found == [], f"placeholder repository addresses in {found}"
+
+
+def _git_repo(path: Path, remote: str | None) -> Path:
+    path.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    if remote:
+        subprocess.run(["git", "remote", "add", "origin", remote], cwd=path, check=True)
+    return path
+
+
+@pytest.mark.parametrize("remote", ["git@github.com:someone/fork.git", "https://github.com/someone/fork.git",
+                                    "https://github.com/someone/fork", "ssh://git@github.com/someone/fork.git"])
+def test_a_forks_notebooks_and_badges_point_at_the_fork(remote, tmp_path):
+    """The address is read from the checkout's git remote in any of git's spellings; every notebook's clone cell
+    and every README badge are written from it."""
+    generator = _generator()
+    url = generator.remote_url(_git_repo(tmp_path / "fork", remote))
+    assert url == "https://github.com/someone/fork"
+    table = generator.readme_table(url)
+    for name in ORDER:
+        assert (f"(https://colab.research.google.com/github/someone/fork/blob/{generator.BRANCH}/notebooks/"
+                f"{name}.ipynb)") in table
+    for name, text in generator.build(url).items():
+        assert 'REPO_URL = \\"https://github.com/someone/fork\\"' in text, name
+        assert f"colab.research.google.com/github/someone/fork/blob/main/notebooks/{name}" in text, name
+        assert json.loads(text)["metadata"]["multilabel_fusion"]["repo_url"] == url
+
+
+def test_without_a_github_remote_there_is_no_badge_and_the_readme_says_how_to_get_one(tmp_path):
+    generator = _generator()
+    assert generator.remote_url(_git_repo(tmp_path / "none", None)) == ""
+    elsewhere = generator.remote_url(_git_repo(tmp_path / "local", "/srv/git/multilabel-fusion.git"))
+    assert elsewhere == "/srv/git/multilabel-fusion.git"  # cloned from as it is, but Colab opens GitHub only
+    for url in ("", elsewhere):
+        table = generator.readme_table(url)
+        assert "colab-badge" not in table and "git remote add origin" in table
+        assert all(f'REPO_URL = \\"{url}\\"' in text for text in generator.build(url).values())
+
+
+def test_make_notebooks_takes_an_explicit_address_and_check_uses_the_one_written(tmp_path, monkeypatch):
+    generator = _generator()
+    for name in [*(f"{n}.ipynb" for n in ORDER), "make_notebooks.py"]:
+        (tmp_path / "notebooks").mkdir(exist_ok=True)
+        shutil.copyfile(NOTEBOOKS / name, tmp_path / "notebooks" / name)
+    shutil.copyfile(REPO / "README.md", tmp_path / "README.md")
+    monkeypatch.setattr(generator, "HERE", tmp_path / "notebooks")
+    monkeypatch.setattr(generator, "README", tmp_path / "README.md")
+    assert generator.main(["--repo-url", "git@github.com:someone/fork.git"]) == 0
+    assert generator.written_url() == "https://github.com/someone/fork"
+    assert "colab.research.google.com/github/someone/fork/blob/main/notebooks/00_full_pipeline.ipynb" in \
+        (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert generator.main(["--check"]) == 0  # compared for the address they were written for
+    (tmp_path / "notebooks" / "03_detector.ipynb").write_text("{}", encoding="utf-8")
+    assert generator.main(["--check"]) == 1
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +180,10 @@ def test_notebook_runs_top_to_bottom_on_demo_data(name, workspace, monkeypatch):
 
 SETUP_CELLS = 5  # set-up, Drive, data, parameters, configuration: the first code cells of every notebook
 
-#: Runs the first code cells of a notebook as a Colab runtime would (argv: notebook, settings as JSON); with
-#: "colab", google.colab and kaggle are stand-ins: Drive is a folder, an upload is the given zip, a Kaggle download
-#: copies it (and is counted in kaggle_calls.txt beside the runtime's disk).
+#: Runs code cells of a notebook as a Colab runtime would (argv: notebook, settings as JSON): the first
+#: ``cells`` of them (all when None). With "colab", google.colab and kaggle are stand-ins: Drive is a folder, an
+#: upload is the given zip, a Kaggle download copies it (counted in kaggle_calls.txt beside the runtime's disk;
+#: the competition "forbidden" answers 403 as Kaggle does before one joins the competition).
 RUNNER = r"""
 import json, shutil, sys, types
 from pathlib import Path
@@ -149,9 +201,16 @@ if settings["colab"]:
         shutil.copyfile(settings["zip"], Path.cwd() / name)  # Colab saves an upload in the working folder
         return {name: Path(settings["zip"]).read_bytes()}
 
+    class ApiException(Exception):  # what the kaggle package raises for an HTTP error
+        def __init__(self, status, reason):
+            super().__init__(f"({status})\nReason: {reason}")
+            self.status = status
+
     def competition_download_files(competition, path=None, force=False, quiet=True):
         with open(colab_dir.parent / "kaggle_calls.txt", "a") as calls:
             calls.write(competition + "\n")
+        if competition == "forbidden":
+            raise ApiException(403, "Forbidden")
         shutil.copyfile(settings["zip"], Path(path) / f"{competition}.zip")
 
     google, colab = types.ModuleType("google"), types.ModuleType("google.colab")
@@ -161,38 +220,54 @@ if settings["colab"]:
     kaggle = types.ModuleType("kaggle")
     kaggle.api = types.SimpleNamespace(competition_download_files=competition_download_files)
     sys.modules.update({"google": google, "google.colab": colab, "kaggle": kaggle})
+    # a fresh runtime has no multilabel_fusion installed: hide the editable install of the machine running the tests
+    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+    sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
+    sys.path[:] = [p for p in sys.path if "__editable__" not in p]
+    sys.path_importer_cache.clear()
 
 import nbformat
 
 cells = [c.source for c in nbformat.read(sys.argv[1], as_version=4).cells if c.cell_type == "code"]
 namespace, used = {}, set()
-for source in cells[: settings["cells"]]:
+for i, source in enumerate(cells[: settings["cells"]]):
     for old, new in settings["replace"].items():
         if old in source:
             used.add(old)
             source = source.replace(old, new)
-    exec(compile(source, "<notebook cell>", "exec"), namespace)
+    print(f"----- cell {i}", flush=True)
+    exec(compile(source, f"<notebook cell {i}>", "exec"), namespace)
 assert used == set(settings["replace"]), f"not in the cells: {set(settings['replace']) - used}"
-print("RESULT " + json.dumps({k: str(namespace[k]) for k in ("REPO", "IN_COLAB", "IS_DEMO", "data_dir", "OUT")}))
+print("RESULT " + json.dumps({k: str(namespace[k]) for k in ("REPO", "IN_COLAB", "IS_DEMO", "data_dir", "OUT")
+                              if k in namespace}))
 """
 
 
-@pytest.fixture(scope="module")
-def remote(tmp_path_factory) -> Path:
-    """A git repository of this working tree's files (tracked and new, not ignored), on the notebooks' branch, with a
-    stand-in setup.sh (this environment is set up; a Colab runtime would install the requirements there)."""
-    root = tmp_path_factory.mktemp("remote") / "multilabel-fusion"
+def _git(*args, cwd):
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"]
+    subprocess.run(git + list(args), cwd=cwd, check=True, capture_output=True)
+
+
+def _copy_working_tree(root: Path) -> Path:
+    """This working tree's files (tracked and new, not ignored) copied to ``root``."""
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
                             check=True).stdout.decode().split("\0")
     for name in filter(None, listed):
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory) -> Path:
+    """A git repository of this working tree's files, on the notebooks' branch, with a stand-in setup.sh (this
+    environment is set up; the end-to-end test below runs the real one)."""
+    root = _copy_working_tree(tmp_path_factory.mktemp("remote") / "multilabel-fusion")
     (root / "setup.sh").write_text("#!/usr/bin/env bash\necho 'setup: done (stand-in)'\n")
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"]
-    subprocess.run(git + ["init", "-q", "-b", _generator().BRANCH], cwd=root, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=root, check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "a fresh checkout"], cwd=root, check=True)
+    _git("init", "-q", "-b", _generator().BRANCH, cwd=root)
+    _git("add", "-A", cwd=root)
+    _git("commit", "-q", "-m", "a fresh checkout", cwd=root)
     return root
 
 
@@ -211,16 +286,19 @@ def competition_zip(tmp_path_factory) -> Path:
 
 
 def _run_cells(notebook: str, cwd: Path, colab: bool, replace: dict[str, str], zip_path: Path | None = None,
-               colab_dir: Path | None = None) -> tuple[str, dict]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLF_") and k != "PYTHONPATH"}
-    env.update(KAGGLE_KEY="stand-in", PYTHONUNBUFFERED="1")
-    settings = {"colab": colab, "cells": SETUP_CELLS, "replace": replace, "zip": str(zip_path),
-                "colab_dir": str(colab_dir)}
-    result = subprocess.run([sys.executable, "-c", RUNNER, str(NOTEBOOKS / f"{notebook}.ipynb"), json.dumps(settings)],
-                            cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+               colab_dir: Path | None = None, *, cells: int | None = SETUP_CELLS, python: str = sys.executable,
+               env: dict[str, str] | None = None, ok: bool = True, timeout: int = 300) -> tuple[str, dict]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MLF_") and k != "PYTHONPATH"}
+    base.update(KAGGLE_KEY="stand-in", PYTHONUNBUFFERED="1", MPLBACKEND="Agg", **(env or {}))
+    settings = {"colab": colab, "cells": cells, "replace": replace, "zip": str(zip_path), "colab_dir": str(colab_dir)}
+    result = subprocess.run([python, "-c", RUNNER, str(NOTEBOOKS / f"{notebook}.ipynb"), json.dumps(settings)],
+                            cwd=cwd, env=base, capture_output=True, text=True, timeout=timeout)
+    if not ok:
+        assert result.returncode != 0, result.stdout[-3000:]
+        return result.stdout + result.stderr, {}
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-    return result.stdout, json.loads(line[len("RESULT "):])
+    return result.stdout + result.stderr, json.loads(line[len("RESULT "):])
 
 
 def test_setup_and_data_cells_on_a_fresh_checkout_outside_colab(remote, tmp_path):
@@ -233,43 +311,178 @@ def test_setup_and_data_cells_on_a_fresh_checkout_outside_colab(remote, tmp_path
     assert found["OUT"] == str(checkout / "output" / "demo") and (checkout / "output" / "demo" / "input" / "test.csv").is_file()
 
 
-def test_setup_and_data_cells_in_colab_keep_results_on_drive_and_data_on_the_local_disk(remote, competition_zip,
-                                                                                      tmp_path):
-    """Runtime 1 clones, links output/ and models/ to Drive, downloads the data with the Kaggle API into input/ on
-    the local disk and keeps the zip on Drive; runtime 2 (a new local disk) finds the results on Drive and unpacks
-    the kept zip without downloading; a runtime without Drive or Kaggle unpacks an uploaded zip."""
-    generator = _generator()
+def _colab_runtime(tmp_path: Path, remote_url: str) -> tuple[Path, dict[str, str]]:
     content = tmp_path / "runtime" / "content"
     content.mkdir(parents=True)
+    return content, {'COLAB_DIR = Path("/content")': f"COLAB_DIR = Path({str(content)!r})",
+                     'REPO_URL = ""': f"REPO_URL = {remote_url!r}"}
+
+
+def test_setup_and_data_cells_in_colab_keep_the_data_on_the_local_disk_and_its_zip_on_drive(remote, competition_zip,
+                                                                                           tmp_path):
+    """Runtime 1 clones, mounts Drive, downloads the data with the Kaggle API into input/ on the local disk and keeps
+    the zip on Drive; runtime 2 (a new local disk) unpacks the kept zip without downloading; a runtime without Drive
+    or Kaggle unpacks an uploaded zip; a competition not joined yet is explained, not a bare 403."""
+    content, replace = _colab_runtime(tmp_path, str(remote))
     repo = content / "multilabel-fusion"
     drive = content / "drive" / "MyDrive" / "multilabel-fusion"
-    replace = {'COLAB_DIR = Path("/content")': f"COLAB_DIR = Path({str(content)!r})",
-               f'REPO_URL = "{generator.REPO_URL}"': f"REPO_URL = {str(remote)!r}",
-               "USE_DRIVE = False": "USE_DRIVE = True", 'KAGGLE_COMPETITION = ""': 'KAGGLE_COMPETITION = "comp5329"'}
+    kaggle = {**replace, 'KAGGLE_COMPETITION = ""': 'KAGGLE_COMPETITION = "comp5329"'}
     calls = content.parent / "kaggle_calls.txt"
 
-    out, found = _run_cells("07_fused_network", content, True, replace, competition_zip, content)
+    out, found = _run_cells("07_fused_network", content, True, kaggle, competition_zip, content)
     assert (repo / ".git").is_dir() and found["REPO"] == str(repo) and found["IN_COLAB"] == "True"
-    assert "setup: done (stand-in)" in out
-    for name in ("output", "models"):
-        assert (repo / name).is_symlink() and (repo / name).resolve() == (drive / name).resolve()
+    assert "setup: done (stand-in)" in out and "Drive mounted" in out
+    assert f"output/ and models/ are copied to {drive}" in out
     assert not (repo / "input").is_symlink() and (repo / "input" / "train.csv").is_file()  # the local disk
     assert calls.read_text().split() == ["comp5329"] and (drive / "competition.zip").is_file()
     assert not (content / "comp5329.zip").exists()  # the download is removed once unpacked
     assert found["IS_DEMO"] == "False" and found["data_dir"] == str(repo / "input")
-    (repo / "output" / "from_runtime_1.txt").write_text("kept on Drive")
 
     shutil.rmtree(repo)  # a new runtime: the local disk is empty again, Drive is not
-    out, found = _run_cells("07_fused_network", content, True, replace, competition_zip, content)
-    assert (repo / "output" / "from_runtime_1.txt").read_text() == "kept on Drive"
+    out, found = _run_cells("07_fused_network", content, True, kaggle, competition_zip, content)
     assert "unpacking the competition zip kept on Drive" in out and (repo / "input" / "test.csv").is_file()
     assert calls.read_text().split() == ["comp5329"]  # no second download
-    out, found = _run_cells("07_fused_network", content, True, replace, competition_zip, content)  # the same runtime again
+    out, found = _run_cells("07_fused_network", content, True, kaggle, competition_zip, content)  # the same runtime again
     assert "git -C" in out and "competition data found in" in out and found["IS_DEMO"] == "False"
 
     shutil.rmtree(repo)
-    plain = {k: v for k, v in replace.items() if "USE_DRIVE" not in k and "KAGGLE" not in k}
+    shutil.rmtree(content / "drive")
+    forbidden = {**replace, 'KAGGLE_COMPETITION = ""': 'KAGGLE_COMPETITION = "forbidden"'}
+    out, _ = _run_cells("07_fused_network", content, True, forbidden, competition_zip, content, ok=False)
+    assert "Kaggle refused the download (403 Forbidden)" in out and "join the competition" in out
+    assert "Traceback" not in out.split("RuntimeError: Kaggle refused")[1]  # the cause's own traceback is cut
+
+    shutil.rmtree(repo)
+    plain = {**replace, "USE_DRIVE = True": "USE_DRIVE = False"}
     out, found = _run_cells("00_full_pipeline", content, True, plain, competition_zip, content)
     assert "Upload the competition zip" in out and (repo / "input" / "train.csv").is_file()
-    assert not (repo / "output").is_symlink() and not (content / competition_zip.name).exists()
+    assert "a disconnect loses output/ and models/" in out and not (content / competition_zip.name).exists()
     assert found["IS_DEMO"] == "False"
+
+
+def _project_zip(remote: Path, path: Path) -> Path:
+    """The project as a zip of its files in a folder (as GitHub's "Download ZIP" makes it)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for file in sorted(remote.rglob("*")):
+            if ".git" not in file.relative_to(remote).parts and file.is_file():
+                archive.write(file, Path("multilabel-fusion-main") / file.relative_to(remote))
+    return path
+
+
+def test_setup_cell_in_colab_uses_a_project_already_at_hand(remote, tmp_path):
+    """No address to clone from: the project comes from PROJECT (a folder), a zip on Drive, or nowhere (one clear
+    error); a project found is copied to the local disk without results and set up."""
+    content, replace = _colab_runtime(tmp_path, "")
+    repo = content / "multilabel-fusion"
+    out, _ = _run_cells("00_full_pipeline", content, True, replace, cells=1, ok=False)
+    assert "where is the project? Set REPO_URL" in out
+
+    (remote / "output").mkdir(exist_ok=True)
+    (remote / "output" / "results_of_another_machine.txt").write_text("not copied")
+    given = {**replace, 'PROJECT = ""': f"PROJECT = {str(remote)!r}"}
+    out, found = _run_cells("00_full_pipeline", content, True, given, cells=1)
+    assert found["REPO"] == str(repo) and "setup: done (stand-in)" in out and "$ git" not in out
+    assert (repo / "multilabel_fusion" / "pipeline.py").is_file() and not (repo / "output").exists()
+
+    shutil.rmtree(repo)
+    (content / "drive" / "MyDrive").mkdir(parents=True, exist_ok=True)
+    _project_zip(remote, content / "drive" / "MyDrive" / "multilabel-fusion-main.zip")
+    out, found = _run_cells("00_full_pipeline", content, True, replace, cells=1)
+    assert found["REPO"] == str(repo) and "project copied to" in out
+    assert (repo / "config.yaml").read_bytes() == (remote / "config.yaml").read_bytes()
+
+
+def test_an_installed_wheel_runs_the_notebook_set_up_in_any_folder(tmp_path):
+    """pip install of the built package (no checkout around it): its config.yaml travels in the wheel, and the
+    folder the notebook runs in holds input/, output/ and models/."""
+    wheels, target, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(wheels), str(REPO)], check=True, capture_output=True, cwd=tmp_path)
+    wheel = next(wheels.glob("multilabel_fusion-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    assert (target / "multilabel_fusion" / "resources" / "config.yaml").read_bytes() == \
+        (REPO / "config.yaml").read_bytes()
+    work.mkdir()
+    out, found = _run_cells("00_full_pipeline", work, False, {}, env={"PYTHONPATH": str(target)})
+    assert found["REPO"] == str(work) and found["IS_DEMO"] == "True"
+    assert found["OUT"] == str(work / "output" / "demo") and (work / "output" / "demo" / "input" / "train.csv").is_file()
+    assert f"project: {work}" in out
+
+
+# ----------------------------------------------------------------------------------------------- Colab, end to end
+
+
+@pytest.fixture(scope="module")
+def bare_remote(tmp_path_factory) -> str:
+    """This working tree as a bare git repository served by a file:// address, with the real setup.sh."""
+    root = _copy_working_tree(tmp_path_factory.mktemp("origin") / "multilabel-fusion")
+    _git("init", "-q", "-b", _generator().BRANCH, cwd=root)
+    _git("add", "-A", cwd=root)
+    _git("commit", "-q", "-m", "the repository", cwd=root)
+    bare = root.parent / "multilabel-fusion.git"
+    _git("clone", "-q", "--bare", str(root), str(bare), cwd=root.parent)
+    return bare.as_uri()
+
+
+def _runtime_python(where: Path) -> str:
+    """A fresh Python environment for one runtime: this one's packages are visible (as Colab's preinstalled ones
+    are), but what the notebook's setup.sh installs goes into it only, and is gone with it."""
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(where)], check=True)
+    return str(where / "bin" / "python")
+
+
+#: What the log shows only when work is done (features extracted, networks trained), and only when it is reused.
+WORK_DONE = ("[image] extracting", "caption vocabulary:", "[fusion] blocks")
+REUSED = ("[image] reusing the features", "[caption] reusing the features",
+          "[fusion] reusing the fused networks' probabilities")
+
+
+@pytest.mark.slow
+def test_colab_route_end_to_end_then_a_disconnect_restores_from_drive_without_recomputing(bare_remote, tmp_path):
+    """The whole-pipeline notebook as a Colab user runs it: clone from the remote (file://), the real setup.sh,
+    Drive mounted, the competition zip uploaded, every cell; then a disconnect (the runtime's disk and Python are
+    gone, Drive is not) and *Run all* again: what was finished is copied back from Drive and reused, not computed."""
+    from multilabel_fusion.data import demo
+
+    data = demo.generate(tmp_path / "zip" / "COMP5329S1A2Dataset", n_train=120, n_test=30, seed=5, image_size=(64, 48))
+    zip_path = tmp_path / "comp5329.zip"
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for file in sorted(data.rglob("*")):
+            archive.write(file, file.relative_to(data.parent))
+    content, replace = _colab_runtime(tmp_path, bare_remote)
+    repo, drive = content / "multilabel-fusion", content / "drive" / "MyDrive" / "multilabel-fusion"
+    env = {"MLF_OVERRIDES": ";".join(SMALL)}
+
+    python = _runtime_python(tmp_path / "runtime-1")
+    first, found = _run_cells("00_full_pipeline", content, True, replace, zip_path, content, cells=None,
+                              python=python, env=env, timeout=1500)
+    out = first
+    assert "$ git clone" in out and "setup: done" in out and "leaving out the offline-only packages" in out
+    assert found["IS_DEMO"] == "False" and found["OUT"] == str(repo / "output")
+    assert "has one valid row for each of the 30 test images" in out
+    submission_bytes = (repo / "output" / "predictions.csv").read_bytes()
+    assert (drive / "output" / "predictions.csv").read_bytes() == submission_bytes
+    local = {p.relative_to(repo): p.read_bytes() for name in ("output", "models") for p in (repo / name).rglob("*")
+             if p.is_file() and p.name not in (".lock",) and "logs" not in p.parts}
+    on_drive = {p.relative_to(drive): p.read_bytes() for name in ("output", "models") for p in (drive / name).rglob("*")
+                if p.is_file() and "logs" not in p.parts}
+    assert local == on_drive  # every result and checkpoint is on Drive, byte for byte
+    assert any(p.name == "last.pt" for p in on_drive)
+
+    shutil.rmtree(repo)  # the disconnect: a new runtime has an empty local disk and a fresh Python
+    shutil.rmtree(tmp_path / "runtime-1")
+    python = _runtime_python(tmp_path / "runtime-2")
+    out, found = _run_cells("00_full_pipeline", content, True, replace, zip_path, content, cells=None,
+                            python=python, env=env, timeout=1500)
+    (tmp_path / "run-1.log").write_text(first)
+    (tmp_path / "run-2.log").write_text(out)
+    assert "[mirror] restored" in out and "unpacking the competition zip kept on Drive" in out
+    computed, again = first.split("----- cell 5")[1], out.split("----- cell 5")[1]  # the pipeline's cell onwards
+    for reused in REUSED:
+        assert reused not in computed and reused in again
+    for work in WORK_DONE:
+        assert work in computed, f"run 1 should show {work!r}"
+        assert work not in again, f"run 2 computed again ({work!r}): finished stages must be restored"
+    assert (repo / "output" / "predictions.csv").read_bytes() == submission_bytes
+    assert "has one valid row for each of the 30 test images" in out

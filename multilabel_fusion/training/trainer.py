@@ -36,6 +36,7 @@ from torch import nn
 from ..evaluation.metrics import mean_f1
 from ..evaluation.thresholds import decide
 from ..io.atomic import load_torch, save_torch, write_text
+from ..io.mirror import sync as sync_mirror
 from ..io.progress import progress
 from ..networks.device import select_device
 from ..networks.precision import Precision, training_precision
@@ -386,6 +387,8 @@ def fit(
         if improved:  # after last.pt: a kill in between is repaired from last.pt (see _repair_best)
             save_torch({"model": model.state_dict(), "epoch": epoch, "score": score}, best_path)
         write_text(run_dir / "history.csv", pd.DataFrame(rows).to_csv(index=False))
+        # with a mirror (Colab: Drive) a disconnect loses at most this epoch (short epochs: at most a minute's)
+        sync_mirror(run_dir, at_most_every=0 if finished else 60)
         bar.set_postfix({"loss": f"{row['train_loss']:.4f}", _postfix_key(score_name): f"{score:.4f}",
                          "best": f"{best_score:.4f}"}, refresh=False)  # shown at the bar's next update, as rare
         if on_epoch_end is not None:
