@@ -557,9 +557,12 @@ def readme_table(repo_url: str) -> str:
     rows = [("00_full_pipeline", "every stage of `pipeline.stages` in order, ending in `output/predictions.csv`")]
     rows += [(name, f"stage {name[:2]}: {REGISTRY.get(spec['stage']).summary}")
              for name, spec in sorted(STAGE_NOTEBOOKS.items())]
-    lines = ["| notebook | what it runs | |", "|---|---|---|"]
-    lines += [f"| [`{name}`](notebooks/{name}.ipynb) | {what} | {badge(repo_url, name)} |" for name, what in rows]
-    if colab_url(repo_url, "00_full_pipeline") is None:
+    if colab_url(repo_url, "00_full_pipeline") is not None:
+        lines = ["| notebook | what it runs | |", "|---|---|---|"]
+        lines += [f"| [`{name}`](notebooks/{name}.ipynb) | {what} | {badge(repo_url, name)} |" for name, what in rows]
+    else:
+        lines = ["| notebook | what it runs |", "|---|---|"]
+        lines += [f"| [`{name}`](notebooks/{name}.ipynb) | {what} |" for name, what in rows]
         lines += ["", "No \"Open in Colab\" badges: these notebooks were written in a checkout without a GitHub remote. "
                       "In your clone or fork, `git remote add origin https://github.com/<you>/<repository>` (or "
                       "`make notebooks REPO_URL=https://github.com/<you>/<repository>`), then `make notebooks` and "
