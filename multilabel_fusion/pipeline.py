@@ -21,7 +21,7 @@ from .io.assets import AssetUnavailable
 from .io.locks import folder_lock
 from .io.mirror import Mirror, mirrored
 from .io.mirror import sync as sync_mirror
-from .settings import Settings
+from .settings import ConfigError, Settings
 from .stages import registry as stage_registry
 from .stages.context import Workspace, resolve_data
 from .stages.registry import Registry
@@ -59,7 +59,16 @@ def mirror_of(settings: Settings) -> Mirror | None:
     """The copy of ``output/`` and ``models/`` kept in ``paths.mirror`` (Colab: on Google Drive), if any."""
     if not settings.paths.mirror:
         return None
-    return Mirror(settings.path("mirror"), {"output": settings.path("output"), "models": settings.path("models")})
+    root = settings.path("mirror").resolve()
+    folders = {"output": settings.path("output"), "models": settings.path("models")}
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"config: paths.mirror={root} is a file, not a folder")
+    for name, folder in folders.items():
+        folder = folder.resolve()
+        if root == folder or folder in root.parents or root in folder.parents:
+            raise ConfigError(f"config: paths.mirror={root} and paths.{name}={folder} overlap; the mirror must be "
+                              "another folder (Colab: on Google Drive)")
+    return Mirror(root, folders)
 
 
 def _run_stages(ws: Workspace, asked: list[str]) -> dict[str, Any]:

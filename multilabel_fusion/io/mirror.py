@@ -77,17 +77,24 @@ class Mirror:
         if started - self._last_sync.get(str(within), -math.inf) < at_most_every:
             return 0
         self._last_sync[str(within)] = started
-        for rel, path in self._local_files(Path(within) if within is not None else None):
-            stamp = _stamp(path)
-            target = self.root / rel
-            if manifest.get(rel) == stamp and target.is_file():
-                continue
-            with atomic_path(target) as tmp:
-                shutil.copyfile(path, tmp)
-            manifest[rel] = stamp
-            copied, size = copied + 1, size + stamp[0]
+        try:
+            for rel, path in self._local_files(Path(within) if within is not None else None):
+                stamp = _stamp(path)
+                target = self.root / rel
+                if manifest.get(rel) == stamp and target.is_file():
+                    continue
+                with atomic_path(target) as tmp:
+                    shutil.copyfile(path, tmp)
+                manifest[rel] = stamp
+                copied, size = copied + 1, size + stamp[0]
+        except OSError as err:  # Drive unmounted or full: the run goes on, its results are here
+            log.warning(f"[mirror] could not copy to {self.root} ({err}); the run goes on, and what it makes is on "
+                        "this machine only until a later copy succeeds")
         if copied:
-            write_json(self.root / MANIFEST, {"format": 1, "files": manifest})
+            try:
+                write_json(self.root / MANIFEST, {"format": 1, "files": manifest})
+            except OSError as err:
+                log.warning(f"[mirror] could not write {self.root / MANIFEST} ({err})")
             log.info(f"[mirror] copied {copied} file(s), {size / 1e6:.1f} MB, to {self.root} "
                      f"in {time.time() - started:.1f} s")
         return copied
