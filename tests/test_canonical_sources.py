@@ -217,7 +217,8 @@ def test_a_gzipped_word2vec_vectors_path_loads(tmp_path, offline, binary):
 
 def test_a_damaged_vectors_path_is_one_line_naming_it(few, tmp_path, offline):
     good, _ = _word2vec_text(["dog", "cat"], 4)
-    damaged = {"cut.gz": gzip.compress(good.encode())[:30], "foreign.gz": b"not gzip at all", "empty.txt": b""}
+    damaged = {"cut.gz": gzip.compress(good.encode())[:30], "foreign.gz": b"not gzip at all", "empty.txt": b"",
+               "short.txt.gz": gzip.compress(b"2 4\ndog 1 2 3 4\ncat 1 2\n")}  # a vector of 2 numbers, not 4
     for name, data in damaged.items():
         path = tmp_path / name
         path.write_bytes(data)

@@ -297,10 +297,20 @@ def _save_keyed_vectors(vectors, path: Path) -> None:
         tmp_dir.rmdir()
 
 
+def _text_vector(line: bytes, dim: int) -> bool:
+    """Whether the line after a word2vec header is a text vector (a word and ``dim`` numbers), not binary floats."""
+    try:
+        fields = line.decode("utf-8").split()
+        [float(x) for x in fields[1:]]
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return len(fields) == dim + 1
+
+
 def load_keyed_vectors(path: str | Path):
-    """A vectors file: gensim ``.kv`` (memory-mapped), word2vec binary (``.bin``, ``.bin.gz``), or word2vec / GloVe
-    text; any of them gzipped (``.gz``: gensim opens it). A ``.gz`` that does not read as text is read as binary
-    (gensim-data's ``word2vec-google-news-300.gz`` is binary, ``glove-twitter-100.gz`` text)."""
+    """A vectors file: gensim ``.kv`` (memory-mapped), word2vec binary or text, GloVe text (no header); any of them
+    gzipped (``.gz``: gensim opens it). Binary or text is read off the first vector (gensim-data's
+    ``word2vec-google-news-300.gz`` is binary, ``glove-twitter-100.gz`` text), never guessed by trying both."""
     from gensim import utils
     from gensim.models import KeyedVectors
 
@@ -310,14 +320,11 @@ def load_keyed_vectors(path: str | Path):
     if path.name.endswith((".bin", ".bin.gz")):
         return KeyedVectors.load_word2vec_format(str(path), binary=True)
     with utils.open(str(path), "rb") as f:  # smart_open: decompresses .gz
-        first = f.readline().split()
-    has_header = len(first) == 2 and all(x.isdigit() for x in first)  # word2vec has "count dim"
-    try:
-        return KeyedVectors.load_word2vec_format(str(path), binary=False, no_header=not has_header)
-    except (UnicodeDecodeError, ValueError):
-        if path.suffix != ".gz" or not has_header:
-            raise
-        return KeyedVectors.load_word2vec_format(str(path), binary=True)
+        first, second = f.readline(), f.readline()
+    header = first.split()
+    has_header = len(header) == 2 and all(x.isdigit() for x in header)  # word2vec has "count dim"
+    binary = has_header and not _text_vector(second, int(header[1]))
+    return KeyedVectors.load_word2vec_format(str(path), binary=binary, no_header=not has_header)
 
 
 def glove_6b_50d():
