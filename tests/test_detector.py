@@ -136,9 +136,11 @@ def test_weight_resolution_order(tmp_path, monkeypatch, caplog):
         calls.append(name)
         raise ConnectionError("offline")
 
+    models = tmp_path / "models"
+
     def cfg(weights, offline="yolov5n.pt"):
         return config.load(overrides=[f"detector.weights={weights}", f"detector.offline_weights={offline}"],
-                           assets=folder)
+                           assets=folder, models=models)
 
     def resolve(weights, download=failing_download, **kw):
         return assets.detector_weights(cfg(weights, **kw), download=download)
@@ -147,17 +149,24 @@ def test_weight_resolution_order(tmp_path, monkeypatch, caplog):
     found = resolve(explicit)
     assert (found.source, found.path, found.tried) == ("path", explicit, []) and calls == []
     assert found.identity == f"sha256:{assets.file_sha256(explicit)}" and found.extra["bytes"] == 1
-    # 2. a name: the assets folder (paths.assets) ...
+    # 2. a name: the models folder, where downloads go (<paths.models>/detector_weights) ...
+    (models / "detector_weights").mkdir(parents=True)
+    (models / "detector_weights" / "yolov5su.pt").write_bytes(b"downloaded before")
+    found = resolve("yolov5su.pt")
+    assert (found.source, found.path) == ("local copy (models folder)", models / "detector_weights" / "yolov5su.pt")
+    assert found.tried == ["path: absent"] and calls == []
+    # ... then the assets folder (paths.assets) ...
+    (models / "detector_weights" / "yolov5su.pt").unlink()
     (folder / "yolov5su.pt").write_bytes(b"local")
     found = resolve("yolov5su.pt")
-    assert (found.source, found.path) == ("local copy", folder / "yolov5su.pt") and calls == []
-    assert found.tried == ["path: absent"]
+    assert (found.source, found.path) == ("local copy (paths.assets)", folder / "yolov5su.pt") and calls == []
+    assert found.tried == ["path: absent", "models folder: absent"]
     # 3. ... then ultralytics' weights cache, before any download
     (folder / "yolov5su.pt").unlink()
     (cached_dir / "yolov5su.pt").write_bytes(b"cached")
     found = resolve("yolov5su.pt")
-    assert (found.source, found.path) == ("local copy", cached_dir / "yolov5su.pt") and calls == []
-    assert found.tried == ["path: absent", "assets folder: absent"]
+    assert (found.source, found.path) == ("local copy (ultralytics weights folder)", cached_dir / "yolov5su.pt")
+    assert found.tried == ["path: absent", "models folder: absent", "assets folder: absent"] and calls == []
     # 4. ... then the download, when it works
     (cached_dir / "yolov5su.pt").unlink()
     got = tmp_path / "dl" / "yolov5su.pt"
@@ -170,8 +179,8 @@ def test_weight_resolution_order(tmp_path, monkeypatch, caplog):
     found = resolve("yolov5su.pt")
     assert (found.source, found.path, found.name) == ("offline fallback", folder / "yolov5n.pt", "yolov5n.pt")
     assert found.requested == "yolov5su.pt" and calls == ["yolov5su.pt"] * 2
-    assert found.tried == ["path: absent", "assets folder: absent", "ultralytics cache: absent",
-                           "ultralytics download: ConnectionError: offline"]
+    assert found.tried == ["path: absent", "models folder: absent", "assets folder: absent",
+                           "ultralytics cache: absent", "ultralytics download: ConnectionError: offline"]
     out = caplog.text
     assert "ultralytics download: ConnectionError: offline" in out
     assert "using detector weights yolov5n.pt instead of yolov5su.pt: offline fallback" in out
@@ -182,17 +191,18 @@ def test_weight_resolution_order(tmp_path, monkeypatch, caplog):
     # 6. nothing anywhere: one error listing every place tried, in order
     with pytest.raises(assets.AssetUnavailable) as err:
         resolve("yolov7.pt", offline="none.pt")
-    assert str(err.value) == ("no detector weights for yolov7.pt: path: absent; assets folder: absent; ultralytics "
-                              "cache: absent; ultralytics download: ConnectionError: offline; offline copy none.pt "
-                              "(paths.assets): absent")
+    assert str(err.value) == ("no detector weights for yolov7.pt: path: absent; models folder: absent; assets folder: "
+                              "absent; ultralytics cache: absent; ultralytics download: ConnectionError: offline; "
+                              "offline copy none.pt (paths.assets): absent")
 
 
-def test_download_fails_fast_when_offline(monkeypatch):
+def test_download_fails_fast_when_offline(monkeypatch, tmp_path):
     monkeypatch.setitem(assets.DOWNLOAD_HOSTS, "ultralytics", ("host.invalid", 443))  # .invalid never resolves
     started = time.perf_counter()
     with pytest.raises(ConnectionError, match="host.invalid unreachable"):
-        assets._ultralytics_download("yolov5su.pt")
+        assets._ultralytics_download("yolov5su.pt", tmp_path)
     assert time.perf_counter() - started < 5
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 # --------------------------------------------------------------------------------- letterbox

@@ -352,7 +352,7 @@ def test_weight_resolution_order(tmp_path, monkeypatch, caplog):
 
     hub = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
-    cached = hub / "checkpoints" / "resnet50-11ad3fa6.pth"
+    cached = hub / "checkpoints" / Path(models.ResNet50_Weights.IMAGENET1K_V1.url).name  # image.weights_version: V1
     reference = models.resnet50()
     downloads = []
 
@@ -425,8 +425,11 @@ def test_weight_resolution_order(tmp_path, monkeypatch, caplog):
     found = assets.backbone_weights(_image_cfg(backbone="vgg16", weights="random", offline_fallback=None))
     assert (found.source, found.identity, found.path) == ("asked for", "random", None)
 
-    # the metrics file says where the weights came from: a download is a download.
-    assert downloaded.source == "download"
+    # the metrics file says where the weights came from: a download is a download, a copy found is a local copy.
+    assert downloaded.source == "download" and "downloaded now" in downloaded.extra["description"]
+    assert downloaded.extra["torchvision_weights"] == "IMAGENET1K_V1" and downloads[3].endswith(cached.name)
+    again = assets.backbone_weights(_image_cfg())
+    assert again.source == "local copy (torch hub cache)" and again.identity == downloaded.identity
 
 
 def test_weights_identity_keys_the_features(tiny, tmp_path):

@@ -128,7 +128,8 @@ def test_temporaries_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
 
 
 def _no_detector_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(assets, "_ultralytics_download", lambda name: (_ for _ in ()).throw(ConnectionError("offline")))
+    monkeypatch.setattr(assets, "_ultralytics_download",
+                        lambda name, folder: (_ for _ in ()).throw(ConnectionError("offline")))
     empty = tmp_path / "no_assets"
     empty.mkdir(exist_ok=True)
     return [f"paths.assets={empty}", "detector.weights=missing_weights.pt"]

@@ -193,14 +193,16 @@ def _quiet_worker(_: int) -> None:
 
 
 class ImageFiles(Dataset):
-    """Image files → uint8 [3, S, S] tensors (strict decode, antialiased resize; optional augmentation).
+    """Image files → uint8 [3, S, S] tensors (strict decode, antialiased resize or a given ``transform``, e.g.
+    torchvision weights' resize and centre crop; optional augmentation).
 
     ``on_bad="replace"`` gives a mid-grey image for a bad file and appends its path to ``self.replaced``.
     """
 
     def __init__(self, paths: Sequence[str | Path], size: int, augment: Any = None,
-                 targets: np.ndarray | None = None, on_bad: str = "error"):
+                 targets: np.ndarray | None = None, on_bad: str = "error", transform: Any = None):
         self.paths, self.size, self.augment, self.targets = [Path(p) for p in paths], size, augment, targets
+        self.transform = transform  # uint8 [3, H, W] -> [3, size, size] instead of the square resize (no augment)
         self.on_bad = _check_on_bad(on_bad)
         self.replaced: list[Path] = []
 
@@ -220,9 +222,11 @@ class ImageFiles(Dataset):
         image = self._read(i)
         if self.augment is not None:
             image = self.augment(image=image)["image"]
-        else:
+        elif self.transform is None:
             image = resize_square(image, self.size)
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if self.augment is None and self.transform is not None:
+            tensor = self.transform(tensor)
         return tensor if self.targets is None else (tensor, torch.from_numpy(self.targets[i]).float())
 
 

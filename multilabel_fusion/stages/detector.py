@@ -7,7 +7,8 @@ detector over every train and test image once, keeps per image the highest confi
 artifact keyed by the weights' sha256 and the detection settings, tunes label thresholds and writes the baseline
 submission.
 
-Weights come from :class:`multilabel_fusion.io.assets.Assets` (explicit file → ultralytics cache → download →
+Weights come from :class:`multilabel_fusion.io.assets.Assets` (explicit file → ``<paths.models>/detector_weights``
+→ ``paths.assets`` → ultralytics' weights folder → download into ``<paths.models>/detector_weights`` →
 ``detector.offline_weights`` in ``paths.assets``); the detectors themselves are in
 :mod:`multilabel_fusion.networks.yolov5`. Without any COCO weights the stage is skipped, loudly, and the
 fused network goes on without its blocks.

@@ -23,7 +23,7 @@ from ..data.images import ImageFiles, augmentation, image_loader
 from ..features import openvino_engine
 from ..features.inference import extract, prepare_inference
 from ..io.artifacts import Artifact, pick_rows
-from ..networks.backbones import Backbone, BackboneEnsemble, ImageClassifier, build_backbone
+from ..networks.backbones import Backbone, BackboneEnsemble, ImageClassifier, build_backbone, weights_transform
 from ..networks.device import model_size_mb, num_workers
 from ..networks.heads import MLPHead
 from ..networks.precision import training_precision
@@ -71,6 +71,9 @@ class ImageNetwork(Stage):
         shaping["bad_images"] = {"policy": settings.data.bad_images, "replaced": ws.replaced_images()}
         spec: dict[str, Any] = {"settings": shaping, "version": PREPROCESSING_VERSION,
                                 "assets": {"backbone": {"name": weights.name, "identity": weights.identity}}}
+        transform = weights_transform(weights, ci.eval_transform)
+        if transform is not None:  # only a torchvision backbone's own transform: other backbones' keys stay as they were
+            spec["transform"] = transform
         if ci.fine_tune:
             shaping["fine_tune_settings"] = ci.shaping("fine_tune")
             spec["common"] = common_settings(settings)
@@ -103,7 +106,7 @@ class ImageNetwork(Stage):
         bad = ctx.bad_images()
         if ci.fine_tune:
             return fine_tuned_block(ctx, weights, workers, bad), "computed"
-        return extract_block(ctx, build_backbone(weights, ci.image_size), workers, bad), "computed"
+        return extract_block(ctx, build_backbone(weights, ci.image_size, ci.eval_transform), workers, bad), "computed"
 
     def head(self, ctx: StageContext, block: Artifact) -> Artifact:
         """The block ``image_probs``: one MLP head per fold on the frozen features (or, fine-tuned, the fold
@@ -128,7 +131,8 @@ class ImageNetwork(Stage):
         weights = ctx.assets.backbone_weights(ci)
         extra: dict[str, Any] = {"backbone": weights.name, "weights_used": weights.extra.get("description"),
                                  "weights": weights.record(), "requested_backbone": ci.backbone,
-                                 "mode": "fine-tune" if ci.fine_tune else "frozen", "image_size": ci.image_size}
+                                 "mode": "fine-tune" if ci.fine_tune else "frozen", "image_size": ci.image_size,
+                                 "transform": weights_transform(weights, ci.eval_transform) or "squash"}
         block, extra["features"] = self._features(ctx)
         extra.update({"artifact": str(block.dir), "extraction": block.info.get("extraction"),
                       "bad_images": block.info.get("bad_images", []), "feature_dim": int(block["train"].shape[1]),
@@ -201,7 +205,7 @@ class ImageNetwork(Stage):
             kept = ws.store.require(kind, key, self.hint)
             heads = [mlp_head(best_weights(f["run_dir"], ws.models_dir, self), ci.head_hidden, ci.head_dropout)
                      for f in kept.info["folds"]]
-        backbone = build_backbone(ws.assets.backbone_weights(ci), ci.image_size)  # as the stage builds it
+        backbone = build_backbone(ws.assets.backbone_weights(ci), ci.image_size, ci.eval_transform)  # as the stage
         return ImagePredictor(blocks, description, backbone, heads)
 
 
@@ -271,7 +275,8 @@ def fine_tune(ctx: StageContext, backbone: Backbone, k: int, fit_idx: np.ndarray
     size = int(backbone.input_size or ci.image_size)
     train_set = ImageFiles([paths[i] for i in train_idx], size, augmentation(size, ci.augment),
                            ctx.targets[train_idx], on_bad=on_bad)
-    select_set = ImageFiles([paths[i] for i in select_idx], size, None, ctx.targets[select_idx], on_bad=on_bad)
+    select_set = ImageFiles([paths[i] for i in select_idx], size, None, ctx.targets[select_idx], on_bad=on_bad,
+                            transform=backbone.eval_transform)
     optimizer = torch.optim.Adam(model.parameters(), lr=ci.lr)
     spec = ctx.spec()
     shaping = dict(spec["settings"])
@@ -322,7 +327,7 @@ def fine_tuned_block(ctx: StageContext, weights, workers: int, bad_images: list[
         return out
 
     def fold(k, fit_idx, held_idx):
-        backbone = build_backbone(weights, ci.image_size)
+        backbone = build_backbone(weights, ci.image_size, ci.eval_transform)
         model, result = fine_tune(ctx, backbone, k, fit_idx, held_idx, workers)
         histories.append(result.history.assign(fold=k))
         plan = _plan(ctx, model.backbone)
