@@ -333,20 +333,31 @@ class JpegDecoder:
     def __call__(self, items: list[tuple[torch.Tensor, str]]) -> torch.Tensor:
         out = torch.empty((len(items), 3, self.size, self.size), dtype=torch.uint8, device=self.device)
         jpegs = [i for i, (t, _) in enumerate(items) if t.dim() == 1]
-        decoded = self._on_device([items[i][0] for i in jpegs]) if self.active and jpegs else {}
-        self.counts["device"] += len(decoded)
-        self.counts["cpu"] += len(items) - len(decoded)
+        tried = self.active and bool(jpegs)
+        decoded, error = self._on_device([items[i][0] for i in jpegs]) if tried else ({}, None)
+        readable_on_cpu = False
         for k, i in enumerate(jpegs):
-            image = decoded.get(k)
-            out[i] = resize_square_tensor(image, self.size) if image is not None else self._on_cpu(*items[i])
+            if k in decoded:
+                out[i] = resize_square_tensor(decoded[k], self.size)
+            else:
+                out[i], readable = self._on_cpu(*items[i])
+                readable_on_cpu |= readable
         for i, (t, _) in enumerate(items):
             if t.dim() == 3:  # decoded by the CPU path in the loader
                 out[i] = t
+        if tried and not decoded and readable_on_cpu and not self.counts["device"]:
+            # good files, and the device has never decoded one: its decoder does not work here
+            self.active = False
+            self.fallback = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+            log.warning(f"[image] decoding JPEGs on {self.device} failed ({self.fallback}): decoding on the CPU")
+        self.counts["device"] += len(decoded)
+        self.counts["cpu"] += len(items) - len(decoded)
         return out
 
-    def _on_device(self, data: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    def _on_device(self, data: list[torch.Tensor]) -> tuple[dict[int, torch.Tensor], Exception | None]:
+        """The decoded images by position in ``data`` (those it rejects missing) and the last rejection."""
         try:
-            return dict(enumerate(decode_jpegs(data, self.device)))
+            return dict(enumerate(decode_jpegs(data, self.device))), None
         except Exception as err:  # noqa: BLE001 - one file the decoder rejects fails its batch: again one by one
             error = err
         decoded = {}
@@ -355,20 +366,17 @@ class JpegDecoder:
                 decoded[k] = decode_jpegs([one], self.device)[0]
             except Exception as err:  # noqa: BLE001 - that file goes to the CPU decoder
                 error = err
-        if not decoded and not self.counts["device"]:
-            self.active = False
-            self.fallback = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
-            log.warning(f"[image] decoding JPEGs on {self.device} failed ({self.fallback}): decoding on the CPU")
-        return decoded
+        return decoded, error
 
-    def _on_cpu(self, data: torch.Tensor, path: str) -> torch.Tensor:
+    def _on_cpu(self, data: torch.Tensor, path: str) -> tuple[torch.Tensor, bool]:
+        """The CPU path's image of these file bytes on the device, and whether it decoded (False: a grey stand-in)."""
         try:
-            image = resize_square(decode_rgb(data.numpy().tobytes(), path), self.size)
+            image, readable = resize_square(decode_rgb(data.numpy().tobytes(), path), self.size), True
         except BadImageError:
             if self.on_bad == "error":
                 raise
-            image = np.full((self.size, self.size, 3), GREY, dtype=np.uint8)
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(self.device)
+            image, readable = np.full((self.size, self.size, 3), GREY, dtype=np.uint8), False
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(self.device), readable
 
 
 def augmentation(size: int, aug: dict | Any):
