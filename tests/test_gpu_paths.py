@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from multilabel_fusion import settings as config
 from multilabel_fusion.data import images as I
-from multilabel_fusion.data.images import EncodedImages, ImageFiles, JpegDecoder, gpu_decode_wanted
+from multilabel_fusion.data.images import (EncodedImages, ImageFiles, JpegDecoder, collate_encoded,
+                                           gpu_decode_wanted)
 from multilabel_fusion.features import inference
 from multilabel_fusion.features.inference import prepare_inference
 from multilabel_fusion.networks import device as device_mod
@@ -33,6 +34,10 @@ def _photos(shared_data, n: int = 12) -> list:
 
 def _batch(dataset) -> list:
     return [dataset[i] for i in range(len(dataset))]
+
+
+def _decode(decoder: JpegDecoder, items: list) -> torch.Tensor:
+    return decoder(collate_encoded(items))  # as the loader hands them over
 
 
 # ------------------------------------------------------------------------------------------- choosing
@@ -107,7 +112,7 @@ def test_device_decoding_gives_the_cpu_paths_images(shared_data, size):
     items = _batch(EncodedImages(paths, size))
     assert all(t.dim() == 1 for t, _ in items)  # the loader only read the files
     decoder = JpegDecoder(CPU, size)
-    got = decoder(items).float()
+    got = _decode(decoder, items).float()
     assert decoder.counts == {"device": len(paths), "cpu": 0}
     diff = (got - reference).abs()
     assert diff.max() <= 1 and diff.mean() <= 0.15
@@ -122,7 +127,7 @@ def test_device_decoding_gives_the_same_features(shared_data):
     paths = _photos(shared_data, 8)
     cpu_path, _ = inference.extract(plan, paths, 0)
     plan.gpu_decode = True
-    device_path, timing = inference.extract(plan, paths, 0)
+    device_path, timing = inference.extract(plan, paths, 1)  # a loader worker reads the files, as on a GPU
     assert timing["decoded_on"] == {"gpu": 8, "cpu": 0}
     cosine = (cpu_path * device_path).sum(1) / np.linalg.norm(cpu_path, axis=1) / np.linalg.norm(device_path, axis=1)
     assert np.linalg.norm(cpu_path, axis=1).min() > 1.0 and cosine.min() >= 0.9995
@@ -148,7 +153,7 @@ def test_files_the_gpu_decoder_cannot_take_come_decoded_by_the_cpu_path(shared_d
     paths = [png, rotated, missing, _photos(shared_data, 1)[0]]
     items = _batch(EncodedImages(paths, 32, on_bad="replace"))
     assert [t.dim() for t, _ in items] == [3, 3, 3, 1]
-    got = JpegDecoder(CPU, 32)(items)
+    got = _decode(JpegDecoder(CPU, 32), items)
     reference = torch.stack(_batch(ImageFiles(paths, 32, on_bad="replace")))
     assert (got[:3] == reference[:3]).all() and (got[2] == I.GREY).all()
     assert (got[3].float() - reference[3].float()).abs().max() <= 1
@@ -163,14 +168,14 @@ def test_a_jpeg_the_decoder_rejects_is_decoded_on_the_cpu(shared_data, monkeypat
     real = I.decode_jpegs
 
     def picky(data, device):
-        if any(t is rejected for t in data):
+        if any(torch.equal(t, rejected) for t in data):
             raise RuntimeError("nvjpeg: unsupported JPEG")
         return real(data, device)
 
     monkeypatch.setattr(I, "decode_jpegs", picky)
     decoder = JpegDecoder(CPU, 48)
     with caplog.at_level(logging.WARNING):
-        got = decoder(items)
+        got = _decode(decoder, items)
     assert decoder.active and decoder.counts == {"device": 2, "cpu": 1} and not caplog.records
     assert (got.float() - torch.stack(_batch(ImageFiles(paths, 48))).float()).abs().max() <= 1
 
@@ -187,7 +192,7 @@ def test_a_decoder_that_never_works_falls_back_wholesale_with_one_line(shared_da
     decoder = JpegDecoder(CPU, 40)
     items = _batch(EncodedImages(paths, 40))
     with caplog.at_level(logging.WARNING):
-        first, second = decoder(items[:2]), decoder(items[2:])
+        first, second = _decode(decoder, items[:2]), _decode(decoder, items[2:])
     assert calls == [2, 1, 1]  # the batch, then each file once; the second batch is not tried on the device
     assert not decoder.active and "built without nvjpeg" in decoder.fallback
     assert [r.getMessage() for r in caplog.records] == [
@@ -202,7 +207,7 @@ def test_a_corrupt_jpeg_follows_on_bad_on_the_cpu_fallback(tmp_path):
     items = _batch(EncodedImages([broken], 16))
     assert items[0][0].dim() == 1  # looks like a JPEG: the device decoder gets it, rejects it, the CPU path too
     decoder = JpegDecoder(CPU, 16, on_bad="replace")
-    assert (decoder(items) == I.GREY).all()
+    assert (_decode(decoder, items) == I.GREY).all()
     assert decoder.active  # a bad file is no reason to stop decoding on the device
     with pytest.raises(I.BadImageError, match="broken.jpg"):
-        JpegDecoder(CPU, 16)(items)
+        _decode(JpegDecoder(CPU, 16), items)

@@ -288,6 +288,16 @@ def _area_weights(n: int, size: int, device: torch.device) -> torch.Tensor:
     return (overlap.clamp(min=0) / scale).float()
 
 
+def collate_encoded(items: list[tuple[torch.Tensor, str]]) -> tuple:
+    """A batch of :class:`EncodedImages` items as one byte buffer, their sizes (0: an image decoded already), those
+    images and the paths. One buffer, not a tensor a file: a loader worker passes each tensor through a shared-memory
+    file descriptor of its own, and 128 a batch with several batches in flight could exhaust the process's limit."""
+    jpegs = [t for t, _ in items if t.dim() == 1]
+    return (torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8),
+            [t.numel() if t.dim() == 1 else 0 for t, _ in items],
+            [t if t.dim() == 3 else None for t, _ in items], [path for _, path in items])
+
+
 def resize_square_tensor(image: torch.Tensor, size: int) -> torch.Tensor:
     """:func:`resize_square` of a uint8 [3, H, W] tensor on its own device, to 1 grey level of OpenCV's result.
 
@@ -319,7 +329,7 @@ def decode_jpegs(data: list[torch.Tensor], device: torch.device | str) -> list[t
 
 
 class JpegDecoder:
-    """Batches of :class:`EncodedImages` → uint8 [B, 3, S, S] on ``device``: JPEGs decoded there
+    """Batches of :class:`EncodedImages` (collated by :func:`collate_encoded`) → uint8 [B, 3, S, S] on ``device``: JPEGs decoded there
     (:func:`decode_jpegs`) and resized there (:func:`resize_square_tensor`). A file the decoder rejects is decoded
     on the CPU; if nothing has decoded yet when a batch fails (torchvision without nvjpeg, ...), every later batch is
     decoded on the CPU, said in one log line. ``device`` may be the CPU: the tests compare the two paths there."""
@@ -330,7 +340,11 @@ class JpegDecoder:
         self.fallback: str | None = None  # why decoding moved to the CPU wholesale
         self.counts = {"device": 0, "cpu": 0}  # images decoded on the device / on the CPU
 
-    def __call__(self, items: list[tuple[torch.Tensor, str]]) -> torch.Tensor:
+    def __call__(self, batch: tuple) -> torch.Tensor:
+        """``batch``: what :func:`collate_encoded` makes of a list of :class:`EncodedImages` items."""
+        buffer, sizes, images, paths = batch
+        files = iter(torch.split(buffer, [n for n in sizes if n]))
+        items = [(next(files) if n else image, path) for n, image, path in zip(sizes, images, paths)]
         out = torch.empty((len(items), 3, self.size, self.size), dtype=torch.uint8, device=self.device)
         jpegs = [i for i, (t, _) in enumerate(items) if t.dim() == 1]
         tried = self.active and bool(jpegs)
@@ -395,7 +409,7 @@ def augmentation(size: int, aug: dict | Any):
 
 def image_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0,
                  collate_fn: Any = None) -> DataLoader:
-    """``collate_fn=list`` keeps a batch's items apart (:class:`EncodedImages`: file bytes of differing lengths)."""
+    """``collate_fn``: e.g. :func:`collate_encoded` for :class:`EncodedImages` (file bytes of differing lengths)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate_fn,
                       persistent_workers=False, pin_memory=torch.cuda.is_available() and collate_fn is None,
                       prefetch_factor=4 if workers else None, worker_init_fn=_quiet_worker if workers else None,

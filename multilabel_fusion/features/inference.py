@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.images import EncodedImages, ImageFiles, JpegDecoder, gpu_decode_wanted, image_loader
+from ..data.images import (EncodedImages, ImageFiles, JpegDecoder, collate_encoded, gpu_decode_wanted,
+                           image_loader)
 from ..io.progress import progress
 from ..networks.backbones import Backbone, depth_extractor
 from ..networks.device import describe_device
@@ -263,7 +264,7 @@ def extract(plan: InferencePlan, paths: list[Path], workers: int, out: np.ndarra
     decoder = JpegDecoder(plan.device, plan.image_size, on_bad) if plan.gpu_decode else None
     if decoder is not None:  # loader workers only read the files; the GPU decodes and resizes
         loader = image_loader(EncodedImages(paths, plan.image_size, on_bad=on_bad), plan.batch_size, workers,
-                              collate_fn=list)
+                              collate_fn=collate_encoded)
     else:
         loader = image_loader(ImageFiles(paths, plan.image_size, on_bad=on_bad), plan.batch_size, workers)
     start, row = time.perf_counter(), 0
