@@ -292,6 +292,7 @@ class ImageSection(Section):
     fuse_conv_bn: Annotated[bool, RUN_ONLY]
     cpu_precision: Annotated[Literal["auto", "fp32", "bf16"], FEATURES]
     cpu_backend: Annotated[Literal["auto", "torch", "openvino"], RUN_ONLY]  # same features either way (checked)
+    gpu_decode: Annotated[Literal["auto", True, False], RUN_ONLY]  # only on CUDA; features agree to resize rounding
     bench_bare_seconds: Annotated[Number, Field(ge=0), RUN_ONLY]
     feature_dtype: Annotated[Literal["float16", "float32"], FEATURES]
     depth_features: Annotated[bool, FEATURES]

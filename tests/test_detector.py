@@ -254,7 +254,7 @@ def _no_detection(*a, **k):
     raise AssertionError("detection ran although the artifact holds it")
 
 
-def test_stage_keeps_detections_by_key_and_recomputes_on_changed_settings(tiny, tmp_path, monkeypatch):
+def test_stage_keeps_detections_by_key_and_recomputes_on_changed_settings(tiny, tmp_path, monkeypatch, caplog):
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"weights")
     loads = _fake_loader(monkeypatch)
@@ -263,8 +263,14 @@ def test_stage_keeps_detections_by_key_and_recomputes_on_changed_settings(tiny, 
     def run(*extra):
         return pipeline.run_stage("detector", _cfg(tiny, tmp_path, f"detector.weights={weights}", *extra))
 
-    m1 = run()
+    with caplog.at_level("INFO", logger="multilabel_fusion"):
+        m1 = run()
     assert loads == [weights] and m1["detections"] == "computed" and m1["weights"]["source"] == "path"
+    # what ran it, in one line and in the metrics: device, precision, batch, engine, where images were decoded
+    chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[detector] w.pt:")]
+    assert len(chosen) == 1 and f"batch {m1['detection']['batch_size']}," in chosen[0]
+    assert "device cpu, fp32, images decoded on the CPU |" in chosen[0]
+    assert m1["detection"]["precision"] == "fp32" and m1["detection"]["decode"] == "cpu"
     assert m1["weights"]["identity"] == f"sha256:{assets.file_sha256(weights)}" and m1["bad_images"] == []
     out = tmp_path / "out"
     data = D.load(tiny)

@@ -14,6 +14,8 @@ list stays in the workers, so a stage lists bad files up front with :func:`find_
 from __future__ import annotations
 
 import io
+import logging
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -22,6 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .reader import DataError
+
+log = logging.getLogger(__name__)
 
 #: Pixel value of the image that replaces a bad one (``on_bad="replace"``).
 GREY = 128
@@ -76,14 +80,18 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
     Raises :class:`BadImageError` for a missing, empty, truncated or undecodable file.
     """
+    path = Path(path)
+    return decode_rgb(_read_bytes(path), path)
+
+
+def decode_rgb(data: bytes, path: str | Path) -> np.ndarray:
+    """:func:`read_rgb` of a file's bytes already read (``path`` names it in errors): the GPU decoder's fallback."""
     import cv2
 
-    path = Path(path)
-    data = _read_bytes(path)
     problem = _container_problem(data)
     if problem:
         raise BadImageError(path, problem)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # applies a JPEG's EXIF orientation
     if image is None or image.size == 0:
         raise BadImageError(path, f"not a decodable image ({len(data)} bytes starting {data[:8].hex(' ')})")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -230,6 +238,172 @@ class ImageFiles(Dataset):
         return tensor if self.targets is None else (tensor, torch.from_numpy(self.targets[i]).float())
 
 
+# ------------------------------------------------------------------------------------ decoding on the GPU
+
+#: ``image.gpu_decode`` values.
+GPU_DECODE = ("auto", True, False)
+
+
+def gpu_decode_wanted(setting: Any, device: torch.device) -> bool:
+    """Decode JPEGs on the device only where the network runs on CUDA (nvjpeg): there the CPU only feeds the GPU,
+    and a Colab runtime's 2 cores would decode 40,000 photos; ``auto`` and ``true`` alike, ``false`` never."""
+    if setting not in GPU_DECODE:
+        raise ValueError(f"image.gpu_decode {setting!r}: choose auto, true or false")
+    return torch.device(device).type == "cuda" and setting is not False
+
+
+def _exif_rotated(data: bytes) -> bool:
+    """A JPEG whose EXIF orientation rotates or flips it: OpenCV applies that, torchvision's GPU decoder does not."""
+    if b"Exif" not in data[:65536]:  # no EXIF block: skip parsing (the usual case, ~0.1 ms saved an image)
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.getexif().get(0x0112, 1) not in (0, 1)
+    except Exception:  # noqa: BLE001 - a header problem is the CPU decoder's to report
+        return True
+
+
+class EncodedImages(ImageFiles):
+    """Image files → ``(bytes, path)``: a JPEG's file bytes as a uint8 1-D tensor, for :class:`JpegDecoder` to decode
+    on the GPU, so that loader workers only read files. A file the GPU would decode differently or not at all (not a
+    JPEG, EXIF-rotated, truncated, missing) comes already decoded and resized by the CPU path, uint8 [3, S, S]
+    (``on_bad`` applies there)."""
+
+    def __getitem__(self, i: int):
+        path = self.paths[i]
+        try:
+            data = _read_bytes(path)
+        except BadImageError:
+            data = b""
+        if data.startswith(_JPEG_START) and not _container_problem(data) and not _exif_rotated(data):
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), str(path)
+        return super().__getitem__(i), str(path)
+
+
+def _area_weights(n: int, size: int, device: torch.device) -> torch.Tensor:
+    """[size, n]: the share of each of ``n`` input pixels in each of ``size`` output pixels under OpenCV's area
+    averaging (each output pixel averages the ``n / size`` input pixels it covers, fractions included)."""
+    scale = n / size
+    edges = torch.arange(size + 1, dtype=torch.float64, device=device) * scale
+    pixel = torch.arange(n, dtype=torch.float64, device=device)
+    overlap = torch.minimum(edges[1:, None], pixel + 1) - torch.maximum(edges[:-1, None], pixel)
+    return (overlap.clamp(min=0) / scale).float()
+
+
+def collate_encoded(items: list[tuple[torch.Tensor, str]]) -> tuple:
+    """A batch of :class:`EncodedImages` items as one byte buffer, their sizes (0: an image decoded already), those
+    images and the paths. One buffer, not a tensor a file: a loader worker passes each tensor through a shared-memory
+    file descriptor of its own, and 128 a batch with several batches in flight could exhaust the process's limit."""
+    jpegs = [t for t, _ in items if t.dim() == 1]
+    return (torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8),
+            [t.numel() if t.dim() == 1 else 0 for t, _ in items],
+            [t if t.dim() == 3 else None for t, _ in items], [path for _, path in items])
+
+
+def resize_square_tensor(image: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`resize_square` of a uint8 [3, H, W] tensor on its own device, to 1 grey level of OpenCV's result.
+
+    Enlarging: torchvision's bilinear (OpenCV's, half-pixel centres). Shrinking: OpenCV's area averaging, which no
+    torch or torchvision function computes (``interpolate(mode="area")`` drops fractional pixels, antialiased
+    bilinear is a wider filter: features of real photos at 96 px only 0.98 cosine-similar), so as two small
+    weight matrices (:func:`_area_weights`) applied with one ``einsum``.
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    h, w = image.shape[-2:]
+    if (h, w) == (size, size):
+        return image
+    if h >= size and w >= size:
+        rows, cols = _area_weights(h, size, image.device), _area_weights(w, size, image.device)
+        out = torch.einsum("sh,chw,tw->cst", rows, image.float(), cols)
+    else:
+        out = TF.resize(image.float(), [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def decode_jpegs(data: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """torchvision's JPEG decoder on ``device`` (nvjpeg on CUDA, one call a batch): uint8 [3, H, W] RGB each."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+class JpegDecoder:
+    """Batches of :class:`EncodedImages` (collated by :func:`collate_encoded`) → uint8 [B, 3, S, S] on ``device``: JPEGs decoded there
+    (:func:`decode_jpegs`) and resized there (:func:`resize_square_tensor`). A file the decoder rejects is decoded
+    on the CPU; if nothing has decoded yet when a batch fails (torchvision without nvjpeg, ...), every later batch is
+    decoded on the CPU, said in one log line. ``device`` may be the CPU: the tests compare the two paths there."""
+
+    def __init__(self, device: torch.device | str, size: int, on_bad: str = "error", transform: Any = None):
+        self.device, self.size, self.on_bad = torch.device(device), size, _check_on_bad(on_bad)
+        self.transform = transform  # a weights' own resize and crop (torchvision ops: on any device), else the square
+        self.active = True
+        self.fallback: str | None = None  # why decoding moved to the CPU wholesale
+        self.counts = {"device": 0, "cpu": 0}  # images decoded on the device / on the CPU
+
+    def __call__(self, batch: tuple) -> torch.Tensor:
+        """``batch``: what :func:`collate_encoded` makes of a list of :class:`EncodedImages` items."""
+        buffer, sizes, images, paths = batch
+        files = iter(torch.split(buffer, [n for n in sizes if n]))
+        items = [(next(files) if n else image, path) for n, image, path in zip(sizes, images, paths)]
+        out = torch.empty((len(items), 3, self.size, self.size), dtype=torch.uint8, device=self.device)
+        jpegs = [i for i, (t, _) in enumerate(items) if t.dim() == 1]
+        tried = self.active and bool(jpegs)
+        decoded, error = self._on_device([items[i][0] for i in jpegs]) if tried else ({}, None)
+        readable_on_cpu = False
+        for k, i in enumerate(jpegs):
+            if k in decoded:
+                out[i] = self.transform(decoded[k]) if self.transform is not None else \
+                    resize_square_tensor(decoded[k], self.size)
+            else:
+                out[i], readable = self._on_cpu(*items[i])
+                readable_on_cpu |= readable
+        for i, (t, _) in enumerate(items):
+            if t.dim() == 3:  # decoded by the CPU path in the loader
+                out[i] = t
+        if tried and not decoded and readable_on_cpu and not self.counts["device"]:
+            # good files, and the device has never decoded one: its decoder does not work here
+            self.active = False
+            self.fallback = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+            log.warning(f"[image] decoding JPEGs on {self.device} failed ({self.fallback}): decoding on the CPU")
+        self.counts["device"] += len(decoded)
+        self.counts["cpu"] += len(items) - len(decoded)
+        return out
+
+    def _on_device(self, data: list[torch.Tensor]) -> tuple[dict[int, torch.Tensor], Exception | None]:
+        """The decoded images by position in ``data`` (those it rejects missing) and the last rejection."""
+        try:
+            return dict(enumerate(decode_jpegs(data, self.device))), None
+        except Exception as err:  # noqa: BLE001 - one file the decoder rejects fails its batch: again one by one
+            error = err
+        decoded = {}
+        for k, one in enumerate(data):
+            try:
+                decoded[k] = decode_jpegs([one], self.device)[0]
+            except Exception as err:  # noqa: BLE001 - that file goes to the CPU decoder
+                error = err
+        return decoded, error
+
+    def _on_cpu(self, data: torch.Tensor, path: str) -> tuple[torch.Tensor, bool]:
+        """The CPU path's image of these file bytes on the device, and whether it decoded (False: a grey stand-in)."""
+        try:
+            image, readable = decode_rgb(data.numpy().tobytes(), path), True
+        except BadImageError:
+            if self.on_bad == "error":
+                raise
+            image, readable = np.full((self.size, self.size, 3), GREY, dtype=np.uint8), False
+        if readable and self.transform is None:
+            image = resize_square(image, self.size)
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if readable and self.transform is not None:
+            tensor = self.transform(tensor)
+        return tensor.to(self.device), readable
+
+
 def augmentation(size: int, aug: dict | Any):
     """The published training augmentation: random resized crop, horizontal and vertical flips.
 
@@ -244,9 +418,11 @@ def augmentation(size: int, aug: dict | Any):
     ])
 
 
-def image_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
+def image_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0,
+                 collate_fn: Any = None) -> DataLoader:
+    """``collate_fn``: e.g. :func:`collate_encoded` for :class:`EncodedImages` (file bytes of differing lengths)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate_fn,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available() and collate_fn is None,
                       prefetch_factor=4 if workers else None, worker_init_fn=_quiet_worker if workers else None,
                       generator=torch.Generator().manual_seed(seed))
 

@@ -13,9 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.images import ImageFiles, image_loader
+from ..data.images import (EncodedImages, ImageFiles, JpegDecoder, collate_encoded, gpu_decode_wanted,
+                           image_loader)
 from ..io.progress import progress
 from ..networks.backbones import Backbone, depth_extractor
+from ..networks.device import describe_device
 from ..networks.precision import gpu_inference_dtype
 from . import openvino_engine
 
@@ -52,6 +54,7 @@ class InferencePlan:
     depths: bool = False  # net returns [pooled stage outputs ..., final]: multi-depth features in the same pass
     hflip: bool = False  # average the features of the image and its mirror image
     engine: Any = None  # an OpenVINOEngine running the same computation (uint8 in), or None: torch runs it
+    gpu_decode: bool = False  # JPEGs decoded and resized on the device (CUDA), the loader only reading files
 
     def autocast(self):
         if self.precision == "fp32":
@@ -172,7 +175,8 @@ def prepare_inference(backbone: Backbone, cfg_image: dict, device: torch.device,
     AVX-512 BF16 CPU without AMX (and AMX CPUs differ again), so ``cpu_precision: auto`` times both on a
     small batch and keeps the faster. ``cpu_backend`` (default torch for a bare dict): ``openvino`` runs the
     same network through OpenVINO (converted once, cached in ``engine_cache``), ``auto`` times both and keeps
-    the faster; on a GPU torch always runs.
+    the faster; on a GPU torch always runs, and ``gpu_decode`` (default auto) decodes the JPEGs there too. What was
+    chosen is logged in one line and kept in ``plan.choices`` (the artifact's info, the stage's metrics).
     """
     backbone.eval().to(device)
     fmt = torch.channels_last if cfg_image.get("channels_last", True) else torch.contiguous_format
@@ -185,11 +189,14 @@ def prepare_inference(backbone: Backbone, cfg_image: dict, device: torch.device,
     choices: dict[str, Any] = {"conv_bn": folded, "channels_last": fmt == torch.channels_last, "batch_size": batch}
     choices.update(multi_depth=depths, hflip_average=hflip)
     plan = InferencePlan(backbone, net, device, "fp32", batch, size, fmt, choices, depths, hflip)
+    plan.gpu_decode = choices["gpu_decode"] = gpu_decode_wanted(cfg_image.get("gpu_decode", "auto"), device)
     if device.type == "cuda":
         # bf16 only where the GPU computes it natively (compute capability >= 8.0); fp16 elsewhere (a T4)
         plan.precision = ("bf16" if gpu_inference_dtype(device) == torch.bfloat16 else "fp16") if mixed_precision else "fp32"
-        choices["precision"] = f"{plan.precision} (GPU autocast)"
+        choices["precision"] = f"{plan.precision} (GPU autocast)" if mixed_precision else "fp32 (mixed precision off)"
         choices["backend"] = "torch (GPU)"
+        choices["gpu"] = torch.cuda.get_device_name(device)
+        _log_plan(plan)
         return plan
     setting = cfg_image.get("cpu_precision", "auto")
     if setting not in ("auto", "fp32", "bf16"):
@@ -210,9 +217,18 @@ def prepare_inference(backbone: Backbone, cfg_image: dict, device: torch.device,
         choose_cpu_backend(plan, cfg_image.get("cpu_backend", "torch"), engine_cache)
     else:
         choices["backend"] = f"torch ({device.type})"
-    log.info(f"[image] inference: {backbone.name} on {device}, {choices['backend']}, {choices['precision']}, "
-             f"batch {batch}, {'channels-last' if choices['channels_last'] else 'NCHW'}, {folded}")
+    _log_plan(plan)
     return plan
+
+
+def _log_plan(plan: InferencePlan) -> None:
+    """One line: what runs the extraction (device, engine, precision, batch, layout, decoding on a GPU)."""
+    c = plan.choices
+    decode = "" if plan.device.type == "cpu" else (
+        ", JPEGs decoded on the GPU" if plan.gpu_decode else ", images decoded on the CPU")
+    log.info(f"[image] inference: {plan.backbone.name} on {describe_device(plan.device)}, {c['backend']}, "
+             f"{c['precision']}, batch {plan.batch_size}, {'channels-last' if c['channels_last'] else 'NCHW'}, "
+             f"{c['conv_bn']}{decode}")
 
 
 def choose_cpu_backend(plan: InferencePlan, setting: str, engine_cache: Path | None) -> None:
@@ -245,9 +261,14 @@ def extract(plan: InferencePlan, paths: list[Path], workers: int, out: np.ndarra
         out = np.empty((len(paths), plan.backbone.dim), dtype=np.float32)
     if out.shape != (len(paths), plan.backbone.dim):
         raise ValueError(f"extract: output shape {out.shape} != {(len(paths), plan.backbone.dim)}")
-    loader = image_loader(ImageFiles(paths, plan.image_size, on_bad=on_bad,
-                                     transform=getattr(plan.backbone, "eval_transform", None)),  # older bundles lack it
-                          plan.batch_size, workers)
+    transform = getattr(plan.backbone, "eval_transform", None)  # a weights' own resize and crop (older bundles: none)
+    decoder = JpegDecoder(plan.device, plan.image_size, on_bad, transform) if plan.gpu_decode else None
+    if decoder is not None:  # loader workers only read the files; the GPU decodes, resizes and crops
+        loader = image_loader(EncodedImages(paths, plan.image_size, on_bad=on_bad, transform=transform),
+                              plan.batch_size, workers, collate_fn=collate_encoded)
+    else:
+        loader = image_loader(ImageFiles(paths, plan.image_size, on_bad=on_bad, transform=transform),
+                              plan.batch_size, workers)
     start, row = time.perf_counter(), 0
 
     def write(feats) -> None:
@@ -264,14 +285,19 @@ def extract(plan: InferencePlan, paths: list[Path], workers: int, out: np.ndarra
     with progress(total=len(paths), desc=desc, unit="img", smoothing=0.05) as bar:
         pending = None  # the previous batch, still running while this one was decoded
         for images in loader:
-            running = plan.submit(images)
+            running = plan.submit(images if decoder is None else decoder(images))
             if pending is not None:
                 write(pending())
             pending = running
         if pending is not None:
             write(pending())
     seconds = time.perf_counter() - start
-    return out, {"images": len(paths), "seconds": seconds, "images_per_s": round(len(paths) / max(seconds, 1e-9), 1)}
+    timing = {"images": len(paths), "seconds": seconds, "images_per_s": round(len(paths) / max(seconds, 1e-9), 1)}
+    if decoder is not None:
+        timing["decoded_on"] = {"gpu": decoder.counts["device"], "cpu": decoder.counts["cpu"]}
+        if decoder.fallback:
+            timing["gpu_decode_fallback"] = decoder.fallback
+    return out, timing
 
 
 def bare_forward_throughput(plan: InferencePlan, seconds: float = 10.0) -> float:

@@ -32,6 +32,14 @@ def select_device(preference: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def describe_device(device: torch.device) -> str:
+    """``cuda:0 (NVIDIA T4)`` on a GPU (which one decides bf16 or fp16 and the speed), else the device's name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
 def num_workers(setting: Any, device: torch.device | None = None) -> int:
     """DataLoader worker processes for image streams.
 

@@ -32,6 +32,12 @@ class Precision:
         """``fp32``, ``bf16`` or ``fp16``."""
         return _NAMES[self.dtype]
 
+    def describe(self) -> str:
+        """What a log line says: ``fp32``, ``bf16 autocast (no GradScaler)``, ``fp16 autocast + GradScaler``."""
+        if self.dtype is None:
+            return "fp32"
+        return f"{self.name} autocast " + ("+ GradScaler" if self.use_scaler else "(no GradScaler)")
+
     def autocast(self) -> ContextManager:
         """Autocast to ``dtype`` on ``device_type``; a no-op context for fp32."""
         if self.dtype is None:

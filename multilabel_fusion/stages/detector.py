@@ -30,6 +30,7 @@ from ..features import openvino_engine
 from ..features.detection import box_features, choose_detector_backend, detect_images, load_average
 from ..io.artifacts import Artifact, pick_rows
 from ..io.atomic import write_json
+from ..networks.device import describe_device
 from ..networks.device import num_workers as resolve_workers
 from ..networks.yolov5 import load_detector
 from .base import BlockPredictor, NewRecords, Stage
@@ -43,6 +44,9 @@ PUBLISHED = {"yolov5s": 0.766, "yolov5m": 0.777, "yolov5l": 0.787, "yolov5x": 0.
 
 #: Bump when the detection code changes what ends up in the artifact.
 CACHE_VERSION = 2  # 2: images decoded by the one OpenCV decoder (was PIL)
+
+#: The detectors run in fp32 on every device (YOLOv5 here, ultralytics' predict without ``half``).
+PRECISION = "fp32"
 
 #: How detection runs: recorded in a predictor's description beside the settings that shape the artifact.
 RUN_KEYS = ("batch_size", "threads", "channels_last", "cpu_backend")
@@ -188,7 +192,7 @@ def compute_block(ctx: StageContext, weights: Path, source: str) -> tuple[dict[s
         log.info(f"[detector] {weights.name}: {detector.kind}, {len(detector.names)} classes "
                  f"({int((detector.columns >= 0).sum())} map to labels) | {kw['image_size']} px, conf {kw['conf']}, "
                  f"iou {kw['iou']}, batch {kw['batch_size']}, {threads} threads, {kw['workers']} loader workers, "
-                 f"device {ctx.device} | {backend}")
+                 f"device {describe_device(ctx.device)}, {PRECISION}, images decoded on the CPU | {backend}")
         load_before = load_average()
         runs = {part: detect_images(detector, ctx.data.image_paths(part), desc=f"detect {part}",
                                     on_bad=ctx.settings.data.bad_images, **kw)
@@ -210,7 +214,7 @@ def compute_block(ctx: StageContext, weights: Path, source: str) -> tuple[dict[s
               "seconds_per_20000_images": round(20000 * seconds / max(n, 1), 1),
               "image_size": kw["image_size"], "batch_size": kw["batch_size"], "threads": threads,
               "loader_workers": kw["workers"], "channels_last": bool(d.channels_last), "device": str(ctx.device),
-              "backend": backend,
+              "backend": backend, "precision": PRECISION, "decode": "cpu",
               "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if ctx.device.type == "cuda" else None,
               # 1-minute load average before and after: other work on the machine slows detection down
               "load_average_before_after": [load_before, load_after]}

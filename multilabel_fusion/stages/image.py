@@ -198,7 +198,8 @@ class ImageNetwork(Stage):
                        "head_hidden": ci.head_hidden, "head_dropout": ci.head_dropout,
                        "workers": ws.settings.trainer.num_workers, "bad_images": ws.settings.data.bad_images,
                        "mixed_precision": bool(ws.settings.trainer.mixed_precision), "key": image.key,
-                       "cpu_backend": openvino_engine.same_engine(image.info.get("extraction", {}).get("backend"))}
+                       "cpu_backend": openvino_engine.same_engine(image.info.get("extraction", {}).get("backend")),
+                       "gpu_decode": ci.gpu_decode}
         heads = []
         if "image_probs" in blocks:
             kind, key = ws.block_location("image_probs")
@@ -223,9 +224,13 @@ def _extraction_info(ctx: StageContext, choices: dict[str, Any], depth_dims: lis
                      timings: list[dict], bad_images: list[str] | None) -> dict[str, Any]:
     """What the artifact's info says about an extraction: throughput, machine, the inference plan's choices."""
     n, seconds = sum(t["images"] for t in timings), sum(t["seconds"] for t in timings)
+    decoded = {where: sum(t["decoded_on"][where] for t in timings if "decoded_on" in t) for where in ("gpu", "cpu")}
+    fallbacks = sorted({t["gpu_decode_fallback"] for t in timings if "gpu_decode_fallback" in t})
     return {"extraction": {"images": n, "seconds": round(seconds, 1), "images_per_s": round(n / max(seconds, 1e-9), 1),
                            "device": str(ctx.device), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-                           "loader_workers": workers, "torch_threads": torch.get_num_threads(), **choices},
+                           "loader_workers": workers, "torch_threads": torch.get_num_threads(), **choices,
+                           **({"decoded_on": decoded} if choices.get("gpu_decode") else {}),
+                           **({"gpu_decode_fallback": fallbacks} if fallbacks else {})},
             "depth_dims": depth_dims,  # widths of {part}_depths, stage by stage; the last = the pooled features
             "bad_images": bad_images or []}
 
@@ -340,7 +345,7 @@ def fine_tuned_block(ctx: StageContext, weights, workers: int, bad_images: list[
         return ({f"train{s}": v for s, v in held.items()}, {f"test{s}": v for s, v in test.items()},
                 {"best_epoch": result.best_epoch, "best_select_mean_f1": result.best_score,
                  "seconds": round(result.seconds, 1), "reused": result.reused, "images": result.extra["n_fit"],
-                 "run": result.extra["run_dir"]})
+                 "run": result.extra["run_dir"], "training": result.extra.get("training")})
 
     log.info(f"[image] fine-tuning {weights.name} on each of {len(ctx.folds)} fold(s), then extracting its held-out "
              f"and test images -> {ctx.store.dir('image', ctx.key())}")
@@ -386,7 +391,8 @@ def train_heads(ctx: StageContext, block: Artifact, key: str, spec: dict[str, An
         histories.append(result.history.assign(fold=k))
         return {"probs": held}, {"test_probs": test}, {"best_epoch": result.best_epoch, "run_dir": str(run_dir),
                                                         "seconds": round(result.seconds, 1),
-                                                        "head_size_mb": model_size_mb(head)}
+                                                        "head_size_mb": model_size_mb(head),
+                                                        "training": result.extra.get("training")}
 
     cf = cross_fit(ctx.folds, len(ctx.data.train), fold, "image")
     history = pd.concat(histories, ignore_index=True)
@@ -418,6 +424,7 @@ class ImagePredictor(BlockPredictor):
         settings = {key: m[key] for key in ("image_size", "channels_last", "fuse_conv_bn", "feature_batch_size",
                                             "cpu_precision")}
         settings["cpu_backend"] = m.get("cpu_backend", "torch")
+        settings["gpu_decode"] = m.get("gpu_decode", "auto")
         self._plan = prepare_inference(self.backbone, settings, device, m["mixed_precision"],
                                        depths=m["depth_features"], hflip=m["hflip_average"])
         return self

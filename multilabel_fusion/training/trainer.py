@@ -38,7 +38,7 @@ from ..evaluation.thresholds import decide
 from ..io.atomic import load_torch, save_torch, write_text
 from ..io.mirror import sync as sync_mirror
 from ..io.progress import progress
-from ..networks.device import select_device
+from ..networks.device import describe_device, select_device
 from ..networks.precision import Precision, training_precision
 
 log = logging.getLogger(__name__)
@@ -326,6 +326,10 @@ def fit(
         log.info(f"[{name}] resuming {run_dir} after epoch {state['epoch']} (now up to {epochs} epochs, "
               f"patience {patience})")
     resumed_from = start_epoch - 1
+    training = {"device": describe_device(device), "precision": precision.describe(),
+                "batch_size": getattr(train_loader, "batch_size", None), "engine": "torch"}
+    log.info(f"[{name}] training on {training['device']}, {training['precision']}, batch {training['batch_size']}, "
+             "torch")
 
     t0 = time.time()
     bar = progress(range(start_epoch, epochs + 1), desc=f"train {name}", unit="epoch", initial=start_epoch - 1,
@@ -402,7 +406,7 @@ def fit(
     log.info(f"[{name}] best {score_name} {best_score:.4f} at epoch {best_epoch} ({seconds:.1f} s"
           f"{', stopped early' if stopped_early else ''})")
     return FitResult(pd.DataFrame(rows), best_score, best_epoch, seconds, resumed_from,
-                     extra={"stopped_early": stopped_early})
+                     extra={"stopped_early": stopped_early, "training": training})
 
 
 def _postfix_key(score_name: str) -> str:
