@@ -236,7 +236,8 @@ def test_label_embeddings_from_word_vectors():
 
 
 VARIANTS = [*DECODER_ARCHS, "joint+attention", "init_hidden+attention", "seq2seq+attention", "init_hidden_cell+pla",
-            "seq2seq+mla+attention", "joint+word_vectors", "seq2seq+caption"]
+            "seq2seq+mla+attention", "joint+word_vectors", "seq2seq+caption", "seq2seq+shared",
+            "seq2seq+shared+attention"]
 
 
 def _fit(name: str, run_dir, epochs: int, resume: bool = False):
@@ -269,6 +270,53 @@ def test_one_real_training_step_of_each_variant(name, tmp_path):
     changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
     assert "rnn.weight_hh_l0" in changed and "embedding.weight" in changed
     assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_shared_seq2seq_encoder_is_its_decoder(tmp_path):
+    """``seq2seq+shared``: one LSTM reads the depths and decodes the labels (the paper's best seq2seq): the same
+    module and parameters, counted once, trained by one step through both roles, and rebuilt from its weights."""
+    shared, apart = _model("seq2seq+shared"), _model("seq2seq")
+    assert shared.encoder is shared.decoder is shared.rnn and apart.encoder is not apart.decoder
+    assert {id(p) for p in shared.encoder.parameters()} == {id(p) for p in shared.decoder.parameters()}
+    lstm = sum(p.numel() for p in apart.encoder.parameters())
+    assert sum(p.numel() for p in apart.parameters()) - sum(p.numel() for p in shared.parameters()) == lstm
+    model, result, before = _fit("seq2seq+shared", tmp_path / "run", epochs=1)
+    assert model.encoder is model.decoder and not torch.equal(model.encoder.weight_hh_l0, before["rnn.weight_hh_l0"])
+    again = _model("seq2seq+shared", seed=1)
+    again.load_state_dict(model.state_dict())  # the checkpoint names the one LSTM twice: both load the same weights
+    assert again.encoder is again.decoder and torch.equal(again.encoder.weight_ih_l0, model.rnn.weight_ih_l0)
+    y, rep, depths, dims = _data(8)
+    a = model.eval().beam_search(torch.as_tensor(rep), torch.as_tensor(depths), width=2)
+    b = again.eval().beam_search(torch.as_tensor(rep), torch.as_tensor(depths), width=2)
+    assert torch.equal(a["sets"], b["sets"]) and torch.allclose(a["scores"], b["scores"])
+    assert Variant.parse("seq2seq+attention+shared").name == "seq2seq+shared+attention"
+    with pytest.raises(C.ConfigError, match="seq2seq only"):
+        C.load(overrides=["label_decoder.variant=init_hidden+shared"])
+
+
+#: the default decoder's key parts, computed before seq2seq+shared and the ranking baselines existed (the cached
+#: runs on the real data are found by them): its section's settings spec and its run folders' shaping settings
+DEFAULT_SETTINGS_SPEC, DEFAULT_RUN_SHAPING = "79eb1bdab685", "7f31221111ab"
+
+
+def test_the_default_decoders_keys_are_unchanged_by_the_table_only_settings():
+    """The default ``seq2seq`` keys as before (the whole demo key was checked equal, df09fcca02d8, when these were
+    added); the table-only settings (ranking heads, their rule, ``compare``) never enter them."""
+    from multilabel_fusion.io.hashing import digest
+    from multilabel_fusion.stages.label_decoder import VERSION
+    from multilabel_fusion.stages.registry import default
+
+    stage = default().get("label_decoder")
+    cfg = C.load()
+    assert VERSION == 1 and cfg.label_decoder.variant == "seq2seq" and Variant.parse("seq2seq").name == "seq2seq"
+    assert digest(stage.settings_spec(cfg)) == DEFAULT_SETTINGS_SPEC
+    assert digest(cfg.label_decoder.shaping(weights_only=True)) == DEFAULT_RUN_SHAPING
+    other = C.load(overrides=["label_decoder.ranking_baselines=[]", "label_decoder.warp_margin=0.5",
+                              "label_decoder.ranking_rule=top_k", "label_decoder.compare=[seq2seq+shared]"])
+    assert stage.settings_spec(other) == stage.settings_spec(cfg)
+    assert other.label_decoder.shaping(weights_only=True) == cfg.label_decoder.shaping(weights_only=True)
+    shared = C.load(overrides=["label_decoder.variant=seq2seq+shared"])
+    assert digest(stage.settings_spec(shared)) != DEFAULT_SETTINGS_SPEC  # a shared decoder is another block
 
 
 def test_sequence_training_resumes_exactly(tmp_path):
