@@ -350,8 +350,25 @@ def test_stage_on_demo_data_block_table_and_fusion(tmp_path):
     assert m["demo_data"] and submission.validate_file(m["submission"], out / "input" / "test.csv") > 0
     models = [r["model"] for r in m["table"]]
     assert models[:4] == ["seq2seq", "joint+attention", "init_input+pla", "seq2seq+caption"]
-    assert {"BCE MLP head", "BCE linear head"} <= set(models)
+    assert {"BCE MLP head", "BCE linear head", "WARP MLP head", "softmax MLP head"} <= set(models)
     assert all(0 <= r["precision"] <= 1 and 0 <= r["f1"] <= 1 for r in m["table"])
+    # the ranking heads, on the BCE heads' features, labelled by a rule chosen on the selection rows
+    ranked = [r for r in m["table"] if r["kind"] in ("warp", "softmax")]
+    assert sorted((r["kind"], r["features"]) for r in ranked) == sorted(
+        (k, f) for k in ("warp", "softmax") for f in ("image", "image + caption_probs"))
+    assert all(r["rule"].startswith(("top ", "score >= ")) and "gap_se" in r for r in ranked)
+    # F1 by labels per image and per class for every row, with the groups' sizes
+    split = m["table_split"]
+    assert list(split["images_by_label_count"]) == ["1", "2", "3", "4", "5+"]
+    assert sum(split["images_by_label_count"].values()) == split["n_held"]
+    assert sum(split["class_support"]) == round(split["labels_per_image"] * split["n_held"])
+    for r in m["table"]:
+        assert set(r["f1_by_label_count"]) == set(split["images_by_label_count"]) and len(r["per_class_f1"]) == 18
+        n = split["images_by_label_count"]
+        mean = sum(f * n[g] for g, f in r["f1_by_label_count"].items() if f is not None) / split["n_held"]
+        assert mean == pytest.approx(r["f1"], abs=2e-3)  # the groups' F1s average to the row's
+        assert "_sets" not in r
+    assert Path(m["figures"]["breakdown"]).is_file()
     assert m["features"]["depth_dims"][-1] == m["features"]["pooled_dim"]  # multi-depth features were used
     block = json.loads((next((out / "artifacts" / "label_decoder").glob("*/manifest.json"))).read_text())
     assert block["arrays"]["train"]["shape"] == [300, NUM_LABELS] and block["arrays"]["test"]["shape"] == [100, 18]
@@ -417,6 +434,8 @@ def test_stage_command_line_and_its_section_of_results_md(tmp_path):
     assert text.startswith("# Results\n\nbench tables\n")
     assert "## Stage 05: recurrent label decoders" in text and "### The paper's table, on this data" in text
     assert "| BCE MLP head | image |" in text and "| seq2seq | 71.1 | 68.0 | 69.5 |" in text  # ours beside published
+    assert "| WARP MLP head | image |" in text and "| WARP |  |  | 60.7 |" in text and "| softmax |  |  | 61.1 |" in text
+    assert "### F1 by number of labels per image and per class" in text and "figures/label_decoder_breakdown.png" in text
     assert f"| {', '.join(without['blocks'])} | {without['val_mean_f1_at_0.5']:.4f} |" in text
     assert "| image, caption, label_decoder (with the seq2seq block) |" in text
     for link in ("figures/label_decoder_comparison.png", "figures/label_decoder_training.png"):

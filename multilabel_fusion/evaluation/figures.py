@@ -177,6 +177,8 @@ def decoder_breakdown(rows: list[dict], split: dict, path: str | Path) -> Path:
     for r in rows:
         style = {"lw": 2.0, "alpha": 1.0, "label": _row_name(r)} if bold(r) else {"lw": 0.8, "alpha": 0.35}
         color = KIND_COLORS.get(r["kind"], "tab:green")
+        if r["model"] == best and not r.get("chosen"):  # the best decoder beside the chosen one
+            style, color = {**style, "label": f"{_row_name(r)} (best decoder)"}, "tab:cyan"
         f1 = [np.nan if r["f1_by_label_count"][g] is None else r["f1_by_label_count"][g] for g in groups]
         ax.plot(range(len(groups)), f1, "o-", color=color, ms=3, **style)
         ax_class.plot(range(len(order)), np.asarray(r["per_class_f1"])[order], "o-", color=color, ms=3,
