@@ -368,11 +368,12 @@ class DetectorSection(Section):
 
 
 DECODER_ARCHS = ("joint", "init_hidden", "init_hidden_cell", "init_input", "seq2seq")
-DECODER_MODIFIERS = ("attention", "word_vectors", "pla", "mla", "caption")
+DECODER_MODIFIERS = ("shared", "attention", "word_vectors", "pla", "mla", "caption")
 
 
 def decoder_variant_tokens(name: str) -> tuple[str, set[str]]:
-    """``<arch>[+attention][+word_vectors][+pla|+mla][+caption]`` -> (arch, modifiers); ValueError otherwise."""
+    """``<arch>[+shared][+attention][+word_vectors][+pla|+mla][+caption]`` -> (arch, modifiers); ValueError
+    otherwise (``shared``: seq2seq only, its encoder and decoder LSTM are one)."""
     arch, *mods = str(name).split("+")
     if arch not in DECODER_ARCHS:
         near = difflib.get_close_matches(arch, DECODER_ARCHS, n=1)
@@ -383,11 +384,19 @@ def decoder_variant_tokens(name: str) -> tuple[str, set[str]]:
             raise ValueError(f"unknown modifier {mod!r}; choose from {', '.join(DECODER_MODIFIERS)}")
     if len(set(mods)) != len(mods) or {"pla", "mla"} <= set(mods):
         raise ValueError("each modifier at most once, and pla or mla, not both")
+    if "shared" in mods and arch != "seq2seq":
+        raise ValueError(f"shared (one LSTM as encoder and decoder) needs an encoder: seq2seq only, not {arch}")
     return arch, set(mods)
 
 
 #: A stage-05 decoder name, e.g. ``seq2seq+attention`` or ``init_hidden+pla+caption``.
 DecoderVariant = Annotated[str, BeforeValidator(_parsed_by(decoder_variant_tokens, "decoder_variant"))]
+
+
+#: The ranking losses of stage 05's baselines: WARP (Gong et al. 2013) and softmax on y / sum(y).
+RankingLoss = Literal["warp", "softmax"]
+#: How a ranking head's scores become labels, chosen on the fit part's selection rows (never the held-out rows).
+RankingRule = Literal["auto", "top_k", "threshold"]
 
 
 class LabelDecoderSection(Section):
@@ -400,6 +409,10 @@ class LabelDecoderSection(Section):
     bce_baseline: Annotated[bool, RUN_ONLY]
     data_sizes: Annotated[Items(PositiveInt), RUN_ONLY]  # fit-part subsets for the learning curve (empty: none)
     curve_variant: Annotated[DecoderVariant, RUN_ONLY]  # the decoder of that learning curve
+    # ranking-loss heads beside the BCE ones (the table only: they shape no artifact, their run folders key them)
+    ranking_baselines: Annotated[Items(RankingLoss), RUN_ONLY] = ("warp", "softmax")
+    warp_margin: Annotated[float, BeforeValidator(_number_text), Field(gt=0), RUN_ONLY] = 1.0
+    ranking_rule: Annotated[RankingRule, RUN_ONLY] = "auto"
     embed: PositiveInt
     hidden: PositiveInt
     proj_dropout: Dropout

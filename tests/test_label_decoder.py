@@ -236,7 +236,8 @@ def test_label_embeddings_from_word_vectors():
 
 
 VARIANTS = [*DECODER_ARCHS, "joint+attention", "init_hidden+attention", "seq2seq+attention", "init_hidden_cell+pla",
-            "seq2seq+mla+attention", "joint+word_vectors", "seq2seq+caption"]
+            "seq2seq+mla+attention", "joint+word_vectors", "seq2seq+caption", "seq2seq+shared",
+            "seq2seq+shared+attention"]
 
 
 def _fit(name: str, run_dir, epochs: int, resume: bool = False):
@@ -271,6 +272,53 @@ def test_one_real_training_step_of_each_variant(name, tmp_path):
     assert (tmp_path / "run" / "best.pt").is_file()
 
 
+def test_shared_seq2seq_encoder_is_its_decoder(tmp_path):
+    """``seq2seq+shared``: one LSTM reads the depths and decodes the labels (the paper's best seq2seq): the same
+    module and parameters, counted once, trained by one step through both roles, and rebuilt from its weights."""
+    shared, apart = _model("seq2seq+shared"), _model("seq2seq")
+    assert shared.encoder is shared.decoder is shared.rnn and apart.encoder is not apart.decoder
+    assert {id(p) for p in shared.encoder.parameters()} == {id(p) for p in shared.decoder.parameters()}
+    lstm = sum(p.numel() for p in apart.encoder.parameters())
+    assert sum(p.numel() for p in apart.parameters()) - sum(p.numel() for p in shared.parameters()) == lstm
+    model, result, before = _fit("seq2seq+shared", tmp_path / "run", epochs=1)
+    assert model.encoder is model.decoder and not torch.equal(model.encoder.weight_hh_l0, before["rnn.weight_hh_l0"])
+    again = _model("seq2seq+shared", seed=1)
+    again.load_state_dict(model.state_dict())  # the checkpoint names the one LSTM twice: both load the same weights
+    assert again.encoder is again.decoder and torch.equal(again.encoder.weight_ih_l0, model.rnn.weight_ih_l0)
+    y, rep, depths, dims = _data(8)
+    a = model.eval().beam_search(torch.as_tensor(rep), torch.as_tensor(depths), width=2)
+    b = again.eval().beam_search(torch.as_tensor(rep), torch.as_tensor(depths), width=2)
+    assert torch.equal(a["sets"], b["sets"]) and torch.allclose(a["scores"], b["scores"])
+    assert Variant.parse("seq2seq+attention+shared").name == "seq2seq+shared+attention"
+    with pytest.raises(C.ConfigError, match="seq2seq only"):
+        C.load(overrides=["label_decoder.variant=init_hidden+shared"])
+
+
+#: the default decoder's key parts, computed before seq2seq+shared and the ranking baselines existed (the cached
+#: runs on the real data are found by them): its section's settings spec and its run folders' shaping settings
+DEFAULT_SETTINGS_SPEC, DEFAULT_RUN_SHAPING = "79eb1bdab685", "7f31221111ab"
+
+
+def test_the_default_decoders_keys_are_unchanged_by_the_table_only_settings():
+    """The default ``seq2seq`` keys as before (the whole demo key was checked equal, df09fcca02d8, when these were
+    added); the table-only settings (ranking heads, their rule, ``compare``) never enter them."""
+    from multilabel_fusion.io.hashing import digest
+    from multilabel_fusion.stages.label_decoder import VERSION
+    from multilabel_fusion.stages.registry import default
+
+    stage = default().get("label_decoder")
+    cfg = C.load()
+    assert VERSION == 1 and cfg.label_decoder.variant == "seq2seq" and Variant.parse("seq2seq").name == "seq2seq"
+    assert digest(stage.settings_spec(cfg)) == DEFAULT_SETTINGS_SPEC
+    assert digest(cfg.label_decoder.shaping(weights_only=True)) == DEFAULT_RUN_SHAPING
+    other = C.load(overrides=["label_decoder.ranking_baselines=[]", "label_decoder.warp_margin=0.5",
+                              "label_decoder.ranking_rule=top_k", "label_decoder.compare=[seq2seq+shared]"])
+    assert stage.settings_spec(other) == stage.settings_spec(cfg)
+    assert other.label_decoder.shaping(weights_only=True) == cfg.label_decoder.shaping(weights_only=True)
+    shared = C.load(overrides=["label_decoder.variant=seq2seq+shared"])
+    assert digest(stage.settings_spec(shared)) != DEFAULT_SETTINGS_SPEC  # a shared decoder is another block
+
+
 def test_sequence_training_resumes_exactly(tmp_path):
     """The batch_loss / score_fn hooks keep the trainer's exact resume: 2 epochs = 1 epoch + resume to 2."""
     _, straight, _ = _fit("seq2seq+attention", tmp_path / "a", epochs=2)
@@ -302,8 +350,25 @@ def test_stage_on_demo_data_block_table_and_fusion(tmp_path):
     assert m["demo_data"] and submission.validate_file(m["submission"], out / "input" / "test.csv") > 0
     models = [r["model"] for r in m["table"]]
     assert models[:4] == ["seq2seq", "joint+attention", "init_input+pla", "seq2seq+caption"]
-    assert {"BCE MLP head", "BCE linear head"} <= set(models)
+    assert {"BCE MLP head", "BCE linear head", "WARP MLP head", "softmax MLP head"} <= set(models)
     assert all(0 <= r["precision"] <= 1 and 0 <= r["f1"] <= 1 for r in m["table"])
+    # the ranking heads, on the BCE heads' features, labelled by a rule chosen on the selection rows
+    ranked = [r for r in m["table"] if r["kind"] in ("warp", "softmax")]
+    assert sorted((r["kind"], r["features"]) for r in ranked) == sorted(
+        (k, f) for k in ("warp", "softmax") for f in ("image", "image + caption_probs"))
+    assert all(r["rule"].startswith(("top ", "score >= ")) and "gap_se" in r for r in ranked)
+    # F1 by labels per image and per class for every row, with the groups' sizes
+    split = m["table_split"]
+    assert list(split["images_by_label_count"]) == ["1", "2", "3", "4", "5+"]
+    assert sum(split["images_by_label_count"].values()) == split["n_held"]
+    assert sum(split["class_support"]) == round(split["labels_per_image"] * split["n_held"])
+    for r in m["table"]:
+        assert set(r["f1_by_label_count"]) == set(split["images_by_label_count"]) and len(r["per_class_f1"]) == 18
+        n = split["images_by_label_count"]
+        mean = sum(f * n[g] for g, f in r["f1_by_label_count"].items() if f is not None) / split["n_held"]
+        assert mean == pytest.approx(r["f1"], abs=2e-3)  # the groups' F1s average to the row's
+        assert "_sets" not in r
+    assert Path(m["figures"]["breakdown"]).is_file()
     assert m["features"]["depth_dims"][-1] == m["features"]["pooled_dim"]  # multi-depth features were used
     block = json.loads((next((out / "artifacts" / "label_decoder").glob("*/manifest.json"))).read_text())
     assert block["arrays"]["train"]["shape"] == [300, NUM_LABELS] and block["arrays"]["test"]["shape"] == [100, 18]
@@ -369,6 +434,8 @@ def test_stage_command_line_and_its_section_of_results_md(tmp_path):
     assert text.startswith("# Results\n\nbench tables\n")
     assert "## Stage 05: recurrent label decoders" in text and "### The paper's table, on this data" in text
     assert "| BCE MLP head | image |" in text and "| seq2seq | 71.1 | 68.0 | 69.5 |" in text  # ours beside published
+    assert "| WARP MLP head | image |" in text and "| WARP |  |  | 60.7 |" in text and "| softmax |  |  | 61.1 |" in text
+    assert "### F1 by number of labels per image and per class" in text and "figures/label_decoder_breakdown.png" in text
     assert f"| {', '.join(without['blocks'])} | {without['val_mean_f1_at_0.5']:.4f} |" in text
     assert "| image, caption, label_decoder (with the seq2seq block) |" in text
     for link in ("figures/label_decoder_comparison.png", "figures/label_decoder_training.png"):

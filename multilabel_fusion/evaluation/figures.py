@@ -137,12 +137,20 @@ def estimate_vs_held_out(rows: list[dict], path: str | Path) -> Path:
 # ------------------------------------------------------------------- stage 05 (drawn during its run, read by its page)
 
 
+#: the colour of a stage-05 table row by its kind (decoders, then the heads by their loss)
+KIND_COLORS = {"decoder": "tab:blue", "bce": "tab:gray", "warp": "tab:orange", "softmax": "tab:purple"}
+
+
+def _row_name(r: dict) -> str:
+    return f"{r['model']} ({r['features']})" if r["kind"] != "decoder" or r["features"] != "image" else r["model"]
+
+
 def decoder_comparison(rows: list[dict], path: str | Path) -> Path:
-    """Horizontal bars: mean-F1 of each decoder's decoded sets and of each BCE head at 0.5 (first fold)."""
-    labels = [f"{r['model']} ({r['features']})" if r["kind"] == "bce" or r["features"] != "image" else r["model"]
-              for r in rows]
+    """Horizontal bars: mean-F1 of each decoder's decoded sets, of each BCE head at 0.5 and of each ranking head by
+    its rule (first fold)."""
+    labels = [_row_name(r) for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.2))
-    colors = ["tab:gray" if r["kind"] == "bce" else "tab:blue" for r in rows]
+    colors = [KIND_COLORS.get(r["kind"], "tab:green") for r in rows]
     ax.barh(range(len(rows)), [r["f1"] for r in rows], color=colors)
     for i, r in enumerate(rows):
         ax.text(r["f1"] + 0.002, i, f"{r['f1']:.3f}", va="center", fontsize=8)
@@ -151,6 +159,38 @@ def decoder_comparison(rows: list[dict], path: str | Path) -> Path:
     low = min(r["f1"] for r in rows)
     ax.set(xlim=(max(0.0, low - 0.05), 1.0), xlabel="mean F1 over samples (decoded sets; BCE heads at 0.5)",
            title="Label decoders vs BCE heads on the same features (first fold)")
+    return _save(fig, path)
+
+
+def decoder_breakdown(rows: list[dict], split: dict, path: str | Path) -> Path:
+    """The paper's figures 7 and 8 for the table's rows: held-out mean-F1 by the images' number of true labels (one
+    line per row) and per-class F1 (classes by held-out support, most frequent first). The chosen decoder, the best
+    decoder and the MLP heads on the image features are drawn bold; the other decoders thin."""
+    decoders = [r for r in rows if r["kind"] == "decoder"]
+    best = max(decoders, key=lambda r: r["f1"])["model"] if decoders else None
+    bold = lambda r: r.get("chosen") or r["model"] == best or (  # noqa: E731
+        r["kind"] != "decoder" and r["features"] == "image" and "linear" not in r["model"])
+    groups = list(split["images_by_label_count"])
+    names, support = split["class_names"], np.asarray(split["class_support"])
+    order = np.argsort(-support, kind="stable")
+    fig, (ax, ax_class) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [1, 2.2]})
+    for r in rows:
+        style = {"lw": 2.0, "alpha": 1.0, "label": _row_name(r)} if bold(r) else {"lw": 0.8, "alpha": 0.35}
+        color = KIND_COLORS.get(r["kind"], "tab:green")
+        if r["model"] == best and not r.get("chosen"):  # the best decoder beside the chosen one
+            style, color = {**style, "label": f"{_row_name(r)} (best decoder)"}, "tab:cyan"
+        f1 = [np.nan if r["f1_by_label_count"][g] is None else r["f1_by_label_count"][g] for g in groups]
+        ax.plot(range(len(groups)), f1, "o-", color=color, ms=3, **style)
+        ax_class.plot(range(len(order)), np.asarray(r["per_class_f1"])[order], "o-", color=color, ms=3,
+                      **{k: v for k, v in style.items() if k != "label"})
+    ax.set_xticks(range(len(groups)), [f"{g}\n({split['images_by_label_count'][g]:,})" for g in groups])
+    ax.set(xlabel="true labels per image (held-out images)", ylabel="mean F1 over samples", ylim=(0, 1),
+           title="F1 by number of labels per image")
+    ax.legend(fontsize=7, loc="lower left")
+    ax_class.set_xticks(range(len(order)), [f"{names[i]} ({support[i]:,})" for i in order], rotation=60,
+                        ha="right", fontsize=7)
+    ax_class.set(ylabel="F1 of the class", ylim=(0, 1),
+                 title="Per-class F1 (bold: chosen / best decoder, MLP heads; thin: other decoders)")
     return _save(fig, path)
 
 

@@ -44,3 +44,18 @@ def per_class(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, list[float]]:
         "recall": recall.round(4).tolist(),
         "support": t.sum(0).astype(int).tolist(),
     }
+
+
+def label_count_groups(y_true: np.ndarray, largest: int = 5) -> list[tuple[str, np.ndarray]]:
+    """(name, row mask) of the records grouped by their number of true labels: ``1`` .. ``largest - 1``, then
+    ``largest+`` (the paper's figure of F1 by labels per image; few records carry 5 or more here)."""
+    counts = _as_bool(y_true).sum(1)
+    groups = [(str(n), counts == n) for n in range(1, largest)]
+    return groups + [(f"{largest}+", counts >= largest)]
+
+
+def f1_by_label_count(y_true: np.ndarray, y_pred: np.ndarray, largest: int = 5) -> dict[str, float | None]:
+    """Mean F1 of the records of each group of :func:`label_count_groups` (None for an empty group)."""
+    f1 = sample_f1(y_true, y_pred)
+    return {name: (round(float(f1[rows].mean()), 4) if rows.any() else None)
+            for name, rows in label_count_groups(y_true, largest)}

@@ -195,3 +195,45 @@ def cross_fitted_decision(probs: np.ndarray, y: np.ndarray, groups: list[np.ndar
     f1_per_class = mean_f1(y, per_class)
     rule = "expected_f1" if f1_expected > f1_per_class else "per_class"
     return Decision(rule, thresholds, predictions, chosen(rule), fold_rules, f1_tuned, f1_per_class, f1_expected)
+
+
+# ----------------------------------------------------------------------------------------- ranking scores -> labels
+
+
+def top_k_decide(scores: np.ndarray, k: int) -> np.ndarray:
+    """Multi-hot labels: each row's ``k`` highest scores (ties by column)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    out = np.zeros(scores.shape, dtype=np.uint8)
+    if len(scores):
+        top = np.argsort(-scores, axis=1, kind="stable")[:, : max(1, min(int(k), scores.shape[1]))]
+        np.put_along_axis(out, top, 1, axis=1)
+    return out
+
+
+def choose_ranking_rule(scores: np.ndarray, y_true: np.ndarray, how: str = "auto") -> dict:
+    """How a ranking head's scores become labels, chosen on the rows given (the fit part's selection rows, never
+    the rows it is then scored on): ``top_k`` (one k for every image, 1..labels: the paper's rule, with its k taken
+    from the data instead of 3), ``threshold`` (one score threshold from the grid, at least the top label: a k per
+    image), ``auto`` (the better of the two on these rows; ties: top-k). Returns the rule with its F1 on the rows."""
+    if how not in ("auto", "top_k", "threshold"):
+        raise ValueError(f"unknown ranking rule {how!r} (auto, top_k or threshold)")
+    found = []
+    if how in ("auto", "top_k"):
+        f1s = [mean_f1(y_true, top_k_decide(scores, k)) for k in range(1, np.asarray(scores).shape[1] + 1)]
+        found.append({"rule": "top_k", "k": int(np.argmax(f1s)) + 1, "f1": float(max(f1s))})
+    if how in ("auto", "threshold"):
+        t, f1 = tune_global(scores, y_true, at_least_one=True)
+        found.append({"rule": "threshold", "threshold": t, "f1": f1})
+    return max(found, key=lambda r: r["f1"])  # max keeps the first of equals: top-k
+
+
+def apply_ranking_rule(scores: np.ndarray, rule: dict) -> np.ndarray:
+    """Multi-hot labels by a rule of :func:`choose_ranking_rule`."""
+    if rule["rule"] == "top_k":
+        return top_k_decide(scores, rule["k"])
+    return decide(scores, rule["threshold"], at_least_one=True)
+
+
+def describe_ranking_rule(rule: dict) -> str:
+    """``top 2`` / ``score >= 0.31`` (the table's words for a rule)."""
+    return f"top {rule['k']}" if rule["rule"] == "top_k" else f"score >= {rule['threshold']:.2f}"

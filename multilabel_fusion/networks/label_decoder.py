@@ -9,7 +9,8 @@ optionally with Bahdanau attention over the CNN's intermediate features:
 * ``init_hidden`` / ``init_hidden_cell`` / ``init_input`` — CNN as initialisation: the image is the first hidden
   state (cell zero), both states, or the input of an extra first step whose states start the decoding;
 * ``seq2seq`` — an encoder LSTM reads the pooled features of several depths of the CNN (each projected to the
-  embedding size), the decoder starts from its final state.
+  embedding size), the decoder starts from its final state; ``+shared``: the encoder and the decoder are one LSTM
+  (the same weights: the paper's best seq2seq).
 
 Attention: ``s_i = tanh(h_i W_1 + d_t W_2 + b) v^T``, ``c_t = sum_i softmax(s)_i h_i``,
 ``d~_t = tanh([c_t; d_t] W_c + b_c)`` read by the output layer, and input feeding
@@ -47,13 +48,15 @@ MASKED = -1e9  # a logit that can never win (finite: log_softmax of a row stays 
 
 @dataclass(frozen=True)
 class Variant:
-    """One decoder: architecture, attention, label embeddings, target order, inputs (``+caption``)."""
+    """One decoder: architecture, attention, label embeddings, target order, inputs (``+caption``), and whether
+    its encoder is its decoder (``+shared``, seq2seq)."""
 
     arch: str
     attention: bool = False
     embeddings: str = "random"  # random (Xavier) | word_vectors
     order: str = "frequency"  # frequency (teacher forcing) | pla | mla (order-free)
     caption: bool = False  # representation = image and caption features
+    shared: bool = False  # seq2seq: one LSTM reads the depths, then decodes the labels
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
@@ -61,11 +64,12 @@ class Variant:
         arch, mods = decoder_variant_tokens(name)
         order = "pla" if "pla" in mods else "mla" if "mla" in mods else "frequency"
         return cls(arch, "attention" in mods, "word_vectors" if "word_vectors" in mods else "random", order,
-                   "caption" in mods)
+                   "caption" in mods, "shared" in mods)
 
     @property
     def name(self) -> str:
-        mods = (["attention"] if self.attention else []) + (["word_vectors"] if self.embeddings != "random" else [])
+        mods = (["shared"] if self.shared else []) + (["attention"] if self.attention else [])
+        mods += ["word_vectors"] if self.embeddings != "random" else []
         mods += ([self.order] if self.order != "frequency" else []) + (["caption"] if self.caption else [])
         return "+".join([self.arch] + mods)
 
@@ -139,8 +143,8 @@ class LabelDecoder(nn.Module):
         self.rnn = nn.LSTM(embed, hidden, batch_first=True)
         if variant.uses_depths:
             self.depth_proj = nn.ModuleList(nn.Linear(d, embed) for d in self.depth_dims)
-        if arch == "seq2seq":
-            self.encoder = nn.LSTM(embed, hidden, batch_first=True)
+        if arch == "seq2seq":  # +shared: the decoder's LSTM itself (one set of weights, as the paper's best)
+            self.encoder = self.rnn if variant.shared else nn.LSTM(embed, hidden, batch_first=True)
         if arch == "joint":
             self.w_image = nn.Linear(rep_dim, embed)  # I W_I
             self.w_state = nn.Linear(hidden, embed, bias=False)  # h_t W_h
@@ -159,6 +163,11 @@ class LabelDecoder(nn.Module):
             self.att_v = nn.Linear(hidden, 1, bias=False)
             self.att_out = nn.Linear(memory + hidden, hidden)  # W_c, b_c
             self.feed = nn.Linear(hidden + embed, embed)  # input feeding W_x, b_x
+
+    @property
+    def decoder(self) -> nn.LSTM:
+        """The decoder's LSTM (for ``seq2seq+shared`` the very module ``encoder`` is)."""
+        return self.rnn
 
     def fit_standardisation(self, rep: np.ndarray, depths: np.ndarray | None = None) -> None:
         for array, mean, std in ((rep, self.rep_mean, self.rep_std), (depths, self.depth_mean, self.depth_std)):

@@ -14,7 +14,10 @@ from typing import Any
 from .stage_results import add_page_arguments, cross_fitted, figure, fusion_rows, run_with_page
 
 #: The paper's table (MS-COCO, VGG16 features, LSTM 512, label embeddings 100): P / R / F1 averaged over samples.
+#: WARP and softmax: F1 only (the figures it quotes for those baselines, top-k labels).
 PUBLISHED = [
+    {"model": "WARP", "precision": None, "recall": None, "f1": 60.7},
+    {"model": "softmax", "precision": None, "recall": None, "f1": 61.1},
     {"model": "BCE", "precision": 61.7, "recall": 65.0, "f1": 63.3},
     {"model": "joint embedding", "precision": 66.6, "recall": 65.3, "f1": 65.9},
     {"model": "joint embedding + attention", "precision": 69.5, "recall": 64.7, "f1": 67.0},
@@ -29,7 +32,7 @@ def _pct(x: float | None) -> str:
 
 
 #: the figures the results page shows (names in ``metrics["figures"]``)
-RESULT_FIGURES = ("comparison", "data_sizes", "training_curves")
+RESULT_FIGURES = ("comparison", "breakdown", "data_sizes", "training_curves")
 
 
 def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] | None = None,
@@ -85,11 +88,20 @@ def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] 
         out += ["", "Not trained in this run (`label_decoder.comparisons: false`)."]
     truth = metrics["table_split"]["labels_per_image"]
     out += ["", f"True labels per held-out image: {truth}.", ""]
+    ranked = [r for r in rows if r.get("rule")]
+    if ranked:
+        out += ["Ranking heads (WARP, softmax: an MLP head with the image stage's settings, trained with that loss): "
+                "their labels by a rule chosen on the fit part's selection rows, never on the held-out rows "
+                f"(`label_decoder.ranking_rule: {metrics['settings'].get('ranking_rule', 'auto')}`): "
+                + "; ".join(f"{r['model']} ({r['features']}): {r['rule']} (selection F1 "
+                            f"{_pct(r['rule_selection_f1'])})" for r in ranked) + ".", ""]
     out += figure(figures, "comparison", "decoders vs BCE heads")
     out += ["Published (MS-COCO, VGG16 features, 80 labels, ~82,000 training images):", "",
             "| model | P | R | F1 |", "|---|---|---|---|"]
-    out += [f"| {r['model']} | {r['precision']} | {r['recall']} | {r['f1']} |" for r in PUBLISHED]
-    out += ["", "## Reading", ""]
+    out += [f"| {r['model']} | {_published(r['precision'])} | {_published(r['recall'])} | {r['f1']} |"
+            for r in PUBLISHED]
+    out += [""] + breakdown_section(metrics, figures)
+    out += ["## Reading", ""]
     note = closing_note(metrics)
     if note:
         out += [note, ""]
@@ -126,6 +138,43 @@ def results_markdown(metrics: dict[str, Any], fusion_runs: list[dict[str, Any]] 
             f"{chosen['train_seconds']:,.0f} s. This stage run: {metrics['wall_seconds']:,.0f} s (its block "
             f"{metrics['block']}, the table's rows {metrics.get('table_seconds', 0):,.0f} s).", ""]
     return "\n".join(out)
+
+
+def _published(x: float | None) -> str:
+    return "" if x is None else str(x)
+
+
+def breakdown_section(metrics: dict[str, Any], figures: dict[str, str] | None) -> list[str]:
+    """The paper's figures 7 and 8 on this data: every row's held-out F1 by the images' number of true labels, and
+    per-class F1 of the chosen and best decoders beside the MLP heads (nothing for a metrics file made before)."""
+    rows = [r for r in metrics["table"] if r.get("f1_by_label_count")]
+    split = metrics["table_split"]
+    if not rows or "images_by_label_count" not in split:
+        return []
+    groups = list(split["images_by_label_count"])
+    out = ["### F1 by number of labels per image and per class", "",
+           "The paper's figures 7 and 8: mean F1 of the held-out images grouped by their number of true labels "
+           "(images in brackets), and each class's F1, from the same held-out sets as the table.", "",
+           "| model | features | " + " | ".join(f"{g} ({split['images_by_label_count'][g]:,})" for g in groups)
+           + " | all |", "|---|---|" + "---|" * (len(groups) + 1)]
+    out += [f"| {r['model']} | {r['features']} | "
+            + " | ".join(_pct(r["f1_by_label_count"][g]) for g in groups) + f" | {_pct(r['f1'])} |" for r in rows]
+    decoders = [r for r in rows if r["kind"] == "decoder"]
+    shown = [r for r in decoders if r.get("chosen")]
+    if decoders:
+        best = max(decoders, key=lambda r: r["f1"])
+        shown += [best] if best not in shown else []
+    shown += [r for r in rows if r["kind"] != "decoder" and r["features"] == "image" and "linear" not in r["model"]]
+    names, support = split.get("class_names"), split.get("class_support")
+    if shown and names and support:
+        out += ["", "| class (held-out images) | " + " | ".join(r["model"] for r in shown) + " |",
+                "|---|" + "---|" * len(shown)]
+        order = sorted(range(len(names)), key=lambda i: -support[i])
+        out += [f"| {names[i]} ({support[i]:,}) | " + " | ".join(_pct(r["per_class_f1"][i]) for r in shown) + " |"
+                for i in order]
+    out.append("")
+    out += figure(figures, "breakdown", "F1 by labels per image and per class")
+    return out
 
 
 def closing_note(metrics: dict[str, Any]) -> str:
@@ -167,6 +216,14 @@ def closing_note(metrics: dict[str, Any]) -> str:
             prev = sizes[-2]
             note += f" ({100 * (last['gap'] - prev['gap']):+.1f} over the last {last['n_fit'] / prev['n_fit']:.1f}x)"
         note += "."
+    ranked = {r["kind"]: r for r in rows if r.get("rule") and r["features"] == "image"}
+    if ranked:
+        mlp = next((r for r in bce if r["model"] == "BCE MLP head"), base_row)
+        note += (" The same MLP head trained with a ranking loss: "
+                 + ", ".join(f"{'WARP' if k == 'warp' else k} {100 * r['f1']:.1f} ({r['rule']})"
+                             for k, r in ranked.items())
+                 + f", against {100 * mlp['f1']:.1f} with BCE (published on MS-COCO: WARP 60.7, softmax 61.1, BCE "
+                 "63.3).")
     truth = metrics.get("table_split", {}).get("labels_per_image")
     if truth:
         note += (f" Held-out images carry {truth} labels on average (of 18), so a decoded sequence is mostly one or "

@@ -11,10 +11,12 @@ image (``+caption``).
   networks for the test records, and kept as the artifact — the fused network's block ``label_decoder`` — and
   thresholded into ``output/submission_label_decoder.csv``.
 * With ``label_decoder.comparisons: true``, the paper's table (``label_decoder.compare``): every decoder trained on
-  the first fold, beside BCE heads on the same features and the same split; precision, recall and F1 of each
-  sample's decoded label set (no threshold), averaged over the samples; and the learning curve
-  (``data_sizes``). In ``metrics/label_decoder.json`` (``table``, ``data_sizes``); the page with the published
-  figures beside is :mod:`multilabel_fusion.reports.label_decoder_page`.
+  the first fold, beside BCE heads and ranking-loss heads (WARP, softmax: ``ranking_baselines``, their labels by a
+  top-k or threshold rule chosen on the fit part's selection rows) on the same features and the same split;
+  precision, recall and F1 of each sample's decoded label set (no threshold), averaged over the samples; for every
+  row F1 by the images' number of true labels and per class (the paper's figures 7-8); and the learning curve
+  (``data_sizes``). In ``metrics/label_decoder.json`` (``table``, ``table_split``, ``data_sizes``); the page with the
+  published figures beside is :mod:`multilabel_fusion.reports.label_decoder_page`.
 
 Every network is trained by the one trainer (run folders keyed by the settings, exact resume); the decoder's
 sequence loss comes in through its ``batch_loss`` hook, model selection (mean-F1 of the decoded sets) through
@@ -35,8 +37,9 @@ from torch import nn
 
 from ..data import labels as L
 from ..evaluation import figures as plots
-from ..evaluation.metrics import sample_f1
-from ..evaluation.thresholds import decide, tune_per_class
+from ..evaluation.metrics import f1_by_label_count, label_count_groups, per_class, sample_f1
+from ..evaluation.thresholds import (apply_ranking_rule, choose_ranking_rule, decide, describe_ranking_rule,
+                                     tune_per_class)
 from ..io.artifacts import Artifact
 from ..io.assets import load_vectors
 from ..networks.device import cpu_threads
@@ -45,9 +48,10 @@ from ..networks.label_decoder import (PAD, FeatureBatches, Variant, batch_loss, 
 from ..networks.label_decoder import LabelDecoder as DecoderNetwork
 from ..networks.precision import training_precision
 from ..settings import Settings, common_settings
+from ..training import ranking as ranking_losses
 from ..training import trainer
 from ..training.crossfit import cross_fit, fill_in_sample
-from ..training.heads import HeadSettings, train_head
+from ..training.heads import HeadSettings, feature_loader, train_head
 from .base import BlockPredictor, NewRecords, Stage, best_weights, fold_mean, load_tensors, tensor_bytes
 from .context import StageContext, Workspace
 from .outputs import finish, records
@@ -114,19 +118,20 @@ class LabelDecoder(Stage):
         beside BCE heads on the same features and the learning curve; submission, metrics and figures."""
         ld = ctx.settings.label_decoder
         names = [ld.variant] + ([ld.curve_variant, *ld.compare] if ld.comparisons else [])
-        need_caption = any(Variant.parse(n).caption for n in names) or (ld.comparisons and ld.bce_baseline)
+        need_caption = any(Variant.parse(n).caption for n in names) or (
+            ld.comparisons and (ld.bce_baseline or bool(ld.ranking_baselines)))
         feats = load_features(ctx, need_caption)
         decoders = Decoders(ctx, feats)
         table: list[dict[str, Any]] = []
         sizes: list[dict[str, Any]] = []
+        breakdown: dict[str, Any] = {}
         with cpu_threads(ctx.device, ld.threads or torch.get_num_threads()):
             found, state = self._block(ctx, decoders)
             t_table = time.time()
             if ld.comparisons:
-                table = compare_decoders(ctx, decoders)
-                if ld.bce_baseline:
-                    table += bce_baselines(ctx, feats)
-                paired_gaps(table)
+                table = compare_decoders(ctx, decoders) + head_baselines(ctx, feats)
+                paired_gaps(table, ctx.targets[ctx.folds[0][1]])
+                breakdown = breakdowns(table, ctx.targets[ctx.folds[0][1]])
                 sizes = data_size_curve(ctx, decoders, table) if ld.bce_baseline and ld.data_sizes else []
             table_seconds = time.time() - t_table
         info = found.info
@@ -140,6 +145,8 @@ class LabelDecoder(Stage):
         if len(history0):
             figures["training_curves"] = plots.decoder_curves(history0, out / "label_decoder_training.png",
                                                               f"decoder {info['variant']} (fold 1)")
+        if table:
+            figures["breakdown"] = plots.decoder_breakdown(table, breakdown, out / "label_decoder_breakdown.png")
         if sizes:
             figures["data_sizes"] = plots.decoder_data_sizes(sizes, out / "label_decoder_data_sizes.png")
         image = ctx.require("image")
@@ -156,7 +163,8 @@ class LabelDecoder(Stage):
                           "train_seconds": round(sum(f["train_seconds"] for f in info["folds"]), 1),
                           "decode_seconds": info.get("decode_seconds")},
             "table": table, "table_split": {"fold": 0, "n_fit": int(len(ctx.folds[0][0])), "n_held": int(len(held)),
-                                            "labels_per_image": round(float(ctx.targets[held].sum(1).mean()), 3)},
+                                            "labels_per_image": round(float(ctx.targets[held].sum(1).mean()), 3),
+                                            **breakdown},
             "table_seconds": round(table_seconds, 1), "data_sizes": sizes, "decoder_history": records(history0),
             "label_order": [L.names()[i] for i in np.argsort(frequency_rank(ctx.targets[ctx.folds[0][0]]))],
         }
@@ -372,18 +380,29 @@ def _scores_f1(ctx: StageContext, probs: np.ndarray, y: np.ndarray) -> dict[str,
     return {"scores_f1_at_0.5": round(at_half["f1"], 4), "scores_f1_tuned": round(tuned, 4)}
 
 
-def paired_gaps(table: list[dict[str, Any]]) -> None:
-    """Each row's F1 minus the BCE MLP head's on the same features, with the standard error of that difference
-    paired over the held-out images (the scale noise alone gives a gap); the per-image F1s are then dropped."""
-    reference = {r["features"]: r["_per_image"] for r in table if r["kind"] == "bce" and r["model"] == "BCE MLP head"}
-    for r in table:
+def paired_gaps(table: list[dict[str, Any]], y: np.ndarray) -> None:
+    """Each decoder's and ranking head's F1 minus the BCE MLP head's on the same features, with the standard error of
+    that difference paired over the held-out images ``y`` (the scale noise alone gives a gap)."""
+    per_image = [sample_f1(y, r["_sets"]) for r in table]
+    reference = {r["features"]: f for r, f in zip(table, per_image) if r["kind"] == "bce" and r["model"] == "BCE MLP head"}
+    for r, f in zip(table, per_image):
         other = reference.get(r["features"])
-        if other is not None and r["kind"] == "decoder":
-            diff = r["_per_image"] - other
+        if other is not None and r["kind"] != "bce":
+            diff = f - other
             r["gap_vs_bce_mlp"] = round(float(diff.mean()), 4)
             r["gap_se"] = round(float(diff.std(ddof=1) / np.sqrt(len(diff))), 4)
+
+
+def breakdowns(table: list[dict[str, Any]], y: np.ndarray) -> dict[str, Any]:
+    """The paper's figures 7 and 8 for every row: mean-F1 of the held-out images grouped by their number of true labels
+    (``f1_by_label_count``) and per-class F1 (``per_class_f1``, label order) of its held-out sets, which are then
+    dropped from the rows. Returns the groups' sizes and the classes' supports."""
     for r in table:
-        r.pop("_per_image", None)
+        sets = r.pop("_sets")
+        r["f1_by_label_count"] = f1_by_label_count(y, sets)
+        r["per_class_f1"] = per_class(y, sets)["f1"]
+    return {"images_by_label_count": {name: int(rows.sum()) for name, rows in label_count_groups(y)},
+            "class_names": L.names(), "class_support": per_class(y, y)["support"]}
 
 
 def compare_decoders(ctx: StageContext, decoders: Decoders) -> list[dict[str, Any]]:
@@ -399,12 +418,8 @@ def compare_decoders(ctx: StageContext, decoders: Decoders) -> list[dict[str, An
         got = decoders.decode(trained, held_idx)
         seconds = time.time() - t0
         r = trained["result"]
-        prf = sample_prf(y, got["sets"])
         what = decoders.feats.caption_name if trained["variant"].caption else "image"
-        rows.append({"_per_image": sample_f1(y, got["sets"]), "model": name, "kind": "decoder", "features": what,
-                     "precision": round(prf["precision"], 4), "recall": round(prf["recall"], 4),
-                     "f1": round(prf["f1"], 4), **_scores_f1(ctx, got["scores"], y),
-                     "labels_per_image": round(float(got["sets"].sum(1).mean()), 3),
+        rows.append({**_set_row(ctx, name, "decoder", what, got["sets"], got["scores"], y),
                      "best_epoch": r.best_epoch, "epochs_run": int(len(r.history)),
                      "train_seconds": trained["train_seconds"], "decode_seconds": round(seconds, 2),
                      "parameters": trained["parameters"], "chosen": name == Variant.parse(ld.variant).name,
@@ -412,48 +427,83 @@ def compare_decoders(ctx: StageContext, decoders: Decoders) -> list[dict[str, An
     return rows
 
 
-def _bce_row(ctx: StageContext, title: str, what: str, hidden: int, features: tuple[np.ndarray, np.ndarray],
-             keys: dict[str, str], fit_idx: np.ndarray, held_idx: np.ndarray,
-             tag: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One BCE head (the image stage's head settings, ``hidden=0``: linear) trained on ``fit_idx`` (less its
-    selection rows, which choose the epoch), scored on ``held_idx``: P/R/F1 of its labels at 0.5 (at least the top
-    label), as a table row."""
-    ci = ctx.settings.image
+def _set_row(ctx: StageContext, model: str, kind: str, what: str, sets: np.ndarray, scores: np.ndarray,
+             y: np.ndarray) -> dict[str, Any]:
+    """What every row of the table says of its held-out label sets (kept as ``_sets`` for the paired gaps and the
+    breakdowns) and per-label scores."""
+    prf = sample_prf(y, sets)
+    return {"_sets": sets, "model": model, "kind": kind, "features": what,
+            "precision": round(prf["precision"], 4), "recall": round(prf["recall"], 4), "f1": round(prf["f1"], 4),
+            **_scores_f1(ctx, scores, y), "labels_per_image": round(float(sets.sum(1).mean()), 3)}
+
+
+def _head_row(ctx: StageContext, title: str, what: str, hidden: int, features: tuple[np.ndarray, np.ndarray],
+              keys: dict[str, str], fit_idx: np.ndarray, held_idx: np.ndarray,
+              tag: dict[str, Any] | None = None, loss: str = "bce") -> dict[str, Any]:
+    """One head (the image stage's head settings, ``hidden=0``: linear) trained on ``fit_idx`` (less its selection
+    rows, which choose the epoch), scored on ``held_idx``, as a table row. ``bce``: the weighted BCE, its labels at
+    0.5 (at least the top label). ``warp`` / ``softmax`` (:mod:`..training.ranking`): its labels by the rule of
+    ``label_decoder.ranking_rule`` chosen on the selection rows (which also choose the epoch by that rule's F1)."""
+    ci, ld = ctx.settings.image, ctx.settings.label_decoder
     y = ctx.targets[held_idx]
-    rule = ctx.settings.thresholds.at_least_one
     hs = HeadSettings(hidden, ci.head_dropout, ci.head_lr, ci.head_batch_size, ci.head_epochs, ci.head_patience,
                       ci.label1_weight)
     settings = {"features": keys, "hidden": hidden, **(tag or {}),
                 **{k: ci[k] for k in ("head_dropout", "head_lr", "head_batch_size", "label1_weight")}}
-    run_dir = ctx.run_dir("label_decoder_bce", {**settings, "fold": [0, len(ctx.folds)]})
+    network, ranking = "label_decoder_bce", {}
+    if loss != "bce":  # the BCE heads' run folders stay as they were; a ranking head's says its loss and rule
+        network = "label_decoder_ranking"
+        settings = {**{k: v for k, v in settings.items() if k != "label1_weight"}, "loss": loss,
+                    "rule": ld.ranking_rule, **({"margin": ld.warp_margin} if loss == "warp" else {})}
+        ranking = {"loss_fn": ranking_losses.LOSSES[loss](ld.warp_margin), "activation": ranking_losses.SCORES[loss],
+                   "score_fn": lambda scores, truth: choose_ranking_rule(scores, truth, ld.ranking_rule)["f1"]}
+    run_dir = ctx.run_dir(network, {**settings, "fold": [0, len(ctx.folds)]})
     fit_rows, select_rows = ctx.selection(0, fit_idx, held_idx)
+    precision = training_precision(ctx.device, ctx.settings.trainer.mixed_precision)
     model, result, held, _ = train_head(
         features[0], features[1], ctx.targets, hs, fit_idx=fit_rows, select_idx=select_rows, held_idx=held_idx,
-        run_dir=run_dir, name=f"{title} ({what})", settings=settings, device=ctx.device,
-        precision=training_precision(ctx.device, ctx.settings.trainer.mixed_precision),
-        seed=ctx.settings.trainer.seed, resume=ctx.resume)
-    pred = decide(held, 0.5, at_least_one=rule)
-    prf = sample_prf(y, pred)
-    return {"_per_image": sample_f1(y, pred), "model": title, "kind": "bce", "features": what,
-            "precision": round(prf["precision"], 4), "recall": round(prf["recall"], 4), "f1": round(prf["f1"], 4),
-            **_scores_f1(ctx, held, y), "labels_per_image": round(float(pred.sum(1).mean()), 3),
+        run_dir=run_dir, name=f"{title} ({what})", settings=settings, device=ctx.device, precision=precision,
+        seed=ctx.settings.trainer.seed, resume=ctx.resume, **ranking)
+    extra: dict[str, Any] = {}
+    if loss == "bce":
+        pred = decide(held, 0.5, at_least_one=ctx.settings.thresholds.at_least_one)
+    else:  # the rule is chosen on the selection rows' scores, never on the held-out rows
+        loader = feature_loader(features[0][select_rows], None, 4096, False, 0)
+        chosen = choose_ranking_rule(trainer.predict(model, loader, ctx.device, precision=precision,
+                                                     activation=ranking["activation"]),
+                                     ctx.targets[select_rows], ld.ranking_rule)
+        pred = apply_ranking_rule(held, chosen)
+        extra = {"rule": describe_ranking_rule(chosen), "rule_selection_f1": round(chosen["f1"], 4)}
+    return {**_set_row(ctx, title, loss, what, pred, held, y), **extra,
             "best_epoch": result.best_epoch, "epochs_run": int(len(result.history)),
             "train_seconds": round(float(result.history["seconds"].sum()), 1) if len(result.history) else 0.0,
             "decode_seconds": None, "parameters": sum(p.numel() for p in model.parameters()),
             "chosen": False, "run_dir": str(run_dir)}
 
 
-def bce_baselines(ctx: StageContext, feats: Features) -> list[dict[str, Any]]:
-    """BCE heads on the same features and the same split (first fold): the project's MLP head (image stage
-    settings) on the pooled image features, a linear head on them, and the MLP head on image + caption."""
-    ci = ctx.settings.image
+#: a ranking head's name in the table
+RANKING_TITLES = {"warp": "WARP MLP head", "softmax": "softmax MLP head"}
+
+
+def head_baselines(ctx: StageContext, feats: Features) -> list[dict[str, Any]]:
+    """Heads on the same features and the same split (first fold): with ``bce_baseline`` BCE heads (the project's MLP
+    head, image stage settings, on the pooled image features; a linear head on them; the MLP head on image +
+    caption), then the MLP head with each ranking loss of ``label_decoder.ranking_baselines`` on the same features
+    (the paper's WARP and softmax rows)."""
+    ci, ld = ctx.settings.image, ctx.settings.label_decoder
     fit_idx, held_idx = ctx.folds[0]
     image_key = {"image": feats.keys["image"]}
-    rows = [_bce_row(ctx, "BCE MLP head", "image", ci.head_hidden, feats.image, image_key, fit_idx, held_idx),
-            _bce_row(ctx, "BCE linear head", "image", 0, feats.image, image_key, fit_idx, held_idx)]
+    inputs = [("image", feats.image, image_key)]
     if feats.caption is not None:
-        rows.append(_bce_row(ctx, "BCE MLP head", feats.caption_name, ci.head_hidden, _with_caption(feats),
-                             feats.keys, fit_idx, held_idx))
+        inputs.append((feats.caption_name, _with_caption(feats), feats.keys))
+    rows = []
+    if ld.bce_baseline:
+        rows += [_head_row(ctx, "BCE MLP head", "image", ci.head_hidden, feats.image, image_key, fit_idx, held_idx),
+                 _head_row(ctx, "BCE linear head", "image", 0, feats.image, image_key, fit_idx, held_idx)]
+        rows += [_head_row(ctx, "BCE MLP head", what, ci.head_hidden, x, keys, fit_idx, held_idx)
+                 for what, x, keys in inputs[1:]]
+    rows += [_head_row(ctx, RANKING_TITLES[loss], what, ci.head_hidden, x, keys, fit_idx, held_idx, loss=loss)
+             for loss in ld.ranking_baselines for what, x, keys in inputs]
     return rows
 
 
@@ -480,7 +530,7 @@ def data_size_curve(ctx: StageContext, decoders: Decoders, table: list[dict[str,
         features, keys = feats.image, {"image": feats.keys["image"]}
         if chosen.caption:
             features, keys = _with_caption(feats), feats.keys
-        bce = _bce_row(ctx, "BCE MLP head", what, ci.head_hidden, features, keys, subset, held_idx, tag={"n_fit": n})
+        bce = _head_row(ctx, "BCE MLP head", what, ci.head_hidden, features, keys, subset, held_idx, tag={"n_fit": n})
         rows.append({"n_fit": n, "decoder": chosen.name, "decoder_f1": round(prf["f1"], 4), "bce_f1": bce["f1"],
                      "decoder_best_epoch": trained["result"].best_epoch, "bce_best_epoch": bce["best_epoch"]})
     full_dec = next((r for r in table if r["kind"] == "decoder" and r["model"] == chosen.name), None)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..networks.device import seed_everything
@@ -53,13 +55,17 @@ def predict_heads(heads: list[MLPHead], x: np.ndarray, device: torch.device, pre
 
 def train_head(train_features: np.ndarray, test_features: np.ndarray, targets: np.ndarray, hs: HeadSettings, *,
                fit_idx: np.ndarray, select_idx: np.ndarray, held_idx: np.ndarray, run_dir: Path, name: str,
-               settings: dict, device: torch.device, precision: Precision, seed: int, resume: bool = False):
+               settings: dict, device: torch.device, precision: Precision, seed: int, resume: bool = False,
+               loss_fn: nn.Module | None = None, activation: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid,
+               score_fn: Callable[[np.ndarray, np.ndarray], float] | None = None):
     """Fit an :class:`MLPHead` on the rows ``fit_idx`` of ``train_features`` with the shared trainer; the rows
     ``select_idx`` (never trained on) choose the epoch and the learning-rate plateaus (ReduceLROnPlateau on their
     mean-F1, the published fusion schedule); the rows ``held_idx`` and the test rows are only predicted.
 
-    ``run_dir`` is the caller's checkpoint folder, keyed by the settings that shape the weights. Returns
-    ``(model, fit_result, held_probs, test_probs)``.
+    ``run_dir`` is the caller's checkpoint folder, keyed by the settings that shape the weights. The defaults train
+    with the weighted BCE and select by mean-F1 at 0.5; a head with another loss (e.g. a ranking loss) gives
+    ``loss_fn``, the map of its logits to scores (``activation``) and ``score_fn(select_scores, select_targets)``,
+    its selection score. Returns ``(model, fit_result, held_probs, test_probs)`` (``activation`` of the logits).
     """
     seed_everything(seed)
     y = targets
@@ -69,12 +75,19 @@ def train_head(train_features: np.ndarray, test_features: np.ndarray, targets: n
     optimizer = torch.optim.Adam(model.parameters(), lr=hs.lr, weight_decay=hs.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=hs.plateau_patience,
                                                            factor=hs.plateau_factor)
+    select_loader = feature_loader(x_sel, y[select_idx], 4096, False, seed)
+
+    def selection_score(m: nn.Module) -> float:
+        return score_fn(trainer.predict(m, select_loader, device, precision=precision, activation=activation),
+                        y[select_idx])
+
     result = trainer.fit(
         model,
         feature_loader(x_fit, y[fit_idx], hs.batch_size, True, seed),
-        feature_loader(x_sel, y[select_idx], 4096, False, seed),
+        select_loader,
         y[select_idx],
-        loss_fn=trainer.weighted_bce(hs.label1_weight),
+        loss_fn=loss_fn if loss_fn is not None else trainer.weighted_bce(hs.label1_weight),
+        score_fn=None if score_fn is None else selection_score,
         optimizer=optimizer,
         scheduler=scheduler,
         scheduler_uses_metric=True,
@@ -89,7 +102,7 @@ def train_head(train_features: np.ndarray, test_features: np.ndarray, targets: n
         name=name,
     )
     val_probs = trainer.predict(model, feature_loader(train_features[held_idx], None, 4096, False, seed), device,
-                                precision=precision)
+                                precision=precision, activation=activation)
     test_probs = trainer.predict(model, feature_loader(test_features, None, 4096, False, seed), device,
-                                 precision=precision)
+                                 precision=precision, activation=activation)
     return model, result, val_probs, test_probs

@@ -69,8 +69,10 @@ def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, device: torch.device, *, amp: bool = True,
-            precision: Precision | None = None, desc: str | None = None) -> np.ndarray:
-    """Sigmoid probabilities for every batch of ``loader``.
+            precision: Precision | None = None, desc: str | None = None,
+            activation: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid) -> np.ndarray:
+    """Sigmoid probabilities for every batch of ``loader`` (``activation``: another map of the logits, e.g. the
+    softmax of a head trained with a softmax loss).
 
     A batch is a tensor, or a list/tuple whose first element is the inputs (``(inputs, targets)`` as in
     :func:`fit`, or ``(inputs,)`` from a TensorDataset); tuple inputs go to ``model(*inputs)``.
@@ -84,7 +86,7 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, amp: bo
         inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
         with precision.autocast():
             logits = _forward(model, _to_device(inputs, device))
-        out.append(torch.sigmoid(logits.float()).cpu().numpy())
+        out.append(activation(logits.float()).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
