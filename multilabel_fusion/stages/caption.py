@@ -68,6 +68,15 @@ def build_vocabulary(ws: Workspace, train_tokens, test_tokens):
     return vocab, matrix, vectors_asset
 
 
+def reader_spec(ws: Workspace, version: int) -> dict[str, Any]:
+    """What shapes a stage that reads the captions as this one cleans them, with its word vectors, on top of the
+    image features (stages 06 and 07): the vectors' identity, its own ``version``, the text-cleaning version, the
+    split and the seed (the image features' key is among its inputs)."""
+    vectors = ws.assets.word_vectors(ws.settings.caption, ws.models_dir / "vectors")
+    return {"assets": {"vectors": {"name": vectors.name, "identity": vectors.identity}},
+            "version": version, "text_version": text.TEXT_VERSION, "common": common_settings(ws.settings)}
+
+
 def load_vocabulary(store, key: str) -> text.Vocabulary | None:
     """The kept vocabulary of the caption artifact ``key``, or None."""
     found = store.load(VOCABULARY, key)

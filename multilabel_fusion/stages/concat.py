@@ -29,11 +29,11 @@ from ..networks.concat import ConcatLSTM, make_optimizer
 from ..networks.device import cpu_threads, model_size_mb
 from ..networks.joint_embedding import PairBatches
 from ..networks.precision import training_precision
-from ..settings import Settings, common_settings
+from ..settings import Settings
 from ..training import trainer
 from ..training.crossfit import cross_fit, fill_in_sample
-from .base import BlockPredictor, NewRecords, Stage, best_weights, fold_mean
-from .caption import CaptionPredictor, build_vocabulary, cleaned_tokens
+from .base import NewRecords, Stage, best_weights, fold_mean
+from .caption import CaptionPredictor, build_vocabulary, cleaned_tokens, reader_spec
 from .context import StageContext, Workspace
 from .outputs import finish, records
 
@@ -74,11 +74,7 @@ class ConcatNetwork(Stage):
         return ("image",)
 
     def spec(self, ws: Workspace) -> dict[str, Any]:
-        """The word vectors' identity, the text-cleaning version, the split and the seed (the image features' key is
-        among the inputs)."""
-        vectors = ws.assets.word_vectors(ws.settings.caption, ws.models_dir / "vectors")
-        return {"assets": {"vectors": {"name": vectors.name, "identity": vectors.identity}},
-                "version": VERSION, "text_version": text.TEXT_VERSION, "common": common_settings(ws.settings)}
+        return reader_spec(ws, VERSION)
 
     def fit(self, ctx: StageContext) -> Artifact:
         return self._networks(ctx)[0]
