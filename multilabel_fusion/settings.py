@@ -166,15 +166,18 @@ class Shapes:
     several, e.g. the image section's features, head and fine-tuning); none: a how-to-run setting (speed, display,
     the extra comparisons) or one whose resolved identity keys instead (a weights file: its sha256). ``weights``:
     False for a setting that shapes the result but not a network's weights, so that it does not key a training
-    run's folder (how long to train: raising ``epochs`` continues the same run with ``--resume``).
+    run's folder (how long to train: raising ``epochs`` continues the same run with ``--resume``). ``unless``: values
+    that key nothing, so that a setting added later, at its default, leaves the keys of every result made before it
+    (cached features, trained runs) as they were; any other value keys its parts as usual.
     """
 
     parts: tuple[str, ...] = ("result",)
     weights: bool = True
+    unless: tuple[Any, ...] = ()
 
 
-def shapes(*parts: str, weights: bool = True) -> Shapes:
-    return Shapes(tuple(parts), weights)
+def shapes(*parts: str, weights: bool = True, unless: tuple[Any, ...] = ()) -> Shapes:
+    return Shapes(tuple(parts), weights, tuple(unless))
 
 
 #: How to run, not what comes out: speed, threads, display, the optional comparison tables.
@@ -218,7 +221,8 @@ class Section(BaseModel):
         ``weights_only``: only those that shape a network's weights (the key of a training run's folder)."""
         values = self.to_dict()
         return {name: values[name] for name, field in type(self).model_fields.items()
-                if part in _shapes_of(field).parts and (_shapes_of(field).weights or not weights_only)}
+                if part in _shapes_of(field).parts and (_shapes_of(field).weights or not weights_only)
+                and values[name] not in _shapes_of(field).unless}
 
 
 class PathsSection(Section):
@@ -272,6 +276,15 @@ class AugmentSection(Section):
 
 FEATURES, HEAD, FINE_TUNE = shapes("features"), shapes("head"), shapes("fine_tune")
 
+#: BCE's ``pos_weight``: ``auto`` weighs each label's positive terms by its negatives / positives among the rows a
+#: network trains on (each fold's own, never held-out rows: :func:`multilabel_fusion.training.trainer.pos_weight`);
+#: ``off``: none. Added after results were cached, so ``off`` (every stage's default) keys nothing.
+PosWeight = Annotated[Literal["off", "auto"], BeforeValidator(lambda v: "off" if v is False else v)]  # YAML: off is false
+
+
+def pos_weight_shapes(*parts: str) -> Shapes:
+    return shapes(*parts, unless=("off",))
+
 
 class ImageSection(Section):
     """Parts: ``features`` (the cached CNN features), ``head`` (the head trained on them), ``fine_tune``."""
@@ -305,6 +318,7 @@ class ImageSection(Section):
     head_epochs: Annotated[PositiveInt, shapes("head", weights=False)]
     head_patience: Annotated[PositiveInt, shapes("head", weights=False)]
     label1_weight: Annotated[Weight, shapes("head", "fine_tune")]
+    pos_weight: Annotated[PosWeight, pos_weight_shapes("head", "fine_tune")] = "off"
     lr: Annotated[LearningRate, FINE_TUNE]
     batch_size: Annotated[PositiveInt, FINE_TUNE]
     epochs: Annotated[PositiveInt, shapes("fine_tune", weights=False)]
@@ -328,6 +342,7 @@ class CaptionSection(Section):
     epochs: Annotated[PositiveInt, RESULT_ONLY]
     patience: Annotated[PositiveInt, RESULT_ONLY]
     label1_weight: Weight
+    pos_weight: Annotated[PosWeight, pos_weight_shapes("result")] = "off"
     train_embeddings: bool
 
 
@@ -343,6 +358,28 @@ class FusionSection(Section):
     plateau_factor: Annotated[Number, Field(gt=0, lt=1)]
     grad_clip: Weight | None  # 0 or null: no clipping
     label1_weight: Weight
+    pos_weight: Annotated[PosWeight, pos_weight_shapes("result")] = "off"
+
+
+class ConcatSection(Section):
+    """Stage 07: the ResNet + LSTM report's one network (frozen CNN features and a caption LSTM, concatenated, two
+    fully connected layers with batch norm), trained end to end per fold."""
+
+    seq_len: PositiveInt
+    hidden: PositiveInt
+    layers: PositiveInt
+    bidirectional: bool
+    fc_hidden: PositiveInt
+    dropout: Dropout
+    train_embeddings: bool
+    pos_weight: PosWeight
+    optimizer: Literal["adadelta", "adam"]
+    lr: LearningRate
+    weight_decay: Weight
+    grad_clip: Weight | None  # 0 or null: no clipping
+    batch_size: Annotated[int, Field(ge=2)]  # batch norm needs two rows
+    epochs: Annotated[PositiveInt, RESULT_ONLY]
+    patience: Annotated[PositiveInt, RESULT_ONLY]
 
 
 class TextSection(Section):
@@ -479,6 +516,7 @@ class Settings(Section):
     trainer: TrainerSection
     image: ImageSection
     caption: CaptionSection
+    concat: ConcatSection
     fusion: FusionSection
     text: TextSection
     detector: DetectorSection

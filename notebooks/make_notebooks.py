@@ -436,7 +436,7 @@ FULL_ABOUT = ("Runs every stage of `pipeline.stages` in `config.yaml` (image net
               "does, shows their figures and comparison, and validates **`output/predictions.csv`**, the file to "
               "upload to Kaggle. "
               "Every stage caches its work, so running it again, or after a disconnect with Drive, is quick. "
-              "Each stage also has its own notebook (01–07).")
+              "Each stage also has its own notebook (01–08).")
 
 RUN_STAGE = '''\
 # as stages/{script} does: first the (earlier) stages whose artifacts it reads, where missing for these settings,

@@ -58,6 +58,25 @@ def cleaned_tokens(ws: Workspace) -> tuple[list[list[str]], list[list[str]]]:
     return parts[0], parts[1]
 
 
+def build_vocabulary(ws: Workspace, train_tokens, test_tokens):
+    """The vocabulary of every cleaned caption word with a vector (``caption.vectors``), its embedding rows, and the
+    vectors' asset (also what stage 07's caption LSTM reads)."""
+    from ..io.assets import load_vectors
+
+    vectors_asset = ws.assets.word_vectors(ws.settings.caption, ws.models_dir / "vectors")
+    vocab, matrix = text.build_vocabulary(train_tokens + test_tokens, load_vectors(vectors_asset))
+    return vocab, matrix, vectors_asset
+
+
+def reader_spec(ws: Workspace, version: int) -> dict[str, Any]:
+    """What shapes a stage that reads the captions as this one cleans them, with its word vectors, on top of the
+    image features (stages 06 and 07): the vectors' identity, its own ``version``, the text-cleaning version, the
+    split and the seed (the image features' key is among its inputs)."""
+    vectors = ws.assets.word_vectors(ws.settings.caption, ws.models_dir / "vectors")
+    return {"assets": {"vectors": {"name": vectors.name, "identity": vectors.identity}},
+            "version": version, "text_version": text.TEXT_VERSION, "common": common_settings(ws.settings)}
+
+
 def load_vocabulary(store, key: str) -> text.Vocabulary | None:
     """The kept vocabulary of the caption artifact ``key``, or None."""
     found = store.load(VOCABULARY, key)
@@ -84,14 +103,6 @@ class CaptionNetwork(Stage):
         return {"assets": {"vectors": {"name": vectors.name, "identity": vectors.identity}},
                 "version": text.TEXT_VERSION, "common": common_settings(ws.settings)}
 
-    def build_vocabulary(self, ctx: StageContext, train_tokens, test_tokens):
-        """The vocabulary of every cleaned caption word with a vector, its embedding rows, and the vectors' asset."""
-        from ..io.assets import load_vectors
-
-        vectors_asset = ctx.assets.word_vectors(ctx.settings.caption, ctx.models_dir / "vectors")
-        vocab, matrix = text.build_vocabulary(train_tokens + test_tokens, load_vectors(vectors_asset))
-        return vocab, matrix, vectors_asset
-
     def keep_vocabulary(self, ctx: StageContext, vocab: text.Vocabulary) -> None:
         ctx.store.save(VOCABULARY, ctx.key(), ctx.spec(), {"tokens": np.array(vocab.tokens, dtype=str)},
                        {"what": "the token of each row of the fold networks' embeddings"})
@@ -105,7 +116,7 @@ class CaptionNetwork(Stage):
             return train_and_extract(self, ctx), "computed"
         log.info(f"[caption] reusing the features {found.dir}")
         if ctx.store.load(VOCABULARY, ctx.key(), mmap=True) is None:  # made before the vocabulary was kept
-            vocab, _, _ = self.build_vocabulary(ctx, *cleaned_tokens(ctx))
+            vocab, _, _ = build_vocabulary(ctx, *cleaned_tokens(ctx))
             if len(vocab) != found.info["vocabulary_size"]:
                 raise ValueError(f"{found.dir}: the vocabulary built again has {len(vocab)} rows, the networks "
                                  f"{found.info['vocabulary_size']}; delete that folder and run stage 02 again")
@@ -150,7 +161,7 @@ def train_and_extract(stage: CaptionNetwork, ctx: StageContext) -> Artifact:
     c, settings = ctx.settings.caption, ctx.settings
     t_text = time.time()
     train_tokens, test_tokens = cleaned_tokens(ctx)
-    vocab, matrix, vectors_asset = stage.build_vocabulary(ctx, train_tokens, test_tokens)  # only the corpus rows
+    vocab, matrix, vectors_asset = build_vocabulary(ctx, train_tokens, test_tokens)  # only the corpus rows
     oov = text.oov_report(train_tokens, vocab)
     train_ids, train_len = vocab.encode(train_tokens, c.seq_len)
     test_ids, test_len = vocab.encode(test_tokens, c.seq_len)
@@ -179,7 +190,7 @@ def train_and_extract(stage: CaptionNetwork, ctx: StageContext) -> Artifact:
         optimizer = make_optimizer(model, c.lr, c.weight_decay)
         result = trainer.fit(
             model, train_batches, select_batches, targets[select_idx],
-            loss_fn=trainer.weighted_bce(c.label1_weight), optimizer=optimizer,
+            loss_fn=trainer.bce_for(c.pos_weight, c.label1_weight, targets[train_idx]), optimizer=optimizer,
             scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=c.step_gamma),
             run_dir=run_dir, epochs=c.epochs, patience=c.patience, grad_clip=c.grad_clip, device=ctx.device,
             precision=precision, resume=ctx.resume, settings={**spec, "fold": k}, name=f"caption fold {k + 1}",
@@ -247,6 +258,12 @@ class CaptionPredictor(BlockPredictor):
     """Captions cleaned and encoded as stage 02 did (its kept vocabulary), through every fold network."""
 
     stage = "caption"
+    part = "caption networks"  # what the size report and a bundle call the fold networks
+
+    @staticmethod
+    def network(state: dict, description: dict[str, Any]) -> torch.nn.Module:
+        """One fold network from its weights (a bundle entry)."""
+        return _network(state, description)
 
     def __init__(self, blocks: Sequence[str], description: dict[str, Any], vocabulary: text.Vocabulary,
                  networks: list[CaptionBiLSTM]):
@@ -257,11 +274,15 @@ class CaptionPredictor(BlockPredictor):
     def fold_networks(self) -> list[torch.nn.Module]:
         return list(self.networks)
 
-    def transform(self, records: NewRecords, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        c = self.description
+    def encode(self, records: NewRecords) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and lengths of the records' captions, cleaned and encoded as the stage did."""
         captions = list(records.captions)
         tokens = text.clean_captions(captions, desc="cleaning captions" if len(captions) > 1000 else None)
-        ids, lengths = self.vocabulary.encode(tokens, c["seq_len"])
+        return self.vocabulary.encode(tokens, self.description["seq_len"])
+
+    def transform(self, records: NewRecords, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        c = self.description
+        ids, lengths = self.encode(records)
         batches = Batches(ids, lengths, None, c["batch_size"])
         precision = training_precision(self.device, c["mixed_precision"])
         out = {}
@@ -281,7 +302,7 @@ class CaptionPredictor(BlockPredictor):
         if shared:  # frozen word vectors: one copy of the rows for every fold
             files["embedding.pt"] = (words, tensor_bytes(states[0]["embedding.weight"]))
         for i, state in enumerate(states):
-            files[f"network_{i}.pt"] = (f"caption networks ({len(states)} folds)",
+            files[f"network_{i}.pt"] = (f"{self.part} ({len(states)} folds)",
                                         tensor_bytes({n: t for n, t in state.items()
                                                       if not (shared and n == "embedding.weight")}))
         return {**self.description, "networks": len(states)}, files
@@ -296,7 +317,7 @@ class CaptionPredictor(BlockPredictor):
             state = load_tensors(read(f"network_{i}.pt"))
             if shared is not None:
                 state["embedding.weight"] = shared
-            networks.append(_network(state, description))
+            networks.append(cls.network(state, description))
         return cls(blocks, description, vocabulary, networks)
 
 

@@ -1,4 +1,4 @@
-"""Stage 07: the fused network (network 3 of the three-network report) on the stacked blocks, and
+"""Stage 08: the fused network (network 3 of the three-network report) on the stacked blocks, and
 ``output/predictions.csv``.
 
 The published network is Linear(→2000), ReLU, dropout 0.05, Linear(→18) trained with weighted BCE. Here it is a
@@ -69,7 +69,7 @@ def available_blocks(ws: Workspace) -> tuple[list[str], dict[str, str]]:
 
 class FusedNetwork(Stage):
     name = "fusion"
-    number = "07"
+    number = "08"
     title = "fused network"
     module = "fused_network"
     section = "fusion"
@@ -125,7 +125,8 @@ class FusedNetwork(Stage):
         described = ", ".join(f"{name} ({block['dim']})" for name, block in used.items())
         log.info(f"[fusion] blocks {described} -> {train_x.shape[1]} features")
         hs = HeadSettings(cf.hidden, cf.dropout, cf.lr, cf.batch_size, cf.epochs, cf.patience, cf.label1_weight,
-                          cf.grad_clip, plateau_patience=cf.plateau_patience, plateau_factor=cf.plateau_factor)
+                          cf.grad_clip, plateau_patience=cf.plateau_patience, plateau_factor=cf.plateau_factor,
+                          pos_weight=cf.pos_weight)
         shaping = cf.shaping(weights_only=True)
         precision = training_precision(ctx.device, ctx.settings.trainer.mixed_precision)
         histories, sizes = [], []

@@ -293,7 +293,7 @@ def fine_tune(ctx: StageContext, backbone: Backbone, k: int, fit_idx: np.ndarray
         image_loader(train_set, ci.batch_size, workers, shuffle=True, seed=ctx.settings.trainer.seed + k),
         image_loader(select_set, ci.batch_size, workers),
         ctx.targets[select_idx],
-        loss_fn=trainer.weighted_bce(ci.label1_weight),
+        loss_fn=trainer.bce_for(ci.pos_weight, ci.label1_weight, ctx.targets[train_idx]),
         optimizer=optimizer,
         run_dir=run_dir,
         epochs=ci.epochs,
@@ -372,7 +372,7 @@ def train_heads(ctx: StageContext, block: Artifact, key: str, spec: dict[str, An
     probabilities averaged over the fold models (kept as the ``image_head`` artifact)."""
     ci = ctx.settings.image
     hs = HeadSettings(ci.head_hidden, ci.head_dropout, ci.head_lr, ci.head_batch_size, ci.head_epochs,
-                      ci.head_patience, ci.label1_weight)
+                      ci.head_patience, ci.label1_weight, pos_weight=ci.pos_weight)
     parts = ("train", "test") if ci.head_input == "pooled" else ("train_depths", "test_depths")
     if parts[0] not in block:
         raise ValueError(f"{block.dir}: image.head_input=depths needs image.depth_features=true")

@@ -43,10 +43,10 @@ from ..io.atomic import save_torch
 from ..networks import joint_embedding as J
 from ..networks.device import cpu_threads
 from ..networks.precision import training_precision
-from ..settings import Settings, common_settings
+from ..settings import Settings
 from ..training import trainer
 from .base import BlockPredictor, NewRecords, Stage, best_weights, fold_mean, load_tensors, tensor_bytes
-from .caption import cleaned_tokens
+from .caption import cleaned_tokens, reader_spec
 from .context import StageContext, Workspace
 from .joint_embedding_search import MODEL_FILE, Retriever, _image_block, image_features
 from .outputs import finish, records
@@ -99,11 +99,7 @@ class JointEmbedding(Stage):
         return ("image",)
 
     def spec(self, ws: Workspace) -> dict[str, Any]:
-        """The word vectors' identity, the text-cleaning version, the split and the seed (the image features' key is
-        among the inputs)."""
-        vectors = ws.assets.word_vectors(ws.settings.caption, ws.models_dir / "vectors")
-        return {"assets": {"vectors": {"name": vectors.name, "identity": vectors.identity}},
-                "version": VERSION, "text_version": text.TEXT_VERSION, "common": common_settings(ws.settings)}
+        return reader_spec(ws, VERSION)
 
     # ------------------------------------------------------------------------------------------- the work
     def fit(self, ctx: StageContext) -> Artifact:

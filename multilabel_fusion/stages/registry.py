@@ -106,6 +106,7 @@ def default() -> Registry:
     """The project's stages, in the order the pipeline (and ``stages/*.py`` in name order) runs them (the objects
     hold no state: one registry serves every configuration)."""
     from .caption import CaptionNetwork
+    from .concat import ConcatNetwork
     from .detector import Detector
     from .fused import FusedNetwork
     from .image import ImageNetwork
@@ -114,4 +115,4 @@ def default() -> Registry:
     from .text import TextNgrams
 
     return Registry([ImageNetwork(), CaptionNetwork(), Detector(), TextNgrams(), LabelDecoder(), JointEmbedding(),
-                     FusedNetwork()])
+                     ConcatNetwork(), FusedNetwork()])

@@ -31,6 +31,12 @@ class HeadSettings:
     weight_decay: float = 0.0
     plateau_patience: int = 2
     plateau_factor: float = 0.5
+    pos_weight: str = "off"  # auto: BCE's pos_weight from the rows trained on (trainer.pos_weight)
+
+    def described(self) -> dict:
+        """What a run's settings record: every field, but ``pos_weight`` only when on (runs made before it existed
+        describe themselves as they did)."""
+        return {k: v for k, v in vars(self).items() if not (k == "pos_weight" and v == "off")}
 
 
 def feature_loader(x: np.ndarray, y: np.ndarray | None, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -60,7 +66,8 @@ def train_head(train_features: np.ndarray, test_features: np.ndarray, targets: n
                score_fn: Callable[[np.ndarray, np.ndarray], float] | None = None):
     """Fit an :class:`MLPHead` on the rows ``fit_idx`` of ``train_features`` with the shared trainer; the rows
     ``select_idx`` (never trained on) choose the epoch and the learning-rate plateaus (ReduceLROnPlateau on their
-    mean-F1, the published fusion schedule); the rows ``held_idx`` and the test rows are only predicted.
+    mean-F1, the published fusion schedule); the rows ``held_idx`` and the test rows are only predicted
+    (``hs.pos_weight: auto`` counts the labels of ``fit_idx`` alone).
 
     ``run_dir`` is the caller's checkpoint folder, keyed by the settings that shape the weights. The defaults train
     with the weighted BCE and select by mean-F1 at 0.5; a head with another loss (e.g. a ranking loss) gives
@@ -86,7 +93,7 @@ def train_head(train_features: np.ndarray, test_features: np.ndarray, targets: n
         feature_loader(x_fit, y[fit_idx], hs.batch_size, True, seed),
         select_loader,
         y[select_idx],
-        loss_fn=loss_fn if loss_fn is not None else trainer.weighted_bce(hs.label1_weight),
+        loss_fn=loss_fn if loss_fn is not None else trainer.bce_for(hs.pos_weight, hs.label1_weight, y[fit_idx]),
         score_fn=None if score_fn is None else selection_score,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -98,7 +105,7 @@ def train_head(train_features: np.ndarray, test_features: np.ndarray, targets: n
         device=device,
         precision=precision,
         resume=resume,
-        settings={**settings, "head": vars(hs)},
+        settings={**settings, "head": hs.described()},
         name=name,
     )
     val_probs = trainer.predict(model, feature_loader(train_features[held_idx], None, 4096, False, seed), device,

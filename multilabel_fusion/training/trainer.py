@@ -50,11 +50,36 @@ class ResumeRequired(RuntimeError):
     """A run that can go further exists in the run folder and ``resume`` was not asked for."""
 
 
-def weighted_bce(label1_weight: float, num_classes: int = 18) -> nn.Module:
-    """BCE with the published class weights: label 1 (person, column 0) down-weighted, the others 1."""
+def pos_weight(targets: np.ndarray) -> torch.Tensor:
+    """BCE's ``pos_weight`` of a label matrix: negatives / positives of each label (a label with 1 positive in 4
+    rows weighs its positive terms 3x), so that rare labels' positives count as much as their negatives.
+
+    Give it the rows the network trains on only (a fold's fit part): the held-out rows' labels must shape nothing.
+    A label with no positive (or no negative) among them gets 1: the ratio is undefined or zero there, and with no
+    positive term in its loss any weight is the same; 0 would switch off the positives of a label that has only
+    positives.
+    """
+    y = np.asarray(targets, dtype=np.float64)
+    positives = y.sum(0)
+    negatives = len(y) - positives
+    ratio = np.divide(negatives, positives, out=np.ones_like(positives), where=(positives > 0) & (negatives > 0))
+    return torch.as_tensor(ratio, dtype=torch.float32)
+
+
+def weighted_bce(label1_weight: float, num_classes: int = 18, pos_weight: torch.Tensor | None = None) -> nn.Module:
+    """BCE with the published class weights: label 1 (person, column 0) down-weighted, the others 1; ``pos_weight``
+    (:func:`pos_weight`, one per label) weighs the positive terms, as ``BCEWithLogitsLoss`` does."""
     weight = torch.ones(num_classes)
     weight[0] = label1_weight
-    return nn.BCEWithLogitsLoss(weight=weight)
+    return nn.BCEWithLogitsLoss(weight=weight, pos_weight=pos_weight)
+
+
+def bce_for(setting: str, label1_weight: float, targets: np.ndarray) -> nn.Module:
+    """The loss a section's ``pos_weight`` setting asks for: ``auto`` weighs positives by :func:`pos_weight` of
+    ``targets`` (the rows trained on), ``off`` gives plain :func:`weighted_bce`."""
+    if setting not in ("auto", "off"):
+        raise ValueError(f"pos_weight must be auto or off, not {setting!r}")
+    return weighted_bce(label1_weight, np.shape(targets)[1], pos_weight(targets) if setting == "auto" else None)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
