@@ -229,3 +229,25 @@ def test_find_bad_images_works_after_ultralytics_patched_pil(tmp_path):
     cv2.imwrite(str(good), np.zeros((8, 8, 3), np.uint8))
     found = images.find_bad_images([good, fake])
     assert [p for p, _ in found] == [fake] and "not a decodable image" in found[0][1]
+
+
+def test_a_loader_worker_forked_after_opencv_ran_threads_does_not_hang(shared_data):
+    """Regression: the workers used to call cv2.setNumThreads themselves; after the parent had run OpenCV's thread
+    pool, the forked worker hung in pthread_cond_destroy (seen in CI-like runs of the GPU-decoding tests)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import cv2, numpy as np, torch
+from multilabel_fusion.data.images import ImageFiles, image_loader
+cv2.setNumThreads(2)
+big = np.random.default_rng(0).integers(0, 255, (2000, 2000, 3), dtype=np.uint8)
+for _ in range(20):  # the parent's OpenCV pool runs (and is idle at the fork)
+    cv2.resize(big, (1000, 1000), interpolation=cv2.INTER_AREA)
+paths = sorted(__import__("pathlib").Path({str(shared_data / "data")!r}).glob("*.jpg"))[:8]
+batches = list(image_loader(ImageFiles(paths, 64), 4, workers=2))
+print("batches", len(batches), tuple(batches[0].shape))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "batches 2 (4, 3, 64, 64)" in done.stdout

@@ -193,11 +193,14 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def _quiet_worker(_: int) -> None:
-    """Loader workers decode one image at a time: no OpenCV thread pool competing with the forward pass."""
+def _one_opencv_thread() -> None:
+    """Loader workers decode one image at a time: no OpenCV thread pool competing with the forward pass. Set in the
+    parent before the workers fork, never in a worker: reconfiguring OpenCV's thread pool in a forked child
+    deadlocks when the parent's pool had run (seen as a hung loader worker in pthread_cond_destroy)."""
     import cv2
 
-    cv2.setNumThreads(1)
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
 
 
 class ImageFiles(Dataset):
@@ -421,10 +424,11 @@ def augmentation(size: int, aug: dict | Any):
 def image_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0,
                  collate_fn: Any = None) -> DataLoader:
     """``collate_fn``: e.g. :func:`collate_encoded` for :class:`EncodedImages` (file bytes of differing lengths)."""
+    if workers:
+        _one_opencv_thread()
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate_fn,
                       persistent_workers=False, pin_memory=torch.cuda.is_available() and collate_fn is None,
-                      prefetch_factor=4 if workers else None, worker_init_fn=_quiet_worker if workers else None,
-                      generator=torch.Generator().manual_seed(seed))
+                      prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(seed))
 
 
 def letterbox(image: np.ndarray, size: int, fill: int = 114) -> tuple[np.ndarray, tuple[float, int, int, int, int]]:
