@@ -1,7 +1,7 @@
 # Shortcuts for the commands in README.md.
 DATA ?= ../shared/comp5329
 
-.PHONY: run test bench bench-image research holdout results-sections notebooks
+.PHONY: run test bench bench-image research holdout results-sections notebooks seeds
 run:        ## the main job: every stage, ending in output/predictions.csv
 	./setup.sh && python3 -m multilabel_fusion
 test:       ## the test suite
@@ -19,3 +19,5 @@ results-sections: ## re-render only the stage 05/06 sections of docs/RESULTS.md 
 	python3 -m multilabel_fusion.reports.bench --stage-sections
 notebooks:  ## regenerate the notebooks and README's badges (repository address: the git remote, or REPO_URL=...)
 	python3 notebooks/make_notebooks.py $(if $(REPO_URL),--repo-url $(REPO_URL))
+seeds:      ## docs/SEEDS.md: every system of the source documents, published figure beside ours (rows not yet measured run; hours on 2 CPU cores)
+	python3 -m multilabel_fusion.reports.seeds --data $(DATA)

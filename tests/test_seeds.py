@@ -1,0 +1,46 @@
+"""docs/SEEDS.md: the rows are runnable commands of the registry's scripts, a row's figure is read off the metrics
+file its command writes, and the page renders every document's table from what was measured."""
+
+from __future__ import annotations
+
+import re
+
+from multilabel_fusion import settings
+from multilabel_fusion.data import demo
+from multilabel_fusion.reports import seeds
+from multilabel_fusion.stages import registry
+
+
+def test_rows_have_unique_ids_and_name_scripts_of_the_registry():
+    ids = [r.id for r in seeds.ROWS]
+    assert len(ids) == len(set(ids)) and all(re.fullmatch(r"[a-z0-9.-]+", i) for i in ids)
+    scripts = {s.script for s in registry.default()}
+    for row in seeds.ROWS:
+        if row.stage is None:
+            assert row.needs, f"{row.id}: a row that cannot run must say what it needs"
+            assert row.command() == ""
+        else:
+            assert row.command().split()[1] in scripts
+            settings.load(overrides=list(row.overrides))  # every --set of the page is a valid setting
+
+
+def test_a_row_runs_its_command_and_reads_its_figure(tmp_path):
+    data = demo.generate(tmp_path / "data", 60, 12, seed=2, image_size=(40, 30))
+    row = seeds.Row("text-demo", "a document", "the text block", "-", "text", ("text.C=2.0",))
+    got = seeds.run_row(row, data, tmp_path / "out", tmp_path / "models")
+    metrics = (tmp_path / "out" / "metrics" / "text.json").read_text()
+    assert 0.0 < got["value"] <= 1.0 and f'"mean_f1_threshold_cv": {got["value"]}' in metrics
+    assert got["command"] == "python3 stages/04_text_ngrams.py --data ../shared/comp5329 --set text.C=2.0"
+    assert got["wall_s"] > 0 and got["artifact_key"]
+
+
+def test_the_page_has_a_table_per_document_and_says_what_was_not_run(tmp_path):
+    results = seeds.Results(tmp_path / "seeds.json", {"fusion-default": {
+        "value": 0.8915, "wall_s": 35.0, "artifact_key": "k", "date": "2026-12-03", "machine": "AMD EPYC"}})
+    results.save()
+    page = seeds.render(seeds.Results.load(tmp_path / "seeds.json"))
+    for document in {r.document for r in seeds.ROWS}:
+        assert f"## {document}" in page
+    assert "| **0.8915** | 35 s | `python3 stages/08_fused_network.py --data ../shared/comp5329` |" in page
+    assert "not run here: needs a GPU" in page and "not measured yet" in page
+    assert "Measured on AMD EPYC (2026-12-03)" in page
