@@ -26,11 +26,13 @@ def test_rows_have_unique_ids_and_name_scripts_of_the_registry():
 
 def test_a_row_runs_its_command_and_reads_its_figure(tmp_path):
     data = demo.generate(tmp_path / "data", 60, 12, seed=2, image_size=(40, 30))
-    row = seeds.Row("text-demo", "a document", "the text block", "-", "text", ("text.C=2.0",))
+    row = seeds.Row("text-demo", "a document", "the text block", "-", "text", ("text.C=2.0", "text.min_df=1"))
     got = seeds.run_row(row, data, tmp_path / "out", tmp_path / "models")
     metrics = (tmp_path / "out" / "metrics" / "text.json").read_text()
     assert 0.0 < got["value"] <= 1.0 and f'"mean_f1_threshold_cv": {got["value"]}' in metrics
-    assert got["command"] == "python3 stages/04_text_ngrams.py --data ../shared/comp5329 --set text.C=2.0"
+    assert got["command"] == ("python3 stages/04_text_ngrams.py --data ../shared/comp5329 --set text.C=2.0 "
+                              "--set text.min_df=1")
+    assert "min_df: 1\n" in (tmp_path / "out" / "metrics" / "text.config.yaml").read_text()  # both --set applied
     assert got["wall_s"] > 0 and got["artifact_key"]
 
 

@@ -50,6 +50,9 @@ PUBLISHED = [
      "same ResNet50 + Bi-LSTM report, as quoted in issue #5/#8"),
     ("Best public solutions of this competition", "about 0.90 on Kaggle", "public leaderboard, as quoted in issue #8"),
 ]
+#: What a run without a GPU says of the GPU (Colab) path, so that no reader takes a CPU figure for it.
+GPU_UNMEASURED = ("GPU (Colab) timings: unmeasured. No GPU was available when these figures were made; the notebooks' "
+                  "GPU path (JPEG decoding on the GPU, mixed precision, batch 128) has been tested only on the CPU")
 PACKAGES = ["torch", "torchvision", "numpy", "pandas", "scikit-learn", "nltk", "gensim", "ultralytics",
             "albumentations", "iterative-stratification"]
 
@@ -243,6 +246,7 @@ def render(results: dict[str, Any], data: Path, docs: Path) -> str:
         f"{stages['fusion']['metrics']['held_out']}: every figure below is on predictions of records the model "
         f"making them never trained on; the same folds for every stage)",
         f"- Machine: {machine}",
+        *([] if torch.cuda.is_available() else [f"- {GPU_UNMEASURED}"]),
         "- Packages: " + ", ".join(f"{k} {v}" for k, v in _versions().items()),
         "",
         "## Out-of-fold mean-F1 per stage (K folds) and with one split (K=1)",

@@ -83,7 +83,7 @@ class Row:
         if self.stage is None:
             return ""
         script = stage_registry.default().get(self.stage).script
-        sets = f" --set {' '.join(_quoted(o) for o in self.overrides)}" if self.overrides else ""
+        sets = "".join(f" --set {_quoted(o)}" for o in self.overrides)
         return f"python3 {script} --data ../shared/comp5329{sets}"
 
 
@@ -190,8 +190,8 @@ def run_row(row: Row, data: Path, output: Path, models: Path) -> dict[str, Any]:
     """Run a row's command in the shared folders and read its figure off the metrics file it wrote."""
     script = ROOT / stage_registry.default().get(row.stage).script
     args = [sys.executable, str(script), "--data", str(data), "--output", str(output), "--models", str(models)]
-    if row.overrides:
-        args += ["--set", *row.overrides]
+    for override in row.overrides:
+        args += ["--set", override]
     log.info(f"[seeds] {row.id}: {' '.join(args[1:])}")
     started = time.time()
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
