@@ -189,7 +189,8 @@ class Results:
 def run_row(row: Row, data: Path, output: Path, models: Path) -> dict[str, Any]:
     """Run a row's command in the shared folders and read its figure off the metrics file it wrote."""
     script = ROOT / stage_registry.default().get(row.stage).script
-    args = [sys.executable, str(script), "--data", str(data), "--output", str(output), "--models", str(models)]
+    args = [sys.executable, str(script), "--data", str(data), "--output", str(output), "--models", str(models),
+            "--resume"]  # a row cut short (a session ends) continues its training exactly where it stopped
     for override in row.overrides:
         args += ["--set", override]
     log.info(f"[seeds] {row.id}: {' '.join(args[1:])}")
