@@ -37,8 +37,9 @@ def test_a_row_runs_its_command_and_reads_its_figure(tmp_path):
 
 
 def test_the_page_has_a_table_per_document_and_says_what_was_not_run(tmp_path):
-    results = seeds.Results(tmp_path / "seeds.json", {"fusion-default": {
-        "value": 0.8915, "wall_s": 35.0, "artifact_key": "k", "date": "2026-12-03", "machine": "AMD EPYC"}})
+    measured = {"wall_s": 35.0, "artifact_key": "k", "date": "2026-12-03", "machine": "AMD EPYC"}
+    results = seeds.Results(tmp_path / "seeds.json", {"fusion-default": {"value": 0.8915, **measured},
+                                                      "fusion-hidden-500": {"value": 0.8906, **measured}})
     results.save()
     page = seeds.render(seeds.Results.load(tmp_path / "seeds.json"))
     for document in {r.document for r in seeds.ROWS}:
@@ -46,3 +47,5 @@ def test_the_page_has_a_table_per_document_and_says_what_was_not_run(tmp_path):
     assert "| **0.8915** | 35 s | `python3 stages/08_fused_network.py --data ../shared/comp5329` |" in page
     assert "not run here: needs a GPU" in page and "not measured yet" in page
     assert "Measured on AMD EPYC (2026-12-03)" in page
+    assert "| **0.8906** | 35 s |" in page and "-0.0009 vs fused MLP" in page  # read against the defaults' row
+    assert all(r.against is None or r.against in {x.id for x in seeds.ROWS} for r in seeds.ROWS)
