@@ -47,5 +47,5 @@ def test_the_page_has_a_table_per_document_and_says_what_was_not_run(tmp_path):
     assert "| **0.8915** | 35 s | `python3 stages/08_fused_network.py --data ../shared/comp5329` |" in page
     assert "not run here: needs a GPU" in page and "not measured yet" in page
     assert "Measured on AMD EPYC (2026-12-03)" in page
-    assert "| **0.8906** | 35 s |" in page and "-0.0009 vs fused MLP" in page  # read against the defaults' row
+    assert "| **0.8906** | 35 s |" in page and "-0.0009 vs `fusion-default`" in page  # read against the defaults' row
     assert all(r.against is None or r.against in {x.id for x in seeds.ROWS} for r in seeds.ROWS)

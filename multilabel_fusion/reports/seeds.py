@@ -102,7 +102,7 @@ NOT_QUOTED = "in the report (not quoted to this project)"
 ROWS: tuple[Row, ...] = (
     # ------------------------------------------------------------------ the three-network report
     Row("fusion-default", THREE, "fused MLP, this project's defaults (dropout 0.5, lr 1e-3, batch 256)",
-        PUBLISHED_FUSED, "fusion",
+        "-", "fusion",
         reading="the published figure is on its own validation split with a fine-tuned ResNet50; ours is "
                 "out-of-fold over 10,000 records with frozen offline backbones"),
     Row("fusion-published", THREE, "fused MLP, the published settings (dropout 0.05, lr 0.02, batch 1000)",
@@ -215,8 +215,7 @@ def _against(row: Row, results: Results) -> str:
     mine, other = results.rows.get(row.id), results.rows.get(row.against or "")
     if not (mine and other and isinstance(mine["value"], float) and isinstance(other["value"], float)):
         return ""
-    name = next(r.system for r in ROWS if r.id == row.against)
-    return f"{mine['value'] - other['value']:+.4f} vs {name.split(',')[0] if len(name) > 60 else name}"
+    return f"{mine['value'] - other['value']:+.4f} vs `{row.against}`"
 
 
 def render(results: Results) -> str:
@@ -227,11 +226,11 @@ def render(results: Results) -> str:
              "(10,000 labelled records, 5 folds, cross-fitted decision) unless the table says otherwise; offline "
              "weights (EfficientNet-Lite ensemble for ResNet50, GloVe 6B-50d for glove-twitter-100, YOLOv5n). "
              "The published figures are on each document's own data and split: compare the rows within a table "
-             "more than across the two columns.", ""]
+             "more than across the two columns. A row's id refreshes it alone: `--only <row>`.", ""]
     documents = list(dict.fromkeys(r.document for r in ROWS))
     for document in documents:
-        lines += [f"## {document}", "", "| system or experiment | published | ours | wall | command | reading |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"## {document}", "", "| row | system or experiment | published | ours | wall | command | reading |",
+                  "|---|---|---|---|---|---|---|"]
         for row in (r for r in ROWS if r.document == document):
             got = results.rows.get(row.id)
             if row.needs:
@@ -242,7 +241,7 @@ def render(results: Results) -> str:
                 ours, wall = f"**{_format(got['value'])}**", f"{got['wall_s']:.0f} s"
             command = f"`{row.command()}`" if row.stage else ""
             reading = "; ".join(filter(None, [_against(row, results), row.reading]))
-            lines.append(f"| {row.system} | {row.published} | {ours} | {wall} | {command} | {reading} |")
+            lines.append(f"| `{row.id}` | {row.system} | {row.published} | {ours} | {wall} | {command} | {reading} |")
         lines.append("")
     machines = sorted({r["machine"] for r in results.rows.values() if r.get("machine")})
     dates = sorted({r["date"] for r in results.rows.values() if r.get("date")})
