@@ -303,7 +303,7 @@ class ImageSection(Section):
     feature_batch_size: Annotated[AutoOrPositive, RUN_ONLY]
     channels_last: Annotated[bool, RUN_ONLY]
     fuse_conv_bn: Annotated[bool, RUN_ONLY]
-    cpu_precision: Annotated[Literal["auto", "fp32", "bf16"], FEATURES]
+    cpu_precision: Annotated[Literal["auto", "fp32", "bf16", "int8"], FEATURES]  # int8: other features, other key
     cpu_backend: Annotated[Literal["auto", "torch", "openvino"], RUN_ONLY]  # same features either way (checked)
     gpu_decode: Annotated[Literal["auto", True, False], RUN_ONLY]  # only on CUDA; features agree to resize rounding
     bench_bare_seconds: Annotated[Number, Field(ge=0), RUN_ONLY]
@@ -378,6 +378,23 @@ class ConcatSection(Section):
     weight_decay: Weight
     grad_clip: Weight | None  # 0 or null: no clipping
     batch_size: Annotated[int, Field(ge=2)]  # batch norm needs two rows
+    epochs: Annotated[PositiveInt, RESULT_ONLY]
+    patience: Annotated[PositiveInt, RESULT_ONLY]
+
+
+class RegionsSection(Section):
+    """Stage 08: a class-specific attention head on the image backbone's spatial map, trained per fold."""
+
+    member: NonNegativeInt  # which member of the image backbone ensemble gives the map
+    hidden: NonNegativeInt  # 0: the class scores read the map's channels directly
+    lam: Weight  # CSRA's lambda: weight of the attention-pooled score
+    temperatures: Items(Annotated[Number, Field(gt=0)], min_length=1)  # one head per temperature (>= 99: max)
+    mirror: bool  # mirrored maps as augmentation, and the prediction averaged over a map and its mirror
+    pos_weight: PosWeight
+    lr: LearningRate
+    weight_decay: Weight
+    batch_size: PositiveInt
+    extraction_batch_size: Annotated[PositiveInt, RUN_ONLY]
     epochs: Annotated[PositiveInt, RESULT_ONLY]
     patience: Annotated[PositiveInt, RESULT_ONLY]
 
@@ -517,6 +534,7 @@ class Settings(Section):
     image: ImageSection
     caption: CaptionSection
     concat: ConcatSection
+    regions: RegionsSection
     fusion: FusionSection
     text: TextSection
     detector: DetectorSection

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,10 @@ from multilabel_fusion.data import demo
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "comp5329"
+
+# The suite converts dozens of tiny networks: they go to a folder of its own (inherited by the commands it runs),
+# never into the user's cache, where they would push out the real conversions (30-50 s each to redo).
+os.environ.setdefault("MULTILABEL_FUSION_ENGINE_CACHE", tempfile.mkdtemp(prefix="multilabel_fusion-openvino-"))
 
 
 @pytest.fixture(scope="session")

@@ -147,7 +147,7 @@ def test_problems_of_the_yaml_file_itself(tmp_path):
      "config: image.backbone = 'resnet': unknown backbone 'resnet' (did you mean resnet50?): choose from resnet50, "
      "vgg16, efficientnet_lite0, efficientnet_lite2, as name[@size], several joined by +"),
     ("image.weights=coco", "config: image.weights = 'coco': expected 'imagenet' or 'random'"),
-    ("image.cpu_precision=fp16", "config: image.cpu_precision = 'fp16': expected 'auto', 'fp32' or 'bf16'"),
+    ("image.cpu_precision=fp16", "config: image.cpu_precision = 'fp16': expected 'auto', 'fp32', 'bf16' or 'int8'"),
     ("image.feature_dtype=int8", "config: image.feature_dtype = 'int8': expected 'float16' or 'float32'"),
     ("image.feature_batch_size=0", "config: image.feature_batch_size = 0: expected auto or an integer >= 1"),
     ("image.head_hidden=-1", "config: image.head_hidden = -1: must be >= 0"),

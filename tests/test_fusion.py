@@ -30,7 +30,7 @@ def _cfg(demo_data, tmp_path, blocks, *extra):
 
 
 def _run_fusion(cfg):
-    """The fused network's stage alone (what stages/08_fused_network.py runs once its blocks exist)."""
+    """The fused network's stage alone (what stages/09_fused_network.py runs once its blocks exist)."""
     ws = pipeline.workspace(cfg)
     return ws.registry.get("fusion").run(ws.context("fusion"))
 

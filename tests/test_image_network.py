@@ -222,7 +222,7 @@ def test_inference_plan_gives_the_backbones_own_features(monkeypatch):
         auto = prepare_inference(backbone, {"image_size": 64, **unfold}, torch.device("cpu"))
         assert auto.precision == expected and "measured here" in auto.choices["precision"]
     with pytest.raises(ValueError, match="cpu_precision"):
-        prepare_inference(backbone, {"image_size": 64, "cpu_precision": "int8"}, torch.device("cpu"))
+        prepare_inference(backbone, {"image_size": 64, "cpu_precision": "int4"}, torch.device("cpu"))
 
 
 def test_openvino_engine_gives_the_torch_features_and_is_converted_once(tmp_path):
@@ -270,6 +270,21 @@ def test_openvino_engine_gives_the_torch_features_and_is_converted_once(tmp_path
     assert torch_only.engine is None and torch_only.choices["backend"] == "torch (asked for)"
     with pytest.raises(ValueError, match="cpu_backend"):
         prepare_inference(backbone, {**cfg, "cpu_backend": "onnx"}, torch.device("cpu"))
+
+
+def test_conversions_without_a_cache_setting_go_to_the_named_folder_never_the_users(monkeypatch, tmp_path):
+    """A conversion with no ``trainer.engine_cache`` goes to MULTILABEL_FUSION_ENGINE_CACHE where it is set (the
+    suite sets it: its tiny networks once pruned a user's real 50-s conversions out of ~/.cache), else to the
+    user's cache."""
+    monkeypatch.setenv(openvino_engine.CACHE_ENV, str(tmp_path / "suite"))
+    backbone = load_backbone({"backbone": "efficientnet_lite0", "weights": "random"})
+    cfg = {"image_size": 32, "cpu_precision": "fp32", "feature_batch_size": 2, "cpu_backend": "openvino"}
+    plan = prepare_inference(backbone, cfg, torch.device("cpu"))
+    (folder,) = (tmp_path / "suite").iterdir()
+    assert str(folder) in plan.choices["backend"]
+    monkeypatch.delenv(openvino_engine.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
+    assert openvino_engine.default_cache() == tmp_path / "user" / "multilabel_fusion" / "openvino"
 
 
 def test_openvino_features_of_real_photos_agree_with_torch(shared_data, tmp_path):

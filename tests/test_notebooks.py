@@ -22,12 +22,13 @@ from multilabel_fusion.evaluation import submission
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
-#: Execution order: 08 first on an empty output folder (it must compute the blocks it reads itself), then the
+#: Execution order: 09 first on an empty output folder (it must compute the blocks it reads itself), then the
 #: stages that reuse them, then the whole pipeline (everything cached).
-ORDER = ["08_fused_network", "01_image_network", "02_caption_network", "03_detector", "04_text_ngrams",
-         "05_label_decoder", "06_joint_embedding", "07_concat_network", "00_full_pipeline"]
+ORDER = ["09_fused_network", "01_image_network", "02_caption_network", "03_detector", "04_text_ngrams",
+         "05_label_decoder", "06_joint_embedding", "07_concat_network", "08_region_attention", "00_full_pipeline"]
 SMALL = ["image.offline_fallback=efficientnet_lite0", "image.image_size=64", "image.feature_batch_size=32", "image.head_epochs=3", "image.head_hidden=32",
          "trainer.num_workers=0", "caption.epochs=3", "concat.epochs=2", "concat.hidden=16", "concat.fc_hidden=32",
+         "regions.epochs=2", "regions.batch_size=16",
          "fusion.epochs=3", "fusion.hidden=64",
          "detector.image_size=160", "label_decoder.epochs=2", "label_decoder.hidden=32",
          "label_decoder.embed=16", "label_decoder.comparisons=true",
@@ -305,7 +306,7 @@ def _run_cells(notebook: str, cwd: Path, colab: bool, replace: dict[str, str], z
 def test_setup_and_data_cells_on_a_fresh_checkout_outside_colab(remote, tmp_path):
     checkout = tmp_path / "checkout"
     subprocess.run(["git", "clone", "-q", str(remote), str(checkout)], check=True)
-    out, found = _run_cells("08_fused_network", checkout / "notebooks", colab=False, replace={})
+    out, found = _run_cells("09_fused_network", checkout / "notebooks", colab=False, replace={})
     assert found["REPO"] == str(checkout) and found["IN_COLAB"] == "False"  # the checkout holding the notebook
     assert "$ git" not in out and "setup: done" not in out  # outside Colab nothing is cloned or installed
     assert "no competition data in" in out and found["IS_DEMO"] == "True"
@@ -330,7 +331,7 @@ def test_setup_and_data_cells_in_colab_keep_the_data_on_the_local_disk_and_its_z
     kaggle = {**replace, 'KAGGLE_COMPETITION = ""': 'KAGGLE_COMPETITION = "comp5329"'}
     calls = content.parent / "kaggle_calls.txt"
 
-    out, found = _run_cells("08_fused_network", content, True, kaggle, competition_zip, content)
+    out, found = _run_cells("09_fused_network", content, True, kaggle, competition_zip, content)
     assert (repo / ".git").is_dir() and found["REPO"] == str(repo) and found["IN_COLAB"] == "True"
     assert "setup: done (stand-in)" in out and "Drive mounted" in out
     assert f"output/ and models/ are copied to {drive}" in out
@@ -340,16 +341,16 @@ def test_setup_and_data_cells_in_colab_keep_the_data_on_the_local_disk_and_its_z
     assert found["IS_DEMO"] == "False" and found["data_dir"] == str(repo / "input")
 
     shutil.rmtree(repo)  # a new runtime: the local disk is empty again, Drive is not
-    out, found = _run_cells("08_fused_network", content, True, kaggle, competition_zip, content)
+    out, found = _run_cells("09_fused_network", content, True, kaggle, competition_zip, content)
     assert "unpacking the competition zip kept on Drive" in out and (repo / "input" / "test.csv").is_file()
     assert calls.read_text().split() == ["comp5329"]  # no second download
-    out, found = _run_cells("08_fused_network", content, True, kaggle, competition_zip, content)  # the same runtime again
+    out, found = _run_cells("09_fused_network", content, True, kaggle, competition_zip, content)  # the same runtime again
     assert "git -C" in out and "competition data found in" in out and found["IS_DEMO"] == "False"
 
     shutil.rmtree(repo)
     shutil.rmtree(content / "drive")
     forbidden = {**replace, 'KAGGLE_COMPETITION = ""': 'KAGGLE_COMPETITION = "forbidden"'}
-    out, _ = _run_cells("08_fused_network", content, True, forbidden, competition_zip, content, ok=False)
+    out, _ = _run_cells("09_fused_network", content, True, forbidden, competition_zip, content, ok=False)
     assert "Kaggle refused the download (403 Forbidden)" in out and "join the competition" in out
     assert "Traceback" not in out.split("RuntimeError: Kaggle refused")[1]  # the cause's own traceback is cut
 

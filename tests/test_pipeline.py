@@ -183,7 +183,7 @@ def _cli(*args, cwd=REPO):
     ("fusion.epochs=-1", "fusion.epochs = -1: must be >= 1"),
 ])
 def test_bad_settings_are_one_line_errors_before_anything_runs(tmp_path, override, message):
-    result = _cli("stages/08_fused_network.py", "--demo", "--output", str(tmp_path / "out"), "--set", override)
+    result = _cli("stages/09_fused_network.py", "--demo", "--output", str(tmp_path / "out"), "--set", override)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
@@ -192,10 +192,10 @@ def test_bad_settings_are_one_line_errors_before_anything_runs(tmp_path, overrid
 
 
 def test_stage_07_runs_the_stages_of_missing_blocks_first_and_missing_weights_are_one_line_errors(tiny_data, tmp_path):
-    """Stage 08 on its own, as notebook 08 and the main job: the (earlier) stages whose blocks are missing run first."""
+    """Stage 09 on its own, as notebook 09 and the main job: the (earlier) stages whose blocks are missing run first."""
     small = [a for s in SMALL for a in ("--set", s)]
     paths = ["--data", str(tiny_data), "--output", str(tmp_path / "out"), "--models", str(tmp_path / "models")]
-    result = _cli("stages/08_fused_network.py", *paths, *small, "--set", "fusion.blocks=[image, caption]")
+    result = _cli("stages/09_fused_network.py", *paths, *small, "--set", "fusion.blocks=[image, caption]")
     assert result.returncode == 0, result.stderr
     assert "===== 01 image network =====" in result.stdout and "===== 02 caption network =====" in result.stdout
     assert "===== 03" not in result.stdout and "===== 04" not in result.stdout  # only what the blocks need

@@ -143,7 +143,7 @@ def test_a_missing_piece_is_one_line_naming_the_stage_to_run(trained, tmp_path):
     result = _cli(*_args(trained, "fusion.hidden=48"), *photo)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[-1].startswith("error: ") and "no 'fusion' artifact" in lines[-1] and "stages/08_fused_network.py" in lines[-1]
+    assert lines[-1].startswith("error: ") and "no 'fusion' artifact" in lines[-1] and "stages/09_fused_network.py" in lines[-1]
     assert sorted((trained / "models").glob("*/*")) == runs  # no training run started
 
     copy = tmp_path / "output"
@@ -159,7 +159,7 @@ def test_a_missing_piece_is_one_line_naming_the_stage_to_run(trained, tmp_path):
     assert answer(result.stdout) == answer(_cli(*_args(trained), *photo).stdout) and answer(result.stdout)
     # ... while without the decision artifact it stops, naming the stage that writes it
     shutil.rmtree(copy / "artifacts" / "decision")
-    assert "stages/08_fused_network.py" in _stop(_args(trained, output=copy) + photo)
+    assert "stages/09_fused_network.py" in _stop(_args(trained, output=copy) + photo)
     shutil.copytree(trained / "output" / "artifacts" / "decision", copy / "artifacts" / "decision")
     for kind, script in (("text_models", "stages/04_text_ngrams.py"), ("caption_vocabulary", "stages/02_caption_network.py"),
                          ("image_head", "stages/01_image_network.py")):

@@ -44,7 +44,7 @@ def test_the_page_has_a_table_per_document_and_says_what_was_not_run(tmp_path):
     page = seeds.render(seeds.Results.load(tmp_path / "seeds.json"))
     for document in {r.document for r in seeds.ROWS}:
         assert f"## {document}" in page
-    assert "| **0.8915** | 35 s | `python3 stages/08_fused_network.py --data ../shared/comp5329` |" in page
+    assert "| **0.8915** | 35 s | `python3 stages/09_fused_network.py --data ../shared/comp5329` |" in page
     assert "not run here: needs a GPU" in page and "not measured yet" in page
     assert "Measured on AMD EPYC (2026-12-03)" in page
     assert "| **0.8906** | 35 s |" in page and "-0.0009 vs `fusion-default`" in page  # read against the defaults' row

@@ -3,6 +3,7 @@ chosen by measurement on a CPU, batch size; the streamed extraction loop and its
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..data.images import (EncodedImages, ImageFiles, JpegDecoder, collate_encoded, gpu_decode_wanted,
                            image_loader)
+from ..io.hashing import file_digest
 from ..io.progress import progress
 from ..networks.backbones import Backbone, depth_extractor
 from ..networks.device import describe_device
@@ -55,9 +57,10 @@ class InferencePlan:
     hflip: bool = False  # average the features of the image and its mirror image
     engine: Any = None  # an OpenVINOEngine running the same computation (uint8 in), or None: torch runs it
     gpu_decode: bool = False  # JPEGs decoded and resized on the device (CUDA), the loader only reading files
+    int8_files: Path | None = None  # the folder of the quantized model (model.xml, model.bin) with cpu_precision int8
 
     def autocast(self):
-        if self.precision == "fp32":
+        if self.precision in ("fp32", "int8"):  # int8: OpenVINO runs it; torch (conversion, checks) in fp32
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
@@ -168,7 +171,8 @@ def _time_precisions(plan: InferencePlan, precisions: tuple[str, ...], rounds: i
 
 def prepare_inference(backbone: Backbone, cfg_image: dict, device: torch.device,
                       mixed_precision: bool = True, *, depths: bool = False, hflip: bool = False,
-                      engine_cache: Path | None = None) -> InferencePlan:
+                      engine_cache: Path | None = None, calibration: list[Path] | None = None,
+                      int8_model: tuple[bytes, bytes] | None = None) -> InferencePlan:
     """The fastest way to run ``backbone`` on ``device``, chosen by measuring where it is not obvious.
 
     On a CPU, bf16 made EfficientNet-Lite0 1.4x faster than fp32 but ResNet50 and VGG16 1.6x slower on an
@@ -177,7 +181,13 @@ def prepare_inference(backbone: Backbone, cfg_image: dict, device: torch.device,
     same network through OpenVINO (converted once, cached in ``engine_cache``), ``auto`` times both and keeps
     the faster; on a GPU torch always runs, and ``gpu_decode`` (default auto) decodes the JPEGs there too. What was
     chosen is logged in one line and kept in ``plan.choices`` (the artifact's info, the stage's metrics).
+
+    ``cpu_precision: int8`` (CPU only) runs an NNCF int8 quantization of the network through OpenVINO, calibrated
+    on the ``calibration`` photos (the last 16 check its agreement with fp32), or the stage's own quantized model
+    ``int8_model`` (xml, bin) for a predictor.
     """
+    if cfg_image.get("cpu_precision") == "int8" and device.type != "cpu":
+        raise ValueError(f"image.cpu_precision int8 runs on a CPU (OpenVINO); on {device.type} choose auto")
     backbone.eval().to(device)
     fmt = torch.channels_last if cfg_image.get("channels_last", True) else torch.contiguous_format
     net, folded = _fold_batch_norm(backbone.net) if cfg_image.get("fuse_conv_bn", True) else (backbone.net, "off")
@@ -199,8 +209,15 @@ def prepare_inference(backbone: Backbone, cfg_image: dict, device: torch.device,
         _log_plan(plan)
         return plan
     setting = cfg_image.get("cpu_precision", "auto")
-    if setting not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"image.cpu_precision {setting!r}: choose auto, fp32 or bf16")
+    if setting not in ("auto", "fp32", "bf16", "int8"):
+        raise ValueError(f"image.cpu_precision {setting!r}: choose auto, fp32, bf16 or int8")
+    if setting == "int8":
+        if calibration is None and int8_model is None:
+            raise ValueError("image.cpu_precision int8: no calibration photos given")
+        plan.precision, choices["precision"] = "int8", "int8 (asked for: NNCF post-training quantization)"
+        _choose_int8_engine(plan, cfg_image.get("cpu_backend", "torch"), engine_cache, calibration, int8_model)
+        _log_plan(plan)
+        return plan
     if device.type != "cpu":
         choices["precision"] = f"fp32 ({device.type})"
     elif setting != "auto":
@@ -246,6 +263,34 @@ def choose_cpu_backend(plan: InferencePlan, setting: str, engine_cache: Path | N
         folded=plan.choices["conv_bn"])
     if agreement is not None:
         plan.choices["openvino_cosine_min"] = agreement
+
+
+def _choose_int8_engine(plan: InferencePlan, setting: str, engine_cache: Path | None,
+                        calibration: list[Path] | None, stored: tuple[bytes, bytes] | None) -> None:
+    """The OpenVINO int8 engine for ``plan`` (see :func:`openvino_engine.select_int8`), calibrated on the photos'
+    decoded batches as extraction decodes them; the quantized model's folder goes to ``plan.choices``."""
+    paths = list(calibration or [])
+    if stored is None and len(paths) < 32:
+        raise ValueError(f"image.cpu_precision int8: {len(paths)} calibration photos; at least 32 (16 check it)")
+    transform = getattr(plan.backbone, "eval_transform", None)
+
+    def batches() -> list[np.ndarray]:
+        dataset = ImageFiles(paths, plan.image_size, transform=transform)
+        decoded = np.stack([dataset[i].numpy() for i in progress(range(len(paths)), desc="int8 calibration photos",
+                                                                  unit="img")])
+        calibrate, check = decoded[:-16], decoded[-16:]
+        return [calibrate[i: i + plan.batch_size] for i in range(0, len(calibrate), plan.batch_size)] + [check]
+
+    identity = hashlib.sha256("".join(file_digest(p, None) for p in paths).encode()).hexdigest()[:16]
+    graph = openvino_engine.UInt8Graph(plan.net, plan.backbone.normalise, plan._forward)
+    plan.engine, plan.choices["backend"], made = openvino_engine.select_int8(
+        setting, "image", graph=graph, weights=plan.backbone, example=plan.example_batch(), cache_dir=engine_cache,
+        calibration=batches, calibration_id=f"{len(paths)} photos {identity}", stored=stored,
+        name=plan.backbone.name, depths=plan.depths, folded=plan.choices["conv_bn"])
+    if made is not None:
+        plan.choices["int8_model"] = str(made.folder) if made.folder else None
+        plan.choices["int8_cosine"] = made.record["int8_cosine"]
+        plan.int8_files = made.folder
 
 
 def extract(plan: InferencePlan, paths: list[Path], workers: int, out: np.ndarray | None = None,

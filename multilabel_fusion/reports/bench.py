@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", dest="stage_runs", action="append", nargs="+", default=[],
                         metavar="STAGE METRICS [FUSION_METRICS[=LABEL]]",
                         help="with --stage-sections: a stage (label_decoder | joint_embedding), its metrics file and "
-                             "the metrics files of fused runs (stage 08) without / with its block (the first: the "
+                             "the metrics files of fused runs (stage 09) without / with its block (the first: the "
                              "reference), each optionally =LABEL saying what tells it apart")
     args = parser.parse_args(argv)
     if args.stage_runs and not args.stage_sections:

@@ -21,6 +21,7 @@ from ..networks.backbones import Backbone, load_backbone
 from ..networks.device import num_workers, select_device
 from ..settings import Settings
 from ..stages.context import resolve_data
+from ..stages.image import int8_calibration
 from ..stages.outputs import cpu_name, load_metrics
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,13 @@ def benchmark(cfg: Settings, images: int | str = 512, demo_mode: bool | str = Fa
     for name, backend in [(n, b) for n in backbones or [cfg.image.backbone] for b in backends]:
         entry = f"{name} ({backend})" if len(backends) > 1 else name
         backbone = _benchmark_backbone(name, cfg, device)
-        plan = prepare_inference(backbone, {**cfg.image.to_dict(), "cpu_backend": backend}, device,
-                                 cfg.trainer.mixed_precision, engine_cache=cfg.trainer.engine_cache)
+        settings = {**cfg.image.to_dict(), "cpu_backend": backend}
+        int8 = settings["cpu_precision"] == "int8" and backend != "torch" and device.type == "cpu"
+        if settings["cpu_precision"] == "int8" and not int8:  # torch (or a GPU) beside it: the fastest it has
+            settings["cpu_precision"] = "auto"
+        plan = prepare_inference(backbone, settings, device, cfg.trainer.mixed_precision,
+                                 engine_cache=cfg.trainer.engine_cache,
+                                 calibration=int8_calibration(data.image_paths("train")) if int8 else None)
         bare_before = bare_forward_throughput(plan, cfg.image.bench_bare_seconds)
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".bench.") as tmp:  # bounded memory, like the stage

@@ -191,8 +191,8 @@ def closing_note(metrics: dict[str, Any]) -> str:
                          f"{_round2(need):,.0f} pairs (MS-COCO's training split has 113,287 images with five "
                          "captions each, about 566,000 pairs).")
     parts.append(f"Image features: {metrics['image_dim']}-d from stage 01 (on machines without internet the "
-                 "EfficientNet-Lite0 offline fallback, not the published VGG19 / ResNet50); word vectors: "
-                 f"{metrics['vectors']['name']}. {ONE_CAPTION_NOTE}")
+                 "offline EfficientNet-Lite fallback of image.backbone, not the published VGG19 / ResNet50); "
+                 f"word vectors: {metrics['vectors']['name']}. {ONE_CAPTION_NOTE}")
     return " ".join(parts)
 
 

@@ -151,7 +151,9 @@ ROWS: tuple[Row, ...] = (
         needs="the canonical ultralytics checkpoints (download: Colab)"),
     # ------------------------------------------------------------------ the CNN-RNN paper
     *(Row(f"decoder-{re.sub('[^a-z0-9]+', '-', model.lower()).strip('-')}", CNN_RNN, name, published, "label_decoder",
-          ("label_decoder.comparisons=true",), read=decoder_f1(model))
+          ("label_decoder.comparisons=true",), read=decoder_f1(model),
+          reading="F1 x 100 of the predicted label sets on the first fold's 2,010 held-out images (stage 05's "
+                  "comparison table, docs/RESULTS.md); published: MS-COCO, VGG16, 80 labels")
       for model, name, published in (
           ("joint", "image-label joint embedding (CNN-RNN)", "65.9"),
           ("joint+attention", "joint embedding + attention", "67.0"),

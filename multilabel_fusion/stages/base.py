@@ -12,6 +12,7 @@ pipeline, the predictor, the bundle, the reports and the notebooks ask them and 
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
@@ -23,6 +24,8 @@ from ..io.artifacts import Artifact, MissingArtifact
 from ..io.atomic import load_torch
 from ..networks.heads import MLPHead
 from ..settings import Settings
+
+log = logging.getLogger(__name__)
 
 # ``Workspace`` and ``StageContext`` (multilabel_fusion.stages.context) appear in annotations as text only: that module
 # imports this one, and no import points back at it.
@@ -63,6 +66,18 @@ def tensor_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+def module_bytes(module: torch.nn.Module) -> bytes:
+    """A whole network (architecture and weights, on the CPU) as a bundle entry; the module itself is left as it is."""
+    import copy
+
+    return tensor_bytes(copy.deepcopy(module).cpu())
+
+
+def load_module(blob: bytes) -> torch.nn.Module:
+    """A network from :func:`module_bytes` (a pickled module: the bundle's manifest vouches for it)."""
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
 
 
 def load_tensors(blob: bytes) -> Any:
@@ -210,6 +225,16 @@ class Stage:
         return None
 
     # ------------------------------------------------------------------------------------------- the work
+    def found_or_computed(self, ctx: "StageContext", what: str, compute: Callable[[], "Artifact"], *,  # noqa: F821
+                          kind: str | None = None, key: str | None = None, mmap: bool = False) -> tuple["Artifact", str]:
+        """(the artifact, ``"reused"``) when ``kind``/``key`` (default: this stage's own) is kept, saying so in one
+        line that names ``what`` it holds; else (``compute()``, ``"computed"``)."""
+        found = ctx.store.load(kind or self.name, key or ctx.key(), mmap=mmap)
+        if found is not None:
+            log.info(f"[{self.name}] reusing {what} {found.dir}")
+            return found, "reused"
+        return compute(), "computed"
+
     def fit(self, ctx: "StageContext") -> "Artifact":  # noqa: F821
         """The stage's artifact for the current settings: found by key, or computed and kept."""
         raise NotImplementedError

@@ -80,12 +80,11 @@ class ConcatNetwork(Stage):
         return self._networks(ctx)[0]
 
     def _networks(self, ctx: StageContext) -> tuple[Artifact, str]:
-        found = ctx.store.load("concat", ctx.key())
-        if found is not None:
-            log.info(f"[concat] reusing the networks' probabilities {found.dir}")
-            return found, "reused"
-        with cpu_threads(ctx.device):
-            return train(ctx), "computed"
+        def trained() -> Artifact:
+            with cpu_threads(ctx.device):
+                return train(ctx)
+
+        return self.found_or_computed(ctx, "the networks' probabilities", trained)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         """Train (or reuse) the network per fold; its submission and metrics."""

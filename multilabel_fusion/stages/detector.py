@@ -83,15 +83,14 @@ class Detector(Stage):
         return self._detections(ctx)[0]
 
     def _detections(self, ctx: StageContext) -> tuple[Artifact, str]:
-        found = ctx.store.load("detector", ctx.key())
-        if found is not None:
-            log.info(f"[detector] reusing the detections {found.dir} (no detection run)")
-            return found, "reused"
-        weights = ctx.assets.detector_weights(ctx.settings)
-        bad = ctx.bad_images()
-        arrays, info = compute_block(ctx, weights.path, weights.source)
-        info["bad_images"] = bad
-        return ctx.store.save("detector", ctx.key(), ctx.spec(), arrays, info), "computed"
+        def detect() -> Artifact:
+            weights = ctx.assets.detector_weights(ctx.settings)
+            bad = ctx.bad_images()
+            arrays, info = compute_block(ctx, weights.path, weights.source)
+            info["bad_images"] = bad
+            return ctx.store.save("detector", ctx.key(), ctx.spec(), arrays, info)
+
+        return self.found_or_computed(ctx, "the detections (no detection run)", detect)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         """Weights -> detections of every image (artifact) -> baseline submission, metrics, figures."""

@@ -1,4 +1,4 @@
-"""Stage 08: the fused network (network 3 of the three-network report) on the stacked blocks, and
+"""Stage 09: the fused network (network 3 of the three-network report) on the stacked blocks, and
 ``output/predictions.csv``.
 
 The published network is Linear(→2000), ReLU, dropout 0.05, Linear(→18) trained with weighted BCE. Here it is a
@@ -69,7 +69,7 @@ def available_blocks(ws: Workspace) -> tuple[list[str], dict[str, str]]:
 
 class FusedNetwork(Stage):
     name = "fusion"
-    number = "08"
+    number = "09"
     title = "fused network"
     module = "fused_network"
     section = "fusion"

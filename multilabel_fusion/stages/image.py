@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -31,8 +32,8 @@ from ..settings import Settings, common_settings
 from ..training import trainer
 from ..training.crossfit import cross_fit, fill_in_sample
 from ..training.heads import HeadSettings, predict_heads, train_head
-from .base import (BlockPredictor, NewRecords, PredictorUnavailable, Stage, best_weights, load_tensors, mlp_head,
-                   tensor_bytes)
+from .base import (BlockPredictor, NewRecords, PredictorUnavailable, Stage, best_weights, load_module, load_tensors,
+                   mlp_head, module_bytes, tensor_bytes)
 from .context import StageContext, Workspace
 from .outputs import cpu_name, finish, load_metrics, records
 
@@ -96,17 +97,16 @@ class ImageNetwork(Stage):
 
     def _features(self, ctx: StageContext) -> tuple[Artifact, str]:
         """The features (extracted, or from the fine-tuned fold networks) and whether they were computed now."""
-        found = ctx.store.load("image", ctx.key(), mmap=True)
-        if found is not None:
-            log.info(f"[image] reusing the features {found.dir}")
-            return found, "reused"
-        ci = ctx.settings.image
-        workers = num_workers(ctx.settings.trainer.num_workers, ctx.device)
-        weights = ctx.assets.backbone_weights(ci)
-        bad = ctx.bad_images()
-        if ci.fine_tune:
-            return fine_tuned_block(ctx, weights, workers, bad), "computed"
-        return extract_block(ctx, build_backbone(weights, ci.image_size, ci.eval_transform), workers, bad), "computed"
+        def computed() -> Artifact:
+            ci = ctx.settings.image
+            workers = num_workers(ctx.settings.trainer.num_workers, ctx.device)
+            weights = ctx.assets.backbone_weights(ci)
+            bad = ctx.bad_images()
+            if ci.fine_tune:
+                return fine_tuned_block(ctx, weights, workers, bad)
+            return extract_block(ctx, build_backbone(weights, ci.image_size, ci.eval_transform), workers, bad)
+
+        return self.found_or_computed(ctx, "the features", computed, mmap=True)
 
     def head(self, ctx: StageContext, block: Artifact) -> Artifact:
         """The block ``image_probs``: one MLP head per fold on the frozen features (or, fine-tuned, the fold
@@ -188,7 +188,7 @@ class ImageNetwork(Stage):
                                        "(image.fine_tune=false)")
         image = ws.require("image")
         extraction = str(image.info.get("extraction", {}).get("precision", "fp32"))
-        precision = extraction.split()[0] if extraction.split()[0] in ("fp32", "bf16") else "fp32"  # a GPU's: fp32
+        precision = extraction.split()[0] if extraction.split()[0] in ("fp32", "bf16", "int8") else "fp32"  # GPU: fp32
         description = {"backbone": image.info["backbone"]["name"], "dim": image.info["backbone"]["dim"],
                        "weights_used": image.info["backbone"]["weights_used"], "image_size": ci.image_size,
                        "depth_features": bool(ci.depth_features), "hflip_average": bool(ci.hflip_average),
@@ -207,17 +207,35 @@ class ImageNetwork(Stage):
             heads = [mlp_head(best_weights(f["run_dir"], ws.models_dir, self), ci.head_hidden, ci.head_dropout)
                      for f in kept.info["folds"]]
         backbone = build_backbone(ws.assets.backbone_weights(ci), ci.image_size, ci.eval_transform)  # as the stage
-        return ImagePredictor(blocks, description, backbone, heads)
+        int8 = (tuple(np.asarray(image[INT8_FILES[name]]).tobytes() for name in INT8_FILES)
+                if precision == "int8" else None)
+        return ImagePredictor(blocks, description, backbone, heads, int8)
 
 
 # ----------------------------------------------------------------------------------------------- computing
 
 
+#: ``image.cpu_precision: int8`` calibrates on this many training photos, and checks on 16 more (a sample that
+#: depends on the data only, as the features' key does).
+INT8_CALIBRATION_PHOTOS = 300
+
+
+#: The int8 network's files and the artifact arrays that keep them.
+INT8_FILES = {"model.xml": "int8_model_xml", "model.bin": "int8_model_bin"}
+
+
+def int8_calibration(paths: Sequence[Path]) -> list[Path]:
+    """The training photos an int8 quantization is calibrated on (the last 16 check it), the same for every run."""
+    n = min(INT8_CALIBRATION_PHOTOS + 16, len(paths))
+    return [paths[i] for i in sorted(np.random.default_rng(0).choice(len(paths), n, replace=False))]
+
+
 def _plan(ctx: StageContext, backbone: Backbone):
     ci = ctx.settings.image
+    calibration = int8_calibration(ctx.data.image_paths("train")) if ci.cpu_precision == "int8" else None
     return prepare_inference(backbone, ci, ctx.device, ctx.settings.trainer.mixed_precision,
                              depths=bool(ci.depth_features), hflip=bool(ci.hflip_average),
-                             engine_cache=ctx.settings.trainer.engine_cache)
+                             engine_cache=ctx.settings.trainer.engine_cache, calibration=calibration)
 
 
 def _extraction_info(ctx: StageContext, choices: dict[str, Any], depth_dims: list[int], workers: int,
@@ -254,6 +272,9 @@ def extract_block(ctx: StageContext, backbone: Backbone, workers: int, bad_image
                                    depths_out=depths)[1])
         w.put("train_ids", ctx.data.train["ImageID"].to_numpy(str))
         w.put("test_ids", ctx.data.test["ImageID"].to_numpy(str))
+        if plan.int8_files is not None:  # what computed the features, kept with them (the predictor runs it)
+            for name in INT8_FILES:
+                w.put(INT8_FILES[name], np.frombuffer((plan.int8_files / name).read_bytes(), np.uint8))
         w.info.update(_extraction_info(ctx, plan.choices, depth_dims, workers, timings, bad_images))
         w.info["backbone"] = {"name": backbone.name, "weights_used": backbone.weights_used, "dim": backbone.dim}
         w.info["backbone_size_mb"] = model_size_mb(backbone)
@@ -409,9 +430,11 @@ class ImagePredictor(BlockPredictor):
 
     stage = "image"
 
-    def __init__(self, blocks: Sequence[str], description: dict[str, Any], backbone: Backbone, heads: list[MLPHead]):
+    def __init__(self, blocks: Sequence[str], description: dict[str, Any], backbone: Backbone, heads: list[MLPHead],
+                 int8_model: tuple[bytes, bytes] | None = None):
         super().__init__(blocks)
         self.description, self.backbone, self.heads = description, backbone, heads
+        self.int8_model = int8_model  # the stage's quantized network (xml, bin) with cpu_precision int8
         self._plan = None
 
     @property
@@ -425,8 +448,13 @@ class ImagePredictor(BlockPredictor):
                                             "cpu_precision")}
         settings["cpu_backend"] = m.get("cpu_backend", "torch")
         settings["gpu_decode"] = m.get("gpu_decode", "auto")
+        if self.int8_model is not None and device.type != "cpu":
+            settings["cpu_precision"] = "fp32"  # int8 runs on a CPU only: a GPU gives the fp32 features, said here
+            log.warning(f"[image] the stage's features are int8 (OpenVINO, CPU); on {device.type} the predictor "
+                        "computes fp32 features instead (per-image cosine ~0.99 to the stage's)")
         self._plan = prepare_inference(self.backbone, settings, device, m["mixed_precision"],
-                                       depths=m["depth_features"], hflip=m["hflip_average"])
+                                       depths=m["depth_features"], hflip=m["hflip_average"],
+                                       int8_model=self.int8_model if settings["cpu_precision"] == "int8" else None)
         return self
 
     def transform(self, records: NewRecords, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -448,28 +476,23 @@ class ImagePredictor(BlockPredictor):
         return {b: out[b] for b in self.blocks}
 
     def export(self) -> tuple[dict[str, Any], dict[str, tuple[str, bytes]]]:
-        files = {"backbone.pt": (f"image backbone ({self.description['backbone']})",
-                                 tensor_bytes(_cpu_copy(self.backbone)))}
+        files = {"backbone.pt": (f"image backbone ({self.description['backbone']})", module_bytes(self.backbone))}
         for i, head in enumerate(self.heads):
             files[f"head_{i}.pt"] = (f"image heads ({len(self.heads)} folds)", tensor_bytes(head.state_dict()))
+        if self.int8_model is not None:
+            for name, blob in zip(INT8_FILES, self.int8_model):
+                files[f"int8_{name}"] = ("the backbone quantized to int8 (OpenVINO), as the stage ran it", blob)
         return {**self.description, "heads": len(self.heads)}, files
 
     @classmethod
     def from_bundle(cls, description: dict[str, Any], blocks: Sequence[str], read: Callable[[str], bytes],
                     names: set[str], device: torch.device) -> "ImagePredictor":
-        import io
-
-        backbone = torch.load(io.BytesIO(read("backbone.pt")), map_location="cpu",
-                              weights_only=False)  # a pickled module: the bundle's manifest vouches for it
+        backbone = load_module(read("backbone.pt"))
         heads = [mlp_head(load_tensors(read(f"head_{i}.pt")), description["head_hidden"], description["head_dropout"])
                  for i in range(int(description.get("heads", 0))) if f"head_{i}.pt" in names]
-        return cls(blocks, description, backbone, heads)
-
-
-def _cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(module).cpu()
+        int8 = (tuple(read(f"int8_{name}") for name in INT8_FILES)
+                if description.get("cpu_precision") == "int8" else None)
+        return cls(blocks, description, backbone, heads, int8)
 
 
 ImageNetwork.predictor_type = ImagePredictor  # what reads its part of a bundle

@@ -97,21 +97,20 @@ class LabelDecoder(Stage):
 
     def _block(self, ctx: StageContext, decoders: "Decoders | None" = None) -> tuple[Artifact, str]:
         """The artifact and whether it was computed now (``decoders``: the features already loaded)."""
-        found = ctx.store.load("label_decoder", ctx.key())
-        if found is not None:
-            log.info(f"[label_decoder] reusing the decoder's block {found.dir}")
-            return found, "reused"
-        ld = ctx.settings.label_decoder
-        decoders = decoders or Decoders(ctx, load_features(ctx, Variant.parse(ld.variant).caption))
-        t0 = time.time()
-        arrays, folds, history, decode_seconds = cross_fit_decoder(ctx, decoders)
-        arrays.update(train_ids=ctx.data.train["ImageID"].to_numpy(str),
-                      test_ids=ctx.data.test["ImageID"].to_numpy(str))
-        info = {"variant": Variant.parse(ld.variant).name, "folds": folds, "history": records(history),
-                "what": "per label: its highest probability over the best beam's steps (train: out of fold; "
-                        "test: mean over the fold networks); *_sets: the decoded sets (test: fraction of folds)",
-                "cross_fit_seconds": round(time.time() - t0, 1), "decode_seconds": round(decode_seconds, 1)}
-        return ctx.store.save("label_decoder", ctx.key(), ctx.spec(), arrays, info), "computed"
+        def computed() -> Artifact:
+            ld = ctx.settings.label_decoder
+            ready = decoders or Decoders(ctx, load_features(ctx, Variant.parse(ld.variant).caption))
+            t0 = time.time()
+            arrays, folds, history, decode_seconds = cross_fit_decoder(ctx, ready)
+            arrays.update(train_ids=ctx.data.train["ImageID"].to_numpy(str),
+                          test_ids=ctx.data.test["ImageID"].to_numpy(str))
+            info = {"variant": Variant.parse(ld.variant).name, "folds": folds, "history": records(history),
+                    "what": "per label: its highest probability over the best beam's steps (train: out of fold; "
+                            "test: mean over the fold networks); *_sets: the decoded sets (test: fraction of folds)",
+                    "cross_fit_seconds": round(time.time() - t0, 1), "decode_seconds": round(decode_seconds, 1)}
+            return ctx.store.save("label_decoder", ctx.key(), ctx.spec(), arrays, info)
+
+        return self.found_or_computed(ctx, "the decoder's block", computed)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         """The cross-fitted decoder (artifact: the block), then with ``comparisons`` the table on the first fold

@@ -112,7 +112,8 @@ def default() -> Registry:
     from .image import ImageNetwork
     from .joint_embedding import JointEmbedding
     from .label_decoder import LabelDecoder
+    from .regions import RegionAttention
     from .text import TextNgrams
 
     return Registry([ImageNetwork(), CaptionNetwork(), Detector(), TextNgrams(), LabelDecoder(), JointEmbedding(),
-                     ConcatNetwork(), FusedNetwork()])
+                     ConcatNetwork(), RegionAttention(), FusedNetwork()])
