@@ -103,7 +103,8 @@ def test_a_draw_reuses_the_main_jobs_frozen_features_instead_of_extracting_again
     a, b = (ArtifactStore(tmp_path / w / "output").require("image", metrics[0]["artifact_key"], "01")
             for w in ("reused", "again"))
     for name in ("train", "test", "train_depths", "test_depths"):
-        np.testing.assert_allclose(a[name].astype(np.float32), b[name].astype(np.float32), atol=2e-3)
+        # float16 on disk: a last-bit difference of the engines is one float16 step (0.004 at 4..8), hence rtol
+        np.testing.assert_allclose(a[name].astype(np.float32), b[name].astype(np.float32), rtol=2e-3, atol=2e-3)
     assert (a["test_ids"] == b["test_ids"]).all() and (a["train_ids"] == b["train_ids"]).all()
 
 

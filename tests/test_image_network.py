@@ -303,6 +303,38 @@ def test_openvino_features_of_real_photos_agree_with_torch(shared_data, tmp_path
     assert cosine_min([features["openvino"]], [features["torch"]]) >= 0.9999
 
 
+def test_a_bf16_plan_keeps_openvino_and_a_wrong_conversion_is_refused(shared_data, tmp_path, monkeypatch, caplog):
+    """On a bf16 CPU (cpu_precision auto picks bf16 there) OpenVINO was checked against torch's bf16 outputs at the
+    fp32 bar of 0.999 and refused (cosine 0.992): every such machine ran torch, 3-4x slower. The check is now against
+    torch's fp32 outputs, with torch's own bf16 agreement as the bar; an engine that computes something else is
+    still refused."""
+    backbone = load_backbone({"backbone": "efficientnet_lite0", "weights": "imagenet"})
+    paths = D.load(shared_data, check_images=False).image_paths("train")[:8]
+    cfg = {"image_size": 96, "cpu_precision": "bf16", "feature_batch_size": 4, "cpu_backend": "openvino"}
+    plan = prepare_inference(backbone, cfg, torch.device("cpu"), depths=True, engine_cache=tmp_path / "bf16")
+    assert plan.engine is not None and plan.precision == "bf16" and "(bf16," in plan.choices["backend"]
+    (folder,) = (tmp_path / "bf16").iterdir()
+    record = json.loads((folder / "record.json").read_text())
+    bar = openvino_engine.agreement_bar("bf16", record["torch_cosine_min"]["bf16"])
+    assert record["cosine_min"]["bf16"] >= bar >= 0.98 and openvino_engine.agreement_bar("fp32", 0.5) == 0.999
+    engine_features, _ = inference.extract(plan, paths, 0)
+    plan.engine, plan.precision = None, "fp32"
+    fp32_features, _ = inference.extract(plan, paths, 0)
+    assert cosine_min([engine_features], [fp32_features]) >= bar
+
+    def another_images_outputs(self, images):  # a conversion gone wrong: right shapes, wrong numbers
+        return [np.roll(o, 1, axis=0) for o in right(self, images)]
+
+    right = openvino_engine.OpenVINOEngine.__call__
+    monkeypatch.setattr(openvino_engine.OpenVINOEngine, "__call__", another_images_outputs)
+    for precision in ("fp32", "bf16"):
+        with caplog.at_level("WARNING"):
+            refused = prepare_inference(backbone, {**cfg, "cpu_precision": precision}, torch.device("cpu"),
+                                        engine_cache=tmp_path / f"wrong-{precision}")
+        assert refused.engine is None and refused.choices["backend"].startswith("torch (OpenVINO's outputs disagreed")
+    assert "OpenVINO's outputs disagree with torch's fp32" in caplog.text
+
+
 def test_without_openvino_auto_falls_back_to_torch_and_says_so(monkeypatch, caplog):
     monkeypatch.setattr(openvino_engine, "version", lambda: None)
     backbone = load_backbone({"backbone": "efficientnet_lite0", "weights": "random"})

@@ -49,3 +49,31 @@ def test_the_page_has_a_table_per_document_and_says_what_was_not_run(tmp_path):
     assert "Measured on AMD EPYC (2026-12-03)" in page
     assert "| **0.8906** | 35 s |" in page and "-0.0009 vs `fusion-default`" in page  # read against the defaults' row
     assert all(r.against is None or r.against in {x.id for x in seeds.ROWS} for r in seeds.ROWS)
+
+
+def test_gpu_rows_are_recorded_from_the_machine_that_ran_them_and_skipped_without_cuda(tmp_path, monkeypatch):
+    """A GPU row (the published fine-tuning) runs only where CUDA is; its figure comes from the metrics file its
+    command wrote there (``--record``), shown with that machine and the records it ran on."""
+    import json
+
+    import pytest
+    import torch
+
+    metrics = {"stage": "image", "mean_f1_threshold_cv": 0.7647, "wall_seconds": 351.8, "artifact_key": "32b1",
+               "n_eval": 2600, "folds": 5, "machine": {"cpu": "Xeon", "cpu_count": 16, "gpu": "NVIDIA H200"}}
+    (tmp_path / "image.json").write_text(json.dumps(metrics))
+    (tmp_path / "text.json").write_text(json.dumps({**metrics, "stage": "text"}))
+    docs = tmp_path / "docs"
+    assert seeds.main(["--docs", str(docs), "--record", "image-finetuned-15", str(tmp_path / "image.json")]) == 0
+    row = json.loads((docs / "seeds.json").read_text())["rows"]["image-finetuned-15"]
+    assert row["value"] == 0.7647 and row["machine"] == "NVIDIA H200, 16 CPU cores"
+    page = (docs / "SEEDS.md").read_text()
+    assert "| **0.7647** (2,600 records, 5 folds; NVIDIA H200, 16 CPU cores) | 352 s |" in page
+    assert "not measured yet (needs a GPU)" in page  # image-finetuned: not recorded
+    with pytest.raises(SystemExit, match="stage 'text'"):  # another stage's metrics: refused, not misread
+        seeds.main(["--docs", str(docs), "--record", "image-finetuned", str(tmp_path / "text.json")])
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(seeds, "run_row", lambda *a: pytest.fail("a GPU row ran without CUDA"))
+    assert seeds.main(["--docs", str(docs), "--only", "image-finetuned-15", "image-frozen-lite0"]) == 0
+    assert json.loads((docs / "seeds.json").read_text())["rows"]["image-finetuned-15"]["value"] == 0.7647

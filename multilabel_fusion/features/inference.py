@@ -105,7 +105,12 @@ class InferencePlan:
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         with self.autocast():
-            out = self.net(x)
+            return self._outputs(x)
+
+    def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The extraction's outputs of normalised images, in whatever precision the caller's autocast sets (none:
+        fp32, as OpenVINO converts it)."""
+        out = self.net(x)
         if not self.depths:
             return out.flatten(1).float(), None
         *stages, final = [out[k] for k in sorted(out, key=lambda k: (k == "final", k))]
@@ -251,7 +256,7 @@ def _log_plan(plan: InferencePlan) -> None:
 def choose_cpu_backend(plan: InferencePlan, setting: str, engine_cache: Path | None) -> None:
     """Give ``plan`` an OpenVINO engine when ``image.cpu_backend`` asks for it or finds it faster here (see
     :func:`openvino_engine.select`); records the choice and the engines' agreement in ``plan.choices``."""
-    graph = openvino_engine.UInt8Graph(plan.net, plan.backbone.normalise, plan._forward)
+    graph = openvino_engine.UInt8Graph(plan.net, plan.backbone.normalise, plan._outputs)
 
     def torch_call(images: torch.Tensor):
         plan.engine = None
@@ -282,7 +287,7 @@ def _choose_int8_engine(plan: InferencePlan, setting: str, engine_cache: Path | 
         return [calibrate[i: i + plan.batch_size] for i in range(0, len(calibrate), plan.batch_size)] + [check]
 
     identity = hashlib.sha256("".join(file_digest(p, None) for p in paths).encode()).hexdigest()[:16]
-    graph = openvino_engine.UInt8Graph(plan.net, plan.backbone.normalise, plan._forward)
+    graph = openvino_engine.UInt8Graph(plan.net, plan.backbone.normalise, plan._outputs)
     plan.engine, plan.choices["backend"], made = openvino_engine.select_int8(
         setting, "image", graph=graph, weights=plan.backbone, example=plan.example_batch(), cache_dir=engine_cache,
         calibration=batches, calibration_id=f"{len(paths)} photos {identity}", stored=stored,

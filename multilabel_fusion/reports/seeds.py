@@ -4,6 +4,7 @@ competition data, and the command that reproduces ours.
     python3 -m multilabel_fusion.reports.seeds --data ../shared/comp5329           # run every row, write the page
     python3 -m multilabel_fusion.reports.seeds --data ../shared/comp5329 --only fusion-published
     python3 -m multilabel_fusion.reports.seeds --render                             # the page from docs/seeds.json
+    python3 -m multilabel_fusion.reports.seeds --record image-finetuned metrics/image.json  # a GPU row run elsewhere
 
 A row is one stage script with ``--set`` overrides and what to read off the metrics file it writes. Every row runs
 in one output and models folder (``--output``, ``--models``), so features and finished trainings are computed once
@@ -77,6 +78,7 @@ class Row:
     overrides: tuple[str, ...] = ()
     read: Callable[[dict[str, Any]], Any] = headline
     needs: str | None = None  # what it needs that these machines lack
+    gpu: bool = False  # runs only where CUDA is (elsewhere its recorded figure is shown; see ``--record``)
     reading: str = ""  # one line on the difference
     against: str | None = None  # the row it is read against: the page gives the difference of the two figures
 
@@ -120,9 +122,21 @@ ROWS: tuple[Row, ...] = (
     Row("caption-embedding", THREE, "caption network, embedding sizes of glove-twitter (25 / 50 / 100 / 200)",
         NOT_QUOTED, needs="the canonical glove-twitter vectors (gensim download: Colab)",
         reading="offline only GloVe 6B-50d exists here; run it in Colab with --set caption.vectors=glove-twitter-25"),
-    Row("image-finetuned", THREE, "image network: ResNet50 fine-tuned (network 1 as published)", NOT_QUOTED,
-        needs="a GPU (5 fine-tunings of ResNet50) and its ImageNet weights",
-        reading="here the frozen EfficientNet-Lite ensemble + head stands in: see the next row"),
+    Row("image-finetuned-resnet50", THREE, "image network: ResNet50 fine-tuned (network 1 as published)", NOT_QUOTED,
+        needs="ResNet50's ImageNet weights (torchvision download: Colab) and a GPU (5 fine-tunings)",
+        reading="the next rows fine-tune the offline EfficientNet-Lite0 instead"),
+    Row("image-finetuned", THREE, "image network fine-tuned end to end, the published settings (Adam lr 1e-4, "
+        "batch 128, 15 epochs, early stopping patience 3), EfficientNet-Lite0@320 (offline ImageNet)", NOT_QUOTED,
+        "image", ("image.fine_tune=true", "image.offline_fallback=efficientnet_lite0@320"), gpu=True,
+        against="image-frozen-lite0",
+        reading="4 of 5 folds stopped at epoch 2 on the plateau where only 'person' is predicted"),
+    Row("image-finetuned-15", THREE, "the same, all 15 epochs (no early stopping)", NOT_QUOTED, "image",
+        ("image.fine_tune=true", "image.offline_fallback=efficientnet_lite0@320", "image.patience=15"), gpu=True,
+        against="image-frozen-lite0",
+        reading="still rising at epoch 15 on every fold: lr 1e-4 and ~2,000 photos a fold are too few steps; the "
+                "frozen features + head stay ahead"),
+    Row("image-frozen-lite0", THREE, "frozen EfficientNet-Lite0@320 + MLP head on the same records (reference of "
+        "the two rows above)", "-", "image", ("image.offline_fallback=efficientnet_lite0@320",), gpu=True),
     Row("image-frozen", THREE, "image network: frozen offline backbones + MLP head (this project)", "-", "image"),
     Row("image-leaky", THREE, "image network with LeakyReLU", NOT_QUOTED,
         needs="a GPU (fine-tuning; an activation swap in a frozen pretrained CNN is not a meaningful experiment)"),
@@ -212,6 +226,21 @@ def run_row(row: Row, data: Path, output: Path, models: Path) -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d"), "machine": cpu_name(), "command": row.command()}
 
 
+def recorded(row: Row, metrics_path: Path) -> dict[str, Any]:
+    """A row's result from the metrics file its command wrote on another machine (a GPU machine: its rows cannot
+    run here), with that machine and the records it ran on."""
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    if metrics.get("stage") != row.stage:
+        raise SystemExit(f"seeds: {metrics_path} is stage {metrics.get('stage')!r}'s metrics, row {row.id} reads "
+                         f"stage {row.stage!r}'s")
+    machine = metrics.get("machine", {})
+    device = machine.get("gpu") or machine.get("cpu", "?")
+    return {"value": row.read(metrics), "wall_s": metrics["wall_seconds"], "artifact_key": metrics.get("artifact_key"),
+            "date": time.strftime("%Y-%m-%d", time.localtime(metrics_path.stat().st_mtime)),
+            "machine": f"{device}, {machine.get('cpu_count', '?')} CPU cores", "command": row.command(),
+            "data": f"{metrics['n_eval']:,} records, {metrics['folds']} folds"}
+
+
 def _against(row: Row, results: Results) -> str:
     """``+0.0012 vs <the other row>`` when both figures are measured numbers."""
     mine, other = results.rows.get(row.id), results.rows.get(row.against or "")
@@ -238,9 +267,11 @@ def render(results: Results) -> str:
             if row.needs:
                 ours, wall = f"not run here: needs {row.needs}", ""
             elif got is None:
-                ours, wall = "not measured yet", ""
+                ours, wall = "not measured yet" + (" (needs a GPU)" if row.gpu else ""), ""
             else:
                 ours, wall = f"**{_format(got['value'])}**", f"{got['wall_s']:.0f} s"
+                if got.get("data"):  # measured elsewhere than the page's default (a GPU machine, a slice)
+                    ours += f" ({got['data']}; {got['machine']})"
             command = f"`{row.command()}`" if row.stage else ""
             reading = "; ".join(filter(None, [_against(row, results), row.reading]))
             lines.append(f"| `{row.id}` | {row.system} | {row.published} | {ours} | {wall} | {command} | {reading} |")
@@ -261,18 +292,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=str(ROOT / "models" / "seeds"), help="shared models folder of the rows")
     parser.add_argument("--only", nargs="+", default=None, help="run only these rows (ids)")
     parser.add_argument("--render", action="store_true", help="only write the page from docs/seeds.json")
+    parser.add_argument("--record", nargs=2, action="append", default=[], metavar=("ROW", "METRICS"),
+                        help="record a row from the metrics file its command wrote on another machine (GPU rows)")
     parser.add_argument("--docs", default=str(DOCS))
     args = parser.parse_args(argv)
     ids = {r.id for r in ROWS}
-    unknown = sorted(set(args.only or ()) - ids)
+    unknown = sorted((set(args.only or ()) | {r for r, _ in args.record}) - ids)
     if unknown:
         raise SystemExit(f"seeds: unknown rows {', '.join(unknown)}; rows: {', '.join(sorted(ids))}")
     docs = Path(args.docs)
     results = Results.load(docs / "seeds.json")
     with console_logging():
-        if not args.render:
+        by_id = {r.id: r for r in ROWS}
+        for row_id, metrics_path in args.record:
+            results.rows[row_id] = recorded(by_id[row_id], Path(metrics_path))
+            results.save()
+        if not args.render and not args.record:
+            import torch
+
             for row in ROWS:
                 if row.stage is None or row.needs or (args.only and row.id not in args.only):
+                    continue
+                if row.gpu and not torch.cuda.is_available():
+                    log.info(f"[seeds] {row.id}: needs a GPU; its recorded figure stays")
                     continue
                 results.rows[row.id] = run_row(row, Path(args.data), Path(args.output), Path(args.models))
                 results.save()  # a row at a time: an interrupted run keeps what it measured
