@@ -418,6 +418,7 @@ class DetectorSection(Section):
     threads: Annotated[PositiveInt | None, RUN_ONLY]
     channels_last: Annotated[bool, RUN_ONLY]
     cpu_backend: Annotated[Literal["auto", "torch", "openvino"], RUN_ONLY]  # same detections either way (checked)
+    cpu_precision: Annotated[Literal["auto", "fp32", "bf16"], RUN_ONLY]  # OpenVINO's; detections at cosine 0.9999
     examples: Annotated[NonNegativeInt, RUN_ONLY]
 
 

@@ -347,10 +347,12 @@ def test_original_yolov5_checkpoint_detects_on_real_images(shared_data, yolov5n)
 
 def test_openvino_runs_the_yolov5_checkpoint_with_the_same_detections(shared_data, yolov5n, tmp_path):
     """detector.cpu_backend: OpenVINO gives the same boxes and per-label scores as torch on real photos; asking for
-    it converts once (cached by the weights), ``torch`` keeps torch."""
+    it converts once (cached by the weights), ``torch`` keeps torch. In bf16 (``detector.cpu_precision``) the same
+    photos keep their labels' scores to ~0.01 and the conversion is the same one."""
     det = yolov5.load_detector(yolov5n, channels_last=True)
-    how = stage.choose_detector_backend(det, "openvino", image_size=320, batch_size=4, cache_dir=tmp_path)
+    how, precision = stage.choose_detector_backend(det, "openvino", image_size=320, batch_size=4, cache_dir=tmp_path)
     assert det.engine is not None and "converted in" in how and "outputs agree at cosine" in how
+    assert precision == "fp32"
     paths = D.load(shared_data, check_images=False).image_paths("train")[:12]
     kw = dict(image_size=320, conf=0.05, iou=0.45, batch_size=4, workers=0)
     with_openvino = stage.detect_images(det, paths, **kw)
@@ -359,10 +361,20 @@ def test_openvino_runs_the_yolov5_checkpoint_with_the_same_detections(shared_dat
     assert with_openvino.scores.max() > 0.5 and np.abs(with_openvino.scores - with_torch.scores).max() < 1e-4
     assert np.array_equal(with_openvino.box_class, with_torch.box_class)
     assert np.allclose(with_openvino.boxes, with_torch.boxes, atol=1e-2)
-    again = stage.choose_detector_backend(det, "openvino", image_size=320, batch_size=4, cache_dir=tmp_path)
+    again, _ = stage.choose_detector_backend(det, "openvino", image_size=320, batch_size=4, cache_dir=tmp_path)
     assert "cached in" in again and len(list(tmp_path.iterdir())) == 1
     assert stage.choose_detector_backend(det, "torch", image_size=320, batch_size=4, cache_dir=tmp_path) == \
-        "torch (asked for)" and det.engine is None
+        ("torch (asked for)", "fp32") and det.engine is None
+
+    how, precision = stage.choose_detector_backend(det, "openvino", image_size=320, batch_size=4,
+                                                   cache_dir=tmp_path, precision="bf16")
+    assert precision == "bf16" and "(bf16," in how and len(list(tmp_path.iterdir())) == 1
+    in_bf16 = stage.detect_images(det, paths, **kw)
+    clear = np.maximum(in_bf16.scores, with_torch.scores) > 0.1  # at the 0.05 floor a box may come or go
+    assert clear.sum() >= 12 and np.abs(in_bf16.scores - with_torch.scores)[clear].max() < 0.03
+    assert stage.detector_precision("fp32") == "fp32" and stage.detector_precision("auto") in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="detector.cpu_precision"):
+        stage.detector_precision("int8")
 
 
 def test_the_checkpoint_unpickler_refuses_code(tmp_path):

@@ -17,6 +17,7 @@ from ..data.images import ImageStream, _collate
 from ..io.progress import progress
 from ..networks.yolov5 import Detector, YoloV5Detector
 from . import openvino_engine
+from .inference import cpu_supports_bf16
 
 
 class _RawPredictions(torch.nn.Module):
@@ -32,22 +33,32 @@ class _RawPredictions(torch.nn.Module):
         return pred[..., :4], pred[..., 4:]
 
 
+def detector_precision(setting: str) -> str:
+    """``detector.cpu_precision``: ``auto`` is bf16 where the CPU computes bf16 (OpenVINO's own default there),
+    else fp32."""
+    if setting not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"detector.cpu_precision {setting!r}: choose auto, fp32 or bf16")
+    return ("bf16" if cpu_supports_bf16() else "fp32") if setting == "auto" else setting
+
+
 def choose_detector_backend(detector: Detector, setting: str, *, image_size: int, batch_size: int,
-                            cache_dir: Path | None) -> str:
+                            cache_dir: Path | None, precision: str = "fp32") -> tuple[str, str]:
     """Run an original YOLOv5 checkpoint through OpenVINO on a CPU when ``detector.cpu_backend`` asks for it or
-    finds it faster here (:func:`openvino_engine.select`); ultralytics' formats and GPUs keep their own engine.
-    Returns what was chosen and why."""
+    finds it faster here (:func:`openvino_engine.select`), in ``precision`` (``detector.cpu_precision``, resolved by
+    :func:`detector_precision`); ultralytics' formats, GPUs and torch run fp32. Returns what was chosen and why, and
+    the precision that runs."""
     if not isinstance(detector, YoloV5Detector):
-        return "ultralytics (its own engine)"
+        return "ultralytics (its own engine)", "fp32"
     if detector.device.type != "cpu":
-        return f"torch ({detector.device.type})"
+        return f"torch ({detector.device.type})", "fp32"
     detector.engine = None
     example = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8)
     engine, how, agreement = openvino_engine.select(
         setting, "detector", graph=_RawPredictions(detector.model), weights=detector.model, example=example,
-        cache_dir=cache_dir, torch_call=detector.forward, name=detector.path.name)
+        cache_dir=cache_dir, precision=precision, torch_call=detector.forward, name=detector.path.name)
     detector.engine = engine
-    return how + (f", outputs agree at cosine {agreement}" if agreement is not None else "")
+    return (how + (f", outputs agree at cosine {agreement}" if agreement is not None else ""),
+            precision if engine is not None else "fp32")
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 
 from ..evaluation.detector_examples import examples_figure
 from ..features import openvino_engine
-from ..features.detection import box_features, choose_detector_backend, detect_images, load_average
+from ..features.detection import box_features, choose_detector_backend, detect_images, detector_precision, load_average
 from ..io.artifacts import Artifact, pick_rows
 from ..io.atomic import write_json
 from ..networks.device import describe_device
@@ -45,10 +45,8 @@ PUBLISHED = {"yolov5s": 0.766, "yolov5m": 0.777, "yolov5l": 0.787, "yolov5x": 0.
 #: Bump when the detection code changes what ends up in the artifact.
 CACHE_VERSION = 2  # 2: images decoded by the one OpenCV decoder (was PIL)
 
-#: The detectors run in fp32 on every device (YOLOv5 here, ultralytics' predict without ``half``).
-PRECISION = "fp32"
-
 #: How detection runs: recorded in a predictor's description beside the settings that shape the artifact.
+#: Torch and ultralytics run fp32 on every device; OpenVINO on a CPU in ``detector.cpu_precision``.
 RUN_KEYS = ("batch_size", "threads", "channels_last", "cpu_backend")
 
 
@@ -154,6 +152,7 @@ class Detector(Stage):
                        **d.shaping(), **{key: d[key] for key in RUN_KEYS},
                        # the engine that computed the cached detections (the same detections to ~1e-6 either way)
                        "cpu_backend": openvino_engine.same_engine(detections.info.get("detection", {}).get("backend")),
+                       "cpu_precision": detections.info.get("detection", {}).get("precision", "fp32"),
                        "workers": ws.settings.trainer.num_workers, "bad_images": ws.settings.data.bad_images,
                        "key": detections.key}
         return DetectorPredictor(blocks, description, weights.path)
@@ -186,12 +185,13 @@ def compute_block(ctx: StageContext, weights: Path, source: str) -> tuple[dict[s
         detector = load_detector(weights, ctx.device, channels_last=bool(d.channels_last))
         kw = dict(image_size=int(d.image_size), conf=float(d.conf), iou=float(d.iou), max_det=int(d.max_det),
                   multi_label=bool(d.multi_label), batch_size=int(d.batch_size), workers=_workers(ctx.settings))
-        backend = choose_detector_backend(detector, d.cpu_backend, image_size=kw["image_size"],
-                                          batch_size=kw["batch_size"], cache_dir=ctx.settings.trainer.engine_cache)
+        backend, precision = choose_detector_backend(
+            detector, d.cpu_backend, image_size=kw["image_size"], batch_size=kw["batch_size"],
+            cache_dir=ctx.settings.trainer.engine_cache, precision=detector_precision(d.cpu_precision))
         log.info(f"[detector] {weights.name}: {detector.kind}, {len(detector.names)} classes "
                  f"({int((detector.columns >= 0).sum())} map to labels) | {kw['image_size']} px, conf {kw['conf']}, "
                  f"iou {kw['iou']}, batch {kw['batch_size']}, {threads} threads, {kw['workers']} loader workers, "
-                 f"device {describe_device(ctx.device)}, {PRECISION}, images decoded on the CPU | {backend}")
+                 f"device {describe_device(ctx.device)}, {precision}, images decoded on the CPU | {backend}")
         load_before = load_average()
         runs = {part: detect_images(detector, ctx.data.image_paths(part), desc=f"detect {part}",
                                     on_bad=ctx.settings.data.bad_images, **kw)
@@ -213,7 +213,7 @@ def compute_block(ctx: StageContext, weights: Path, source: str) -> tuple[dict[s
               "seconds_per_20000_images": round(20000 * seconds / max(n, 1), 1),
               "image_size": kw["image_size"], "batch_size": kw["batch_size"], "threads": threads,
               "loader_workers": kw["workers"], "channels_last": bool(d.channels_last), "device": str(ctx.device),
-              "backend": backend, "precision": PRECISION, "decode": "cpu",
+              "backend": backend, "precision": precision, "decode": "cpu",
               "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if ctx.device.type == "cuda" else None,
               # 1-minute load average before and after: other work on the machine slows detection down
               "load_average_before_after": [load_before, load_after]}
@@ -237,7 +237,8 @@ class DetectorPredictor(BlockPredictor):
         d = self.description
         self.detector = load_detector(self.weights, device, channels_last=bool(d["channels_last"]))
         choose_detector_backend(self.detector, d.get("cpu_backend", "torch"), image_size=int(d["image_size"]),
-                                batch_size=int(d["batch_size"]), cache_dir=None)
+                                batch_size=int(d["batch_size"]), cache_dir=None,
+                                precision=d.get("cpu_precision", "fp32"))
         return self
 
     def transform(self, records: NewRecords, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
