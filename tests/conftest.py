@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from multilabel_fusion.data import demo
+from multilabel_fusion.stages.context import StageContext
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "comp5329"
@@ -40,3 +42,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def recorded_selections():
+    """``with recorded_selections(stage) as seen:`` appends ``(k, train_idx, select_idx, held_idx)`` for every fold of
+    ``stage`` that chooses its epoch meanwhile (other stages, such as the image head trained first, are left out):
+    what a cross-fitting test checks its held-out rows against."""
+    @contextlib.contextmanager
+    def recording(stage: str):
+        seen: list = []
+        selection = StageContext.selection
+
+        def recorded(self, k, fit_idx, held_idx):
+            train_idx, select_idx = selection(self, k, fit_idx, held_idx)
+            if self.stage.name == stage:
+                seen.append((k, train_idx, select_idx, held_idx))
+            return train_idx, select_idx
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(StageContext, "selection", recorded)
+            yield seen
+
+    return recording

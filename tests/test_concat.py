@@ -22,7 +22,7 @@ from multilabel_fusion.networks.concat import ConcatLSTM, make_optimizer
 from multilabel_fusion.predict import Predictor
 from multilabel_fusion.stages import concat as concat_stage
 from multilabel_fusion.stages.base import NewRecords, fold_mean
-from multilabel_fusion.stages.context import StageContext, Workspace
+from multilabel_fusion.stages.context import Workspace
 from multilabel_fusion.stages.registry import default as default_registry
 from multilabel_fusion.training import trainer
 
@@ -170,28 +170,21 @@ SMALL = ["split.folds=3", "image.offline_fallback=efficientnet_lite0", "image.im
 
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory):
+def ran(tmp_path_factory, recorded_selections):
     """The stage on demo data (--demo's folders, the demo data made small beforehand), recording what each fold's
     network trained on and what its pos_weight counted."""
     root = tmp_path_factory.mktemp("concat")
     demo.generate(root / "out" / "demo" / "input", n_train=120, n_test=40, seed=3, image_size=(48, 36))
     cfg = S.load(overrides=SMALL, output=root / "out", models=root / "models")
-    seen: dict[str, list] = {"selection": [], "pos_weight": []}
-    selection, bce_for = StageContext.selection, trainer.bce_for
-
-    def recorded_selection(self, k, fit_idx, held_idx):
-        train_idx, select_idx = selection(self, k, fit_idx, held_idx)
-        if self.stage.name == "concat":  # not the image stage's head, trained first
-            seen["selection"].append((k, train_idx, select_idx, held_idx))
-        return train_idx, select_idx
+    seen: dict[str, list] = {"pos_weight": []}
+    bce_for = trainer.bce_for
 
     def recorded_bce(setting, label1_weight, targets):
         if setting == "auto":  # the concatenation network's (the image head's is off)
             seen["pos_weight"].append(len(targets))
         return bce_for(setting, label1_weight, targets)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(StageContext, "selection", recorded_selection)
+    with recorded_selections("concat") as seen["selection"], pytest.MonkeyPatch.context() as mp:
         mp.setattr(trainer, "bce_for", recorded_bce)
         metrics = pipeline.run_stage("concat", cfg, demo_mode=True)
     return cfg, metrics, seen

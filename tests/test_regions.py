@@ -24,7 +24,6 @@ from multilabel_fusion.networks.region_attention import MirrorAveraged, RegionAt
 from multilabel_fusion.predict import Predictor
 from multilabel_fusion.stages import regions as regions_stage
 from multilabel_fusion.stages.base import fold_mean
-from multilabel_fusion.stages.context import StageContext
 from multilabel_fusion.training import trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,22 +155,12 @@ SMALL = ["split.folds=3", "image.offline_fallback=efficientnet_lite0", "image.im
 
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory):
+def ran(tmp_path_factory, recorded_selections):
     """The stage on demo data, recording what each fold's head trained on and what chose its epoch."""
     root = tmp_path_factory.mktemp("regions")
     demo.generate(root / "out" / "demo" / "input", n_train=120, n_test=40, seed=3, image_size=(48, 36))
     cfg = S.load(overrides=SMALL, output=root / "out", models=root / "models")
-    seen: list = []
-    selection = StageContext.selection
-
-    def recorded_selection(self, k, fit_idx, held_idx):
-        train_idx, select_idx = selection(self, k, fit_idx, held_idx)
-        if self.stage.name == "regions":
-            seen.append((k, train_idx, select_idx, held_idx))
-        return train_idx, select_idx
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(StageContext, "selection", recorded_selection)
+    with recorded_selections("regions") as seen:
         metrics = pipeline.run_stage("regions", cfg, demo_mode=True)
     return cfg, metrics, seen
 

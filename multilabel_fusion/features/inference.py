@@ -20,7 +20,7 @@ from ..io.hashing import file_digest
 from ..io.progress import progress
 from ..networks.backbones import Backbone, depth_extractor
 from ..networks.device import describe_device
-from ..networks.precision import gpu_inference_dtype
+from ..networks.precision import AUTOCAST_DTYPES, gpu_inference_dtype
 from . import openvino_engine
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,10 @@ class InferencePlan:
     int8_files: Path | None = None  # the folder of the quantized model (model.xml, model.bin) with cpu_precision int8
 
     def autocast(self):
-        if self.precision in ("fp32", "int8"):  # int8: OpenVINO runs it; torch (conversion, checks) in fp32
+        dtype = AUTOCAST_DTYPES.get(self.precision)  # int8: OpenVINO runs it; torch (conversion, checks) in fp32
+        if dtype is None:
             return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def example_batch(self) -> torch.Tensor:
         """A batch of random uint8 images of the extraction's shape (timing without any loading)."""

@@ -19,7 +19,7 @@ from ..data.images import ImageFiles, image_loader
 from ..io.progress import progress
 from ..networks.backbones import Backbone
 from ..networks.device import describe_device
-from ..networks.precision import gpu_inference_dtype
+from ..networks.precision import AUTOCAST_DTYPES, gpu_inference_dtype
 from . import openvino_engine
 from .inference import cpu_supports_bf16
 
@@ -79,7 +79,7 @@ class MapExtractor:
 
     @torch.inference_mode()
     def _torch(self, images: torch.Tensor) -> np.ndarray:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        dtype = AUTOCAST_DTYPES.get(self.precision)
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return self.network(images.to(self.device))[0].float().cpu().numpy()
 

@@ -23,6 +23,7 @@ from torch import nn
 from ..io.atomic import atomic_dir, write_json
 from ..io.hashing import file_digest
 from ..io.machine import cpu_name
+from ..networks.precision import AUTOCAST_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -376,8 +377,6 @@ def select_int8(setting: str, what: str, *, graph: nn.Module, weights: nn.Module
                     f"{agreement['median']:.4f}, worst {agreement['min']:.4f} on {agreement['images']} held photos)"), made
 
 
-#: Reduced precisions a CPU engine may run in, as torch's autocast computes them.
-REDUCED = {"bf16": torch.bfloat16}
 #: The per-row cosine to torch's fp32 outputs that an fp32 engine must reach (a conversion error gives far less).
 AGREEMENT = 0.999
 #: How much further than torch's own reduced-precision outputs an engine in that precision may stray from fp32.
@@ -390,7 +389,7 @@ def agreement_bar(precision: str, torch_own: float | None) -> float:
     the default ensemble with its depth outputs (an AVX-512 BF16 + AMX CPU), worst per-image cosine to fp32: torch
     bf16 0.9991 on random images and 0.9964 on real photos, OpenVINO bf16 0.9976 and 0.9957; the fp32 bar of
     0.999 had sent every bf16 machine back to torch, 3-4x slower."""
-    if precision not in REDUCED or torch_own is None:
+    if precision not in AUTOCAST_DTYPES or torch_own is None:
         return AGREEMENT
     return round(min(AGREEMENT, torch_own - REDUCED_MARGIN), 6)
 
@@ -427,8 +426,8 @@ def select(setting: str, what: str, *, graph: nn.Module, weights: nn.Module, exa
         with torch.inference_mode():
             reference = [o.float().numpy() for o in graph(example)]  # torch in fp32
             record["cosine_min"][precision] = cosine_min(reference, engine(x))
-            if precision in REDUCED:  # how far torch's own reduced precision strays from fp32 sets the bar
-                with torch.autocast("cpu", dtype=REDUCED[precision]):
+            if precision in AUTOCAST_DTYPES:  # how far torch's own reduced precision strays from fp32 sets the bar
+                with torch.autocast("cpu", dtype=AUTOCAST_DTYPES[precision]):
                     own = [o.float().numpy() for o in graph(example)]
                 record.setdefault("torch_cosine_min", {})[precision] = cosine_min(reference, own)
         network.save_record()

@@ -17,6 +17,8 @@ from typing import ContextManager
 import torch
 
 _NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+#: The reduced precisions by name, as autocast takes them (any other name, fp32 or int8: no autocast).
+AUTOCAST_DTYPES = {name: dtype for dtype, name in _NAMES.items() if dtype is not None}
 
 
 @dataclass(frozen=True)
