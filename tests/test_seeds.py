@@ -72,6 +72,13 @@ def test_gpu_rows_are_recorded_from_the_machine_that_ran_them_and_skipped_withou
     assert "not measured yet (needs a GPU)" in page  # image-finetuned: not recorded
     with pytest.raises(SystemExit, match="stage 'text'"):  # another stage's metrics: refused, not misread
         seeds.main(["--docs", str(docs), "--record", "image-finetuned", str(tmp_path / "text.json")])
+    (tmp_path / "cut.json").write_text('{"stage": "image", "mean_f1')  # a file cut short: one line naming it
+    (tmp_path / "bare.json").write_text(json.dumps({"stage": "image", "mean_f1_threshold_cv": 0.7}))
+    for name, says in (("missing.json", "not a readable metrics file"), ("cut.json", "not a readable metrics file"),
+                       ("bare.json", "no 'wall_seconds' in the metrics file")):
+        with pytest.raises(SystemExit, match=f"{name}: {says}"):
+            seeds.main(["--docs", str(docs), "--record", "image-finetuned", str(tmp_path / name)])
+    assert "image-finetuned" not in json.loads((docs / "seeds.json").read_text())["rows"]  # nothing half-recorded
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(seeds, "run_row", lambda *a: pytest.fail("a GPU row ran without CUDA"))

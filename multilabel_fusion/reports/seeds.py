@@ -229,16 +229,23 @@ def run_row(row: Row, data: Path, output: Path, models: Path) -> dict[str, Any]:
 def recorded(row: Row, metrics_path: Path) -> dict[str, Any]:
     """A row's result from the metrics file its command wrote on another machine (a GPU machine: its rows cannot
     run here), with that machine and the records it ran on."""
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    if metrics.get("stage") != row.stage:
-        raise SystemExit(f"seeds: {metrics_path} is stage {metrics.get('stage')!r}'s metrics, row {row.id} reads "
-                         f"stage {row.stage!r}'s")
+    try:
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"seeds: {metrics_path}: not a readable metrics file ({err})") from None
+    if not isinstance(metrics, dict) or metrics.get("stage") != row.stage:
+        stage = metrics.get("stage") if isinstance(metrics, dict) else None
+        raise SystemExit(f"seeds: {metrics_path} is stage {stage!r}'s metrics, row {row.id} reads stage {row.stage!r}'s")
     machine = metrics.get("machine", {})
     device = machine.get("gpu") or machine.get("cpu", "?")
-    return {"value": row.read(metrics), "wall_s": metrics["wall_seconds"], "artifact_key": metrics.get("artifact_key"),
-            "date": time.strftime("%Y-%m-%d", time.localtime(metrics_path.stat().st_mtime)),
-            "machine": f"{device}, {machine.get('cpu_count', '?')} CPU cores", "command": row.command(),
-            "data": f"{metrics['n_eval']:,} records, {metrics['folds']} folds"}
+    try:
+        return {"value": row.read(metrics), "wall_s": metrics["wall_seconds"],
+                "artifact_key": metrics.get("artifact_key"),
+                "date": time.strftime("%Y-%m-%d", time.localtime(metrics_path.stat().st_mtime)),
+                "machine": f"{device}, {machine.get('cpu_count', '?')} CPU cores", "command": row.command(),
+                "data": f"{metrics['n_eval']:,} records, {metrics['folds']} folds"}
+    except KeyError as err:
+        raise SystemExit(f"seeds: {metrics_path}: no {err} in the metrics file (row {row.id})") from None
 
 
 def _against(row: Row, results: Results) -> str:
