@@ -25,8 +25,9 @@ def test_bench_on_demo_data_writes_results(tmp_path):
     assert set(results["k1"]) == {"image", "caption", "text", "fusion"}
     assert all(r["held_out"] == "validation split" for r in results["k1"].values())
     assert "Main job with K=5" in text
-    # the warm run reuses the caches: the image stage does no extraction the second time
-    assert results["stages"]["image"]["warm"]["wall_s"] < results["stages"]["image"]["cold"]["wall_s"]
+    # the warm run reuses the caches: the image stage does no extraction the second time (its metrics say so; its
+    # wall time, a few seconds on demo data, once came out longer than the cold run's on a loaded machine)
+    assert results["stages"]["image"]["metrics"]["features"] == "reused"
     assert [s["seed"] for s in results["seeds"]] == [0]
     assert "Published reference figures" in text and "0.927" in text
     assert "efficientnet_lite0" in text or "resnet50" in text
