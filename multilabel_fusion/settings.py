@@ -410,6 +410,9 @@ class DetectorSection(Section):
     weights: Annotated[PathText, BY_IDENTITY]
     offline_weights: Annotated[PathText | None, BY_IDENTITY]
     image_size: Annotated[int, Field(ge=32)]
+    # a second pass at this size (the block detector_zoom); null (none) keys nothing, so detections cached
+    # before it existed stay valid
+    zoom_size: Annotated[int | None, Field(ge=32), shapes("result", unless=(None,))] = None
     batch_size: Annotated[PositiveInt, RUN_ONLY]
     conf: Annotated[Number, Field(gt=0, lt=1)]
     iou: Annotated[Number, Field(gt=0, lt=1)]

@@ -49,3 +49,7 @@ def test_block_ablations_follow_the_default_blocks():
     older = bench.block_ablations(["image_probs", "caption_probs", "detector", "text"])
     assert "without detector_boxes" not in older  # equal to that default: not a comparison
     assert older["without text"] == (["image_probs", "caption_probs", "detector"], [])
+    assert "without detector_zoom (no second pass)" not in older  # no second pass to leave out
+    zoomed = bench.block_ablations(default + ["detector_zoom"])
+    assert zoomed["without detector_zoom (no second pass)"] == (default, ["detector.zoom_size=null"])
+    assert zoomed["without detector (all its blocks)"][0] == ["image_probs", "caption_probs", "text"]

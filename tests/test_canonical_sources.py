@@ -22,7 +22,7 @@ from multilabel_fusion.io.atomic import DamagedFile
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["trainer.num_workers=0", "split.folds=2", "image.cpu_precision=fp32", "image.cpu_backend=torch",
          "image.head_epochs=2", "image.head_hidden=16", "image.feature_batch_size=8", "caption.epochs=2",
-         "detector.image_size=64", "detector.batch_size=8", "detector.examples=2", "detector.threads=1",
+         "detector.image_size=64", "detector.zoom_size=96", "detector.batch_size=8", "detector.examples=2", "detector.threads=1",
          "detector.cpu_backend=torch"]
 
 #: one intra-op thread (see tests/conftest.py)

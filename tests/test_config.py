@@ -288,7 +288,10 @@ def test_what_shapes_a_result_is_read_off_the_schema():
     assert set(image.shaping("fine_tune", weights_only=True)) == {"lr", "batch_size", "max_train_images", "augment",
                                                                   "label1_weight"}
     assert set(cfg.caption.shaping()) - set(cfg.caption.shaping(weights_only=True)) == {"epochs", "patience"}
-    assert set(cfg.detector.shaping()) == {"image_size", "conf", "iou", "max_det", "multi_label"}  # not how to run
+    assert set(cfg.detector.shaping()) == {"image_size", "zoom_size", "conf", "iou", "max_det", "multi_label"}  # not how to run
+    # no second pass keys nothing: detections cached before zoom_size existed keep their key
+    assert set(cfg.override("detector.zoom_size=null").detector.shaping()) == {"image_size", "conf", "iou", "max_det",
+                                                                                "multi_label"}
     assert "comparisons" not in cfg.label_decoder.shaping() and "compare" not in cfg.label_decoder.shaping()
     assert set(cfg.label_decoder.shaping(weights_only=True)) == {"embed", "hidden", "proj_dropout", "lstm_dropout",
                                                                  "lr", "batch_size", "weight_decay", "grad_clip"}

@@ -41,7 +41,8 @@ COCO80 = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", 
           "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
           "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
           "teddy bear", "hair drier", "toothbrush"]
-SMALL = ["trainer.num_workers=0", "detector.image_size=64", "detector.batch_size=16", "detector.examples=3",
+SMALL = ["trainer.num_workers=0", "detector.image_size=64", "detector.zoom_size=null",
+         "fusion.blocks=[image_probs, caption_probs, detector, detector_boxes, text]", "detector.batch_size=16", "detector.examples=3",
          "detector.threads=1"]
 
 
@@ -316,6 +317,62 @@ def test_stage_keeps_detections_by_key_and_recomputes_on_changed_settings(tiny, 
         run()
 
 
+class SizeSeeingDetector(FakeDetector):
+    """A car whose confidence is the photo's mean pixel (so every photo's row is its own), seen only at 96 px or
+    more: what the second pass finds and the first cannot."""
+
+    def detect(self, batch, **kw):
+        images, metas = batch
+        out = super().detect(batch, **kw)
+        if kw["image_size"] < 96:
+            return out
+        cars = [Detections(np.float32([[2, 2, 8, 8]]), np.float32([float(im.float().mean()) / 255]), np.array([2]))
+                for im in images]
+        return [Detections(np.concatenate([d.xyxy, c.xyxy]), np.concatenate([d.conf, c.conf]),
+                           np.concatenate([d.cls, c.cls])) for d, c in zip(out, cars)]
+
+
+def test_the_second_pass_is_its_own_block_with_each_photos_row(tiny, tmp_path, monkeypatch, caplog):
+    """detector.zoom_size: a second pass over every photo at that size gives the block detector_zoom, each row from
+    its own photo (train then test, in file order); the first pass's blocks and key stay as without it, the metrics
+    file reports the pass on its own, and naming the block without the setting is a one-line error up front."""
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"weights")
+    loads = []
+    monkeypatch.setattr(stage, "load_detector", lambda *a, **k: loads.append(a[0]) or SizeSeeingDetector())
+
+    def run(*extra):
+        return pipeline.run_stage("detector", _cfg(tiny, tmp_path, f"detector.weights={weights}", *extra))
+
+    plain = run()
+    with caplog.at_level("INFO", logger="multilabel_fusion"):
+        zoomed = run("detector.zoom_size=96")
+    assert plain["artifact_key"] != zoomed["artifact_key"] and zoomed["detections"] == "computed"
+    assert "[detector] second pass at 96 px (block detector_zoom)" in caplog.text
+    # the first pass cached without a second is taken as it is: one more network loaded, at 96 px only
+    assert "reusing the first pass" in caplog.text and len(loads) == 2
+    cfg = _cfg(tiny, tmp_path, f"detector.weights={weights}", "detector.zoom_size=96")
+    ws = pipeline.workspace(cfg)
+    before = pipeline.workspace(_cfg(tiny, tmp_path, f"detector.weights={weights}"))
+    for block in ("detector", "detector_boxes"):  # the first pass is what it was without the second
+        assert all(np.array_equal(a, b) for a, b in zip(ws.block_arrays(block)[:2], before.block_arrays(block)[:2]))
+    train, test = ws.block_arrays("detector_zoom")[:2]
+    data = D.load(tiny)
+    paths = data.image_paths("train") + data.image_paths("test")
+    car = L.column_of(3)
+    alone = [stage.detect_images(SizeSeeingDetector(), [p], image_size=96, conf=0.05, iou=0.45, workers=0)
+             for p in paths]
+    expected = np.array([a.scores[0, car] for a in alone], np.float32)
+    assert len(set(expected.round(4))) > len(paths) // 2  # the photos differ, so a row from another photo shows
+    np.testing.assert_array_equal(np.concatenate([train, test])[:, car], expected)
+    assert (ws.block_arrays("detector")[0][:, car] == 0).all()  # the first pass (64 px) never saw the car
+    assert zoomed["zoom"]["image_size"] == 96 and 0 <= zoomed["zoom"]["mean_f1"] <= 1
+    assert zoomed["zoom"]["detection"]["images"] == len(paths)
+
+    with pytest.raises(ValueError, match="detector_zoom.*detector.zoom_size is null"):
+        pipeline.workspace(config.load(overrides=SMALL + ["fusion.blocks=[detector, detector_zoom]"], data=tiny))
+
+
 # --------------------------------------------------------------------------------- real detection
 def test_original_yolov5_checkpoint_detects_on_real_images(shared_data, yolov5n):
     """The built-in loader on the offline YOLOv5n: a person in 0.jpg (labelled 1) with a plausible box, and
@@ -472,8 +529,9 @@ def test_repaired_images_are_not_served_from_the_replaced_artifact(tiny, tmp_pat
 
 
 def test_the_detections_of_a_derived_data_set_are_the_same_photos_rows_renumbered():
-    """rows_for (the held-out check's reuse): per-record arrays by row, each box moved to its photo's new row, so
-    every block computed from them equals the source's rows; a photo without boxes keeps none."""
+    """rows_for (the held-out check's reuse): per-record arrays by row (the second pass's scores too), each box moved
+    to its photo's new row, so every block computed from them equals the source's rows; a photo without boxes keeps
+    none."""
     from multilabel_fusion.io.artifacts import Artifact
 
     rng = np.random.default_rng(0)
@@ -486,7 +544,8 @@ def test_the_detections_of_a_derived_data_set_are_the_same_photos_rows_renumbere
     arrays = {"train": rng.uniform(0, 1, (n, 18)).astype(np.float32), "train_ids": np.array([f"{i}.jpg" for i in range(n)]),
               "train_boxes": boxes, "train_box_class": box_class, "test": np.zeros((2, 18), np.float32),
               "test_ids": np.array(["a.jpg", "b.jpg"]), "test_boxes": np.zeros((0, 6), np.float32),
-              "test_box_class": np.zeros(0, np.int16), "class_column": column, "class_names": np.array(["x"] * 80)}
+              "test_box_class": np.zeros(0, np.int16), "class_column": column, "class_names": np.array(["x"] * 80),
+              "train_zoom": rng.uniform(0, 1, (n, 18)).astype(np.float32), "test_zoom": np.zeros((2, 18), np.float32)}
     art = Artifact(manifest={"arrays": {k: {} for k in arrays}}, **arrays)
     kept, held = np.array([0, 2, 3, 5, 7, 8, 11]), np.array([1, 4, 6, 9, 10])
     out = stage.Detector().rows_for(config.load(), art, {"train": ("train", kept), "test": ("train", held)})
@@ -495,6 +554,7 @@ def test_the_detections_of_a_derived_data_set_are_the_same_photos_rows_renumbere
     for part, picked in (("train", kept), ("test", held)):
         assert (out[f"{part}_ids"] == arrays["train_ids"][picked]).all()
         assert (out[part] == arrays["train"][picked]).all()
+        assert (out[f"{part}_zoom"] == arrays["train_zoom"][picked]).all()  # the second pass's rows: by photo too
         assert len(out[f"{part}_boxes"]) == per_image[picked].sum() == len(out[f"{part}_box_class"])
         assert (np.diff(out[f"{part}_boxes"][:, 0]) >= 0).all()  # in row order, as detection writes them
         np.testing.assert_array_equal(

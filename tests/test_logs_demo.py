@@ -13,7 +13,7 @@ from multilabel_fusion.io.progress import BarLog
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["image.offline_fallback=efficientnet_lite0", "image.image_size=64", "image.head_epochs=2", "image.head_hidden=16", "caption.epochs=2", "fusion.epochs=2",
-         "fusion.hidden=16", "trainer.num_workers=0", "detector.image_size=64", "detector.batch_size=16"]
+         "fusion.hidden=16", "trainer.num_workers=0", "detector.image_size=64", "detector.zoom_size=96", "detector.batch_size=16"]
 
 
 def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

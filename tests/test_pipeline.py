@@ -22,7 +22,7 @@ from multilabel_fusion.training.trainer import ResumeRequired
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["image.offline_fallback=efficientnet_lite0", "image.image_size=64", "image.head_epochs=3", "caption.epochs=2", "fusion.epochs=3", "fusion.hidden=64",
-         "trainer.num_workers=0", "detector.image_size=64", "detector.batch_size=16"]
+         "trainer.num_workers=0", "detector.image_size=64", "detector.zoom_size=96", "detector.batch_size=16"]
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,8 @@ def test_main_job_on_demo_data_then_warm_rerun(tmp_path, caplog):
     assert submission.validate_file(predictions, tmp_path / "out" / "demo" / "input" / "test.csv") == 100
     assert not (tmp_path / "out" / "predictions.csv").exists()
     assert list(results) == ["image", "caption", "detector", "text", "fusion", "skipped"]  # all before the fusion
-    assert results["fusion"]["blocks"].keys() == {"image_probs", "caption_probs", "detector", "detector_boxes", "text"}
+    assert results["fusion"]["blocks"].keys() == {"image_probs", "caption_probs", "detector", "detector_boxes", "text",
+                                                  "detector_zoom"}
     assert results["fusion"]["held_out"] == "out-of-fold (5 folds)"
     first = predictions.read_text()
     start = time.time()

@@ -29,7 +29,7 @@ from multilabel_fusion.stages.outputs import load_metrics
 REPO = Path(__file__).resolve().parent.parent
 #: the offline default is a two-network ensemble: the predictor must run it as stage 01 did (small sizes here)
 SMALL = ["image.offline_fallback=efficientnet_lite0@64+efficientnet_lite2@48", "image.image_size=64", "image.head_epochs=3", "image.head_hidden=32", "caption.epochs=2", "fusion.epochs=3",
-         "fusion.hidden=64", "trainer.num_workers=0", "detector.image_size=64", "detector.batch_size=16"]
+         "fusion.hidden=64", "trainer.num_workers=0", "detector.image_size=64", "detector.zoom_size=96", "detector.batch_size=16"]
 OTHER_BLOCKS = "fusion.blocks=[image, image_depths, caption, detector_boxes]"
 
 
@@ -107,7 +107,8 @@ def test_one_photo_on_the_command_line_then_a_bundle_in_a_fresh_process_without_
             assert float(row[-3]) == fused["thresholds"][L.column_of(int(row[0]))]
     assert "bundle" in result.stdout and "within the 100 MB limit" in result.stdout
     parts = {"image_probs": "image heads", "caption_probs": "caption networks", "detector": "detector weights",
-             "detector_boxes": "detector weights", "text": "n-gram vectorisers", "image": "image backbone"}
+             "detector_boxes": "detector weights", "detector_zoom": "detector weights", "text": "n-gram vectorisers",
+             "image": "image backbone"}
     for block in load_metrics(trained / "output", "fusion")["blocks"]:
         assert parts[block] in result.stdout, block
     assert "image backbone" in result.stdout and "fused networks" in result.stdout

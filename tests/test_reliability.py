@@ -36,7 +36,7 @@ from multilabel_fusion.training import trainer
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["image.offline_fallback=efficientnet_lite0", "image.image_size=64", "image.head_epochs=2", "image.head_hidden=16",
         "caption.epochs=2", "fusion.epochs=2", "fusion.hidden=16", "trainer.num_workers=0", "detector.image_size=64",
-        "detector.batch_size=16"]
+        "detector.zoom_size=96", "detector.batch_size=16"]
 
 
 def _cli(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:

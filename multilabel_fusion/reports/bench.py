@@ -90,12 +90,14 @@ def block_ablations(default: list[str]) -> dict[str, tuple[list[str], list[str]]
         "+ image features": (["image", *default], []),
         "image_depths instead of image_probs": (swap("image_probs", "image_depths"), []),
         "image head on image_depths": (default, ["image.head_input=depths"]),
-        "without detector (both its blocks)": (without("detector", "detector_boxes"), []),
+        "without detector (all its blocks)": (without("detector", "detector_boxes", "detector_zoom"), []),
         "without detector_boxes": (without("detector_boxes"), []),
         "without text": (without("text"), []),
         "without caption_probs": (without("caption_probs"), []),
         "caption features instead of caption_probs": (swap("caption_probs", "caption"), []),
     }
+    if "detector_zoom" in default:  # the second pass not run at all: its cost saved too
+        rows["without detector_zoom (no second pass)"] = (without("detector_zoom"), ["detector.zoom_size=null"])
     return {name: (blocks, extra) for name, (blocks, extra) in rows.items() if extra or blocks != default}
 
 

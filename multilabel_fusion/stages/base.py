@@ -224,6 +224,11 @@ class Stage:
         """The artifact kind block ``block`` is kept under when not the stage's own (keyed by the block's key)."""
         return None
 
+    def block_problem(self, settings: "Settings", block: str) -> str | None:
+        """Why block ``block`` cannot be made under ``settings`` (a setting it needs is off), or None: asked when the
+        settings are checked, before any stage runs."""
+        return None
+
     # ------------------------------------------------------------------------------------------- the work
     def found_or_computed(self, ctx: "StageContext", what: str, compute: Callable[[], "Artifact"], *,  # noqa: F821
                           kind: str | None = None, key: str | None = None, mmap: bool = False) -> tuple["Artifact", str]:

@@ -5,7 +5,10 @@ The competition labels are MS-COCO category ids, so a COCO detector maps onto th
 detector over every train and test image once, keeps per image the highest confidence of each of the
 18 labels (the block ``detector``) and the raw boxes (from which the block ``detector_boxes`` is computed), as an
 artifact keyed by the weights' sha256 and the detection settings, tunes label thresholds and writes the baseline
-submission.
+submission. With ``detector.zoom_size`` it also runs a second pass over every photo at that size (the photos are at
+most 320 px, so 480 enlarges every object 1.5x; the block ``detector_zoom``: each label's highest confidence there). That pass
+alone scores lower (false positives on every class) but finds small objects in the background the first misses,
+and the fused network weighs the two (docs/EXPERIMENTS.md).
 
 Weights come from :class:`multilabel_fusion.io.assets.Assets` (explicit file → ``<paths.models>/detector_weights``
 → ``paths.assets`` → ultralytics' weights folder → download into ``<paths.models>/detector_weights`` →
@@ -20,20 +23,24 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from ..data.folds import held_out_rows
 from ..evaluation.detector_examples import examples_figure
+from ..evaluation.scoring import evaluate
 from ..features import openvino_engine
-from ..features.detection import box_features, choose_detector_backend, detect_images, detector_precision, load_average
+from ..features.detection import (DetectionRun, box_features, choose_detector_backend, detect_images,
+                                  detector_precision, load_average)
 from ..io.artifacts import Artifact, pick_rows
 from ..io.atomic import write_json
 from ..networks.device import describe_device
 from ..networks.device import num_workers as resolve_workers
 from ..networks.yolov5 import load_detector
-from .base import BlockPredictor, NewRecords, Stage
+from .base import BlockPredictor, NewRecords, PredictorUnavailable, Stage
 from .context import StageContext, Workspace
 from .outputs import finish
 
@@ -61,13 +68,14 @@ class Detector(Stage):
     module = "detector"
     section = "detector"
     reads_images = True
-    blocks = ("detector", "detector_boxes")
+    blocks = ("detector", "detector_boxes", "detector_zoom")
     writes = "per-label detection scores, detector submission"
     optional_asset = "COCO detector weights"
     summary = "YOLOv5 baseline + detector blocks"
     about = ("A COCO-pretrained YOLOv5 detects objects in every image; per-label detection scores give the detector "
-             "baseline `output/submission_detector.csv` and two feature blocks (`detector`, `detector_boxes`) that the "
-             "fused network stacks with the others. Much faster on a GPU.")
+             "baseline `output/submission_detector.csv` and the feature blocks (`detector`, `detector_boxes`, and "
+             "`detector_zoom` from a second pass at `detector.zoom_size` that finds smaller objects) that the fused "
+             "network stacks with the others. Much faster on a GPU.")
 
     def spec(self, ws: Workspace) -> dict[str, Any]:
         """What the detections depend on: the weights' content (sha256), image size and post-processing."""
@@ -77,6 +85,11 @@ class Detector(Stage):
                 "version": CACHE_VERSION,
                 "assets": {"detector": {"name": weights.name, "identity": weights.identity}}}
 
+    def block_problem(self, settings, block: str) -> str | None:
+        if block == "detector_zoom" and settings.detector.zoom_size is None:
+            return "detector.zoom_size is null (no second pass): set a size, e.g. detector.zoom_size=480"
+        return None
+
     def fit(self, ctx: StageContext) -> Artifact:
         return self._detections(ctx)[0]
 
@@ -84,7 +97,14 @@ class Detector(Stage):
         def detect() -> Artifact:
             weights = ctx.assets.detector_weights(ctx.settings)
             bad = ctx.bad_images()
-            arrays, info = compute_block(ctx, weights.path, weights.source)
+            first = None
+            if ctx.settings.detector.zoom_size is not None:  # the first pass made before, without a second: kept
+                plain = ctx.derive(ctx.settings.updated("detector", zoom_size=None))
+                first = ctx.store.load("detector", plain.key("detector"), mmap=True)
+                if first is not None:
+                    log.info(f"[detector] reusing the first pass {first.dir}; detecting at "
+                             f"{ctx.settings.detector.zoom_size} px only")
+            arrays, info = compute_block(ctx, weights.path, weights.source, first=first)
             info["bad_images"] = bad
             return ctx.store.save("detector", ctx.key(), ctx.spec(), arrays, info)
 
@@ -113,6 +133,8 @@ class Detector(Stage):
                                                "test": int((found["test"].max(1) == 0).sum())},
             "published_val_mean_f1": PUBLISHED,
         }
+        if "train_zoom" in found:
+            extra["zoom"] = zoom_figures(ctx, found)
         metrics = finish(ctx, found["train"][ctx.eval_idx], found["test"], extra=extra)
         try:
             fig = examples_figure(found, np.asarray(metrics["thresholds"]),
@@ -137,6 +159,10 @@ class Detector(Stage):
                 raise ValueError(f"{found.dir}: its {part} rows are not those of {part}.csv; re-run {self.script}")
         if block == "detector":
             return found["train"], found["test"]
+        if block == "detector_zoom":
+            if "train_zoom" not in found:
+                raise ValueError(f"{found.dir}: no second pass (detector.zoom_size is null); set detector.zoom_size")
+            return found["train_zoom"], found["test_zoom"]
         return tuple(box_features(found[f"{part}_boxes"], found[f"{part}_box_class"], found["class_column"],
                                   len(found[part])) for part in ("train", "test"))
 
@@ -175,32 +201,47 @@ def derived_rows(art: Artifact, picks: dict[str, tuple[str, np.ndarray]]) -> dic
     return out
 
 
-def compute_block(ctx: StageContext, weights: Path, source: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Detect over every train and test image: the arrays and info the cache holds."""
+def compute_block(ctx: StageContext, weights: Path, source: str,
+                  first: Artifact | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Detect over every train and test image (and again at ``detector.zoom_size`` when set): the arrays and info
+    the cache holds. ``first``: the detections of the same settings without a second pass, whose first pass is
+    taken as it is."""
     d = ctx.settings.detector
     threads = int(d.threads) if d.get("threads") else (os.cpu_count() or 1)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    sizes = [int(d.image_size)] + ([int(d.zoom_size)] if d.zoom_size is not None else [])
+    passes: list = []
+    if first is not None:
+        sizes = sizes[1:]
+        runs = {part: DetectionRun(np.asarray(first[part]), np.asarray(first[f"{part}_boxes"]),
+                                   np.asarray(first[f"{part}_box_class"]), 0.0) for part in ("train", "test")}
+        names, columns = [str(n) for n in first["class_names"]], np.asarray(first["class_column"])
+        passes.append((SimpleNamespace(names=names, columns=columns, kind=first.info["loader"]), runs,
+                       dict(first.info["detection"])))
     try:
-        detector = load_detector(weights, ctx.device, channels_last=bool(d.channels_last))
-        kw = dict(image_size=int(d.image_size), conf=float(d.conf), iou=float(d.iou), max_det=int(d.max_det),
-                  multi_label=bool(d.multi_label), batch_size=int(d.batch_size), workers=_workers(ctx.settings))
-        backend, precision = choose_detector_backend(
-            detector, d.cpu_backend, image_size=kw["image_size"], batch_size=kw["batch_size"],
-            cache_dir=ctx.settings.trainer.engine_cache, precision=detector_precision(d.cpu_precision))
-        log.info(f"[detector] {weights.name}: {detector.kind}, {len(detector.names)} classes "
-                 f"({int((detector.columns >= 0).sum())} map to labels) | {kw['image_size']} px, conf {kw['conf']}, "
-                 f"iou {kw['iou']}, batch {kw['batch_size']}, {threads} threads, {kw['workers']} loader workers, "
-                 f"device {describe_device(ctx.device)}, {precision}, images decoded on the CPU | {backend}")
-        load_before = load_average()
-        runs = {part: detect_images(detector, ctx.data.image_paths(part), desc=f"detect {part}",
-                                    on_bad=ctx.settings.data.bad_images, **kw)
-                for part in ("train", "test")}
-        load_after = load_average()
+        for size in sizes:
+            # one network per size: OpenVINO compiles (and checks) a network for one input shape
+            detector = load_detector(weights, ctx.device, channels_last=bool(d.channels_last))
+            kw = dict(image_size=size, conf=float(d.conf), iou=float(d.iou), max_det=int(d.max_det),
+                      multi_label=bool(d.multi_label), batch_size=int(d.batch_size), workers=_workers(ctx.settings))
+            backend, precision = choose_detector_backend(
+                detector, d.cpu_backend, image_size=size, batch_size=kw["batch_size"],
+                cache_dir=ctx.settings.trainer.engine_cache, precision=detector_precision(d.cpu_precision))
+            zoom = " (second pass, block detector_zoom)" if passes else ""
+            log.info(f"[detector] {weights.name}: {detector.kind}, {len(detector.names)} classes "
+                     f"({int((detector.columns >= 0).sum())} map to labels) | {size} px{zoom}, conf {kw['conf']}, "
+                     f"iou {kw['iou']}, batch {kw['batch_size']}, {threads} threads, {kw['workers']} loader workers, "
+                     f"device {describe_device(ctx.device)}, {precision}, images decoded on the CPU | {backend}")
+            load_before = load_average()
+            runs = {part: detect_images(detector, ctx.data.image_paths(part), on_bad=ctx.settings.data.bad_images,
+                                        desc=f"detect {part}" + (f" at {size} px" if passes else ""), **kw)
+                    for part in ("train", "test")}
+            passes.append((detector, runs, timing_of(ctx, runs, kw, threads, backend, precision,
+                                                     [load_before, load_average()])))
     finally:
         torch.set_num_threads(previous_threads)
-    n = sum(len(r.scores) for r in runs.values())
-    seconds = sum(r.seconds for r in runs.values())
+    detector, runs, timing = passes[0]
     arrays = {
         "train": runs["train"].scores, "test": runs["test"].scores,
         "train_ids": ctx.data.train["ImageID"].to_numpy(str), "test_ids": ctx.data.test["ImageID"].to_numpy(str),
@@ -209,16 +250,38 @@ def compute_block(ctx: StageContext, weights: Path, source: str) -> tuple[dict[s
         "class_names": np.array(detector.names, dtype=str),
         "class_column": detector.columns.astype(np.int16),
     }
-    timing = {"images": n, "seconds": round(seconds, 1), "images_per_s": round(n / max(seconds, 1e-9), 2),
-              "seconds_per_20000_images": round(20000 * seconds / max(n, 1), 1),
-              "image_size": kw["image_size"], "batch_size": kw["batch_size"], "threads": threads,
-              "loader_workers": kw["workers"], "channels_last": bool(d.channels_last), "device": str(ctx.device),
-              "backend": backend, "precision": precision, "decode": "cpu",
-              "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if ctx.device.type == "cuda" else None,
-              # 1-minute load average before and after: other work on the machine slows detection down
-              "load_average_before_after": [load_before, load_after]}
+    if len(passes) > 1:
+        _, zoom_runs, timing["zoom"] = passes[1]
+        arrays.update({"train_zoom": zoom_runs["train"].scores, "test_zoom": zoom_runs["test"].scores})
     info = {"weights": str(weights), "weights_source": source, "loader": detector.kind, "detection": timing}
     return arrays, info
+
+
+def timing_of(ctx: StageContext, runs: dict, kw: dict, threads: int, backend: str, precision: str,
+              load: list) -> dict[str, Any]:
+    """How fast one detection pass over every photo ran, and on what."""
+    n = sum(len(r.scores) for r in runs.values())
+    seconds = sum(r.seconds for r in runs.values())
+    return {"images": n, "seconds": round(seconds, 1), "images_per_s": round(n / max(seconds, 1e-9), 2),
+            "seconds_per_20000_images": round(20000 * seconds / max(n, 1), 1),
+            "image_size": kw["image_size"], "batch_size": kw["batch_size"], "threads": threads,
+            "loader_workers": kw["workers"], "channels_last": bool(ctx.settings.detector.channels_last),
+            "device": str(ctx.device), "backend": backend, "precision": precision, "decode": "cpu",
+            "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if ctx.device.type == "cuda" else None,
+            # 1-minute load average before and after: other work on the machine slows detection down
+            "load_average_before_after": load}
+
+
+def zoom_figures(ctx: StageContext, found: Artifact) -> dict[str, Any]:
+    """The second pass on its own (out-of-fold, the stage's decision) and how fast it ran, for the metrics file."""
+    scored = evaluate(np.asarray(found["train_zoom"])[ctx.eval_idx], ctx.y_eval, held_out_rows(ctx.folds)[1],
+                      ctx.settings.thresholds, estimate=ctx.estimate, epoch_selection="nothing trained")
+    timing = found.info["detection"].get("zoom", {})
+    figure = scored.get("mean_f1_threshold_cv", scored["val_mean_f1_tuned"])
+    log.info(f"[detector] second pass at {timing.get('image_size')} px (block detector_zoom): mean-F1 {figure} on its "
+             f"own ({ctx.estimate}); {timing.get('images_per_s')} images/s")
+    return {"image_size": timing.get("image_size"), "mean_f1": figure, "per_class_f1": scored["per_class"]["f1"],
+            "detection": timing}
 
 
 class DetectorPredictor(BlockPredictor):
@@ -229,33 +292,55 @@ class DetectorPredictor(BlockPredictor):
     def __init__(self, blocks: Sequence[str], description: dict[str, Any], weights: Path, keep: Any = None):
         super().__init__(blocks)
         self.description, self.weights = description, Path(weights)
-        self.detector = None
+        self.detectors: dict[int, Any] = {}  # by input size: the passes its blocks need
         self._keep = keep  # a bundle's unpacked weights live as long as the predictor
+
+    def sizes(self) -> dict[int, tuple[str, ...]]:
+        """Input size -> the blocks computed from the pass at that size."""
+        d, out = self.description, {}
+        if {"detector", "detector_boxes"} & set(self.blocks):
+            out[int(d["image_size"])] = ("detector", "detector_boxes")
+        if "detector_zoom" in self.blocks:
+            if d.get("zoom_size") is None:
+                raise PredictorUnavailable("block detector_zoom: the detections were made without a second pass "
+                                           "(detector.zoom_size is null)")
+            out.setdefault(int(d["zoom_size"]), ())
+            out[int(d["zoom_size"])] += ("detector_zoom",)
+        return out
 
     def to(self, device: torch.device) -> "DetectorPredictor":
         self.device = device
         d = self.description
-        self.detector = load_detector(self.weights, device, channels_last=bool(d["channels_last"]))
-        choose_detector_backend(self.detector, d.get("cpu_backend", "torch"), image_size=int(d["image_size"]),
-                                batch_size=int(d["batch_size"]), cache_dir=None,
-                                precision=d.get("cpu_precision", "fp32"))
+        self.detectors = {}
+        for size in self.sizes():
+            detector = load_detector(self.weights, device, channels_last=bool(d["channels_last"]))
+            choose_detector_backend(detector, d.get("cpu_backend", "torch"), image_size=size,
+                                    batch_size=int(d["batch_size"]), cache_dir=None,
+                                    precision=d.get("cpu_precision", "fp32"))
+            self.detectors[size] = detector
         return self
 
     def transform(self, records: NewRecords, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         d = self.description
-        if self.detector is None:
+        if not self.detectors:
             self.to(self.device)
         previous = torch.get_num_threads()
         torch.set_num_threads(int(d["threads"]) if d.get("threads") else (os.cpu_count() or 1))
+        out = {}
         try:
-            run = detect_images(self.detector, list(records.images), image_size=int(d["image_size"]),
-                                conf=float(d["conf"]), iou=float(d["iou"]), max_det=int(d["max_det"]),
-                                multi_label=bool(d["multi_label"]), batch_size=int(d["batch_size"]),
-                                workers=resolve_workers(d["workers"]), desc="detect", on_bad=d["bad_images"])
+            for size, blocks in self.sizes().items():
+                detector = self.detectors[size]
+                run = detect_images(detector, list(records.images), image_size=size, conf=float(d["conf"]),
+                                    iou=float(d["iou"]), max_det=int(d["max_det"]), multi_label=bool(d["multi_label"]),
+                                    batch_size=int(d["batch_size"]), workers=resolve_workers(d["workers"]),
+                                    desc=f"detect at {size} px", on_bad=d["bad_images"])
+                if "detector_zoom" in blocks:
+                    out["detector_zoom"] = run.scores
+                if "detector" in blocks:
+                    out["detector"] = run.scores
+                    out["detector_boxes"] = box_features(run.boxes, run.box_class, detector.columns, len(records))
         finally:
             torch.set_num_threads(previous)
-        out = {"detector": run.scores,
-               "detector_boxes": box_features(run.boxes, run.box_class, self.detector.columns, len(records))}
         return {b: out[b] for b in self.blocks}
 
     def export(self) -> tuple[dict[str, Any], dict[str, tuple[str, bytes]]]:

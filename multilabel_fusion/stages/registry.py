@@ -74,7 +74,8 @@ class Registry:
         raise KeyError(f"no stage makes a block {block!r}; blocks: {', '.join(self.blocks())}")
 
     def check_names(self, settings: Settings) -> None:
-        """``pipeline.stages`` and ``fusion.blocks`` name known stages and blocks (one-line ValueError otherwise)."""
+        """``pipeline.stages`` and ``fusion.blocks`` name known stages and blocks, and each block can be made under
+        ``settings`` (one-line ValueError otherwise)."""
         for where, names, allowed in (("pipeline.stages", settings.pipeline.stages, self.names),
                                       ("fusion.blocks", settings.fusion.blocks, self.blocks())):
             for name in names:
@@ -82,6 +83,10 @@ class Registry:
                     near = difflib.get_close_matches(str(name), allowed, n=1)
                     hint = f" (did you mean {near[0]}?)" if near else ""
                     raise ValueError(f"config: {where} names {name!r}{hint}; choose from {', '.join(allowed)}")
+        for block in settings.fusion.blocks:
+            problem = self.block_owner(block).block_problem(settings, block)
+            if problem:
+                raise ValueError(f"config: fusion.blocks names {block!r}, but {problem}")
 
     def order(self, names: Iterable[str], settings: Settings) -> list[str]:
         """``names`` plus every stage they read, each after what it reads (a stage listed twice runs once)."""
