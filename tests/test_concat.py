@@ -95,8 +95,13 @@ KEYS_BEFORE = {
 }
 
 
-def _keys(data: Path, tmp_path: Path, *overrides: str) -> dict[str, str]:
-    cfg = S.load(overrides=list(overrides), data=data, output=tmp_path / "out", models=tmp_path / "models")
+#: The default of those days: no second detector pass (``detector.zoom_size`` and its block came later).
+BEFORE_ZOOM = ("detector.zoom_size=null", "fusion.blocks=[image_probs, caption_probs, detector, detector_boxes, text]")
+
+
+def _keys(data: Path, tmp_path: Path, *overrides: str, before_zoom: bool = True) -> dict[str, str]:
+    chosen = [*BEFORE_ZOOM, *overrides] if before_zoom else list(overrides)
+    cfg = S.load(overrides=chosen, data=data, output=tmp_path / "out", models=tmp_path / "models")
     ws = Workspace(cfg, default_registry(), assets=FixedAssets())
     keys = {name: ws.key(name) for name in ("image", "caption", "text", "detector", "label_decoder", "joint_embedding",
                                             "fusion")}
@@ -123,6 +128,9 @@ def test_default_keys_are_those_made_before_pos_weight_and_auto_keys_what_it_tra
     # fine-tuned, the image features themselves come from networks trained with it
     tuned = _keys(data, tmp_path, "image.fine_tune=true", "image.pos_weight=auto")
     assert tuned["image"] != KEYS_BEFORE["image.fine_tune=true"]["image"]
+    # the second detector pass (today's default) is other detections and another fused network, nothing else
+    zoomed = _keys(data, tmp_path, before_zoom=False)
+    assert {k for k in before if zoomed[k] != before[k]} == {"detector", "fusion", "run:fusion"}
 
 
 # ---------------------------------------------------------------- the network
