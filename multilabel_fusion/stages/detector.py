@@ -23,7 +23,6 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -33,8 +32,8 @@ from ..data.folds import held_out_rows
 from ..evaluation.detector_examples import examples_figure
 from ..evaluation.scoring import evaluate
 from ..features import openvino_engine
-from ..features.detection import (DetectionRun, box_features, choose_detector_backend, detect_images,
-                                  detector_precision, load_average)
+from ..features.detection import (box_features, choose_detector_backend, detect_images, detector_precision,
+                                  load_average)
 from ..io.artifacts import Artifact, pick_rows
 from ..io.atomic import write_json
 from ..networks.device import describe_device
@@ -160,8 +159,9 @@ class Detector(Stage):
         if block == "detector":
             return found["train"], found["test"]
         if block == "detector_zoom":
-            if "train_zoom" not in found:
-                raise ValueError(f"{found.dir}: no second pass (detector.zoom_size is null); set detector.zoom_size")
+            problem = self.block_problem(ws.settings, block)  # the key says whether the artifact has a second pass
+            if problem:
+                raise ValueError(f"block {block}: {problem}")
             return found["train_zoom"], found["test_zoom"]
         return tuple(box_features(found[f"{part}_boxes"], found[f"{part}_box_class"], found["class_column"],
                                   len(found[part])) for part in ("train", "test"))
@@ -201,6 +201,11 @@ def derived_rows(art: Artifact, picks: dict[str, tuple[str, np.ndarray]]) -> dic
     return out
 
 
+#: The first pass's arrays in the artifact (the second pass adds ``train_zoom`` / ``test_zoom``).
+FIRST_PASS = ("train", "test", "train_ids", "test_ids", "train_boxes", "train_box_class", "test_boxes",
+              "test_box_class", "class_names", "class_column")
+
+
 def compute_block(ctx: StageContext, weights: Path, source: str,
                   first: Artifact | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Detect over every train and test image (and again at ``detector.zoom_size`` when set): the arrays and info
@@ -210,51 +215,51 @@ def compute_block(ctx: StageContext, weights: Path, source: str,
     threads = int(d.threads) if d.get("threads") else (os.cpu_count() or 1)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    sizes = [int(d.image_size)] + ([int(d.zoom_size)] if d.zoom_size is not None else [])
-    passes: list = []
-    if first is not None:
-        sizes = sizes[1:]
-        runs = {part: DetectionRun(np.asarray(first[part]), np.asarray(first[f"{part}_boxes"]),
-                                   np.asarray(first[f"{part}_box_class"]), 0.0) for part in ("train", "test")}
-        names, columns = [str(n) for n in first["class_names"]], np.asarray(first["class_column"])
-        passes.append((SimpleNamespace(names=names, columns=columns, kind=first.info["loader"]), runs,
-                       dict(first.info["detection"])))
     try:
-        for size in sizes:
-            # one network per size: OpenVINO compiles (and checks) a network for one input shape
-            detector = load_detector(weights, ctx.device, channels_last=bool(d.channels_last))
-            kw = dict(image_size=size, conf=float(d.conf), iou=float(d.iou), max_det=int(d.max_det),
-                      multi_label=bool(d.multi_label), batch_size=int(d.batch_size), workers=_workers(ctx.settings))
-            backend, precision = choose_detector_backend(
-                detector, d.cpu_backend, image_size=size, batch_size=kw["batch_size"],
-                cache_dir=ctx.settings.trainer.engine_cache, precision=detector_precision(d.cpu_precision))
-            zoom = " (second pass, block detector_zoom)" if passes else ""
-            log.info(f"[detector] {weights.name}: {detector.kind}, {len(detector.names)} classes "
-                     f"({int((detector.columns >= 0).sum())} map to labels) | {size} px{zoom}, conf {kw['conf']}, "
-                     f"iou {kw['iou']}, batch {kw['batch_size']}, {threads} threads, {kw['workers']} loader workers, "
-                     f"device {describe_device(ctx.device)}, {precision}, images decoded on the CPU | {backend}")
-            load_before = load_average()
-            runs = {part: detect_images(detector, ctx.data.image_paths(part), on_bad=ctx.settings.data.bad_images,
-                                        desc=f"detect {part}" + (f" at {size} px" if passes else ""), **kw)
-                    for part in ("train", "test")}
-            passes.append((detector, runs, timing_of(ctx, runs, kw, threads, backend, precision,
-                                                     [load_before, load_average()])))
+        if first is None:
+            detector, runs, timing = detection_pass(ctx, weights, int(d.image_size), threads)
+            arrays = {
+                "train": runs["train"].scores, "test": runs["test"].scores,
+                "train_ids": ctx.data.train["ImageID"].to_numpy(str), "test_ids": ctx.data.test["ImageID"].to_numpy(str),
+                "train_boxes": runs["train"].boxes, "train_box_class": runs["train"].box_class,
+                "test_boxes": runs["test"].boxes, "test_box_class": runs["test"].box_class,
+                "class_names": np.array(detector.names, dtype=str),
+                "class_column": detector.columns.astype(np.int16),
+            }
+            loader = detector.kind
+        else:
+            arrays = {name: np.asarray(first[name]) for name in FIRST_PASS}
+            timing, loader = dict(first.info["detection"]), first.info["loader"]
+        if d.zoom_size is not None:
+            _, zoom_runs, timing["zoom"] = detection_pass(ctx, weights, int(d.zoom_size), threads, second=True)
+            arrays.update({"train_zoom": zoom_runs["train"].scores, "test_zoom": zoom_runs["test"].scores})
     finally:
         torch.set_num_threads(previous_threads)
-    detector, runs, timing = passes[0]
-    arrays = {
-        "train": runs["train"].scores, "test": runs["test"].scores,
-        "train_ids": ctx.data.train["ImageID"].to_numpy(str), "test_ids": ctx.data.test["ImageID"].to_numpy(str),
-        "train_boxes": runs["train"].boxes, "train_box_class": runs["train"].box_class,
-        "test_boxes": runs["test"].boxes, "test_box_class": runs["test"].box_class,
-        "class_names": np.array(detector.names, dtype=str),
-        "class_column": detector.columns.astype(np.int16),
-    }
-    if len(passes) > 1:
-        _, zoom_runs, timing["zoom"] = passes[1]
-        arrays.update({"train_zoom": zoom_runs["train"].scores, "test_zoom": zoom_runs["test"].scores})
-    info = {"weights": str(weights), "weights_source": source, "loader": detector.kind, "detection": timing}
+    info = {"weights": str(weights), "weights_source": source, "loader": loader, "detection": timing}
     return arrays, info
+
+
+def detection_pass(ctx: StageContext, weights: Path, size: int, threads: int,
+                   second: bool = False) -> tuple[Any, dict, dict[str, Any]]:
+    """One pass over every train and test photo at ``size``: (the detector, its runs by part, their timing). Each
+    pass loads its own network: OpenVINO compiles (and checks) a network for one input shape."""
+    d = ctx.settings.detector
+    detector = load_detector(weights, ctx.device, channels_last=bool(d.channels_last))
+    kw = dict(image_size=size, conf=float(d.conf), iou=float(d.iou), max_det=int(d.max_det),
+              multi_label=bool(d.multi_label), batch_size=int(d.batch_size), workers=_workers(ctx.settings))
+    backend, precision = choose_detector_backend(
+        detector, d.cpu_backend, image_size=size, batch_size=kw["batch_size"],
+        cache_dir=ctx.settings.trainer.engine_cache, precision=detector_precision(d.cpu_precision))
+    log.info(f"[detector] {weights.name}: {detector.kind}, {len(detector.names)} classes "
+             f"({int((detector.columns >= 0).sum())} map to labels) | {size} px"
+             f"{' (second pass, block detector_zoom)' if second else ''}, conf {kw['conf']}, "
+             f"iou {kw['iou']}, batch {kw['batch_size']}, {threads} threads, {kw['workers']} loader workers, "
+             f"device {describe_device(ctx.device)}, {precision}, images decoded on the CPU | {backend}")
+    load_before = load_average()
+    runs = {part: detect_images(detector, ctx.data.image_paths(part), on_bad=ctx.settings.data.bad_images,
+                                desc=f"detect {part}" + (f" at {size} px" if second else ""), **kw)
+            for part in ("train", "test")}
+    return detector, runs, timing_of(ctx, runs, kw, threads, backend, precision, [load_before, load_average()])
 
 
 def timing_of(ctx: StageContext, runs: dict, kw: dict, threads: int, backend: str, precision: str,
